@@ -1,0 +1,82 @@
+"""Helpers shared by every experiment config: parsing `arg`, model presets, mesh and sharding rules.
+
+An experiment file is `configs/<area>/<name>.py` with `get_config(arg=None)`; `arg` is the text
+after the colon in `--config=configs/<area>/<name>.py:model=llama3.2-1b,runlocal=True`.
+"""
+
+import ast
+import dataclasses
+import typing
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from model.config import PRESETS, ModelConfig
+from model.sharding import DEFAULT_RULES, MESH_AXES
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """'a=1,b=x,c=True' -> ConfigDict(a=1, b='x', c=True), every key given a default.
+
+  Values are cast to the type of their default; an unknown key is an error naming it.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return parsed
+  for item in arg.split(","):
+    if "=" not in item:
+      raise ValueError(f"config arg item {item!r} is not key=value (in {arg!r})")
+    key, value = (part.strip() for part in item.split("=", 1))
+    if key not in defaults:
+      raise ValueError(f"config arg key {key!r} is unknown; known keys: {sorted(defaults)}")
+    parsed[key] = _cast(key, value, defaults[key])
+  return parsed
+
+
+def _cast(key: str, text: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"config arg {key}={text!r} is not a bool")
+    return text.lower() in ("true", "1")
+  if isinstance(default, (int, float)):
+    try:
+      return type(default)(ast.literal_eval(text))
+    except (ValueError, SyntaxError) as e:
+      raise ValueError(f"config arg {key}={text!r} is not a {type(default).__name__}") from e
+  return text
+
+
+def _field_types() -> dict[str, type]:
+  hints = typing.get_type_hints(ModelConfig)
+  return {f.name: hints[f.name] for f in dataclasses.fields(ModelConfig)}
+
+
+def model_config(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """`config.model`: a preset name, and every ModelConfig field as a typed placeholder.
+
+  A field left None takes the preset's value, so `--config.model.preset=llama3.2-1b` switches the
+  whole architecture while `--config.model.num_layers=4` changes one field of it.
+  """
+  if preset not in PRESETS:
+    raise ValueError(f"config.model.preset={preset!r} is unknown; known presets: {sorted(PRESETS)}")
+  types = _field_types()
+  unknown = sorted(set(overrides) - set(types))
+  if unknown:
+    raise ValueError(f"config.model has unknown key(s) {unknown}; ModelConfig fields: {sorted(types)}")
+  cfg = ml_collections.ConfigDict({"preset": preset})
+  for name, field_type in types.items():
+    cfg[name] = config_dict.placeholder(field_type)
+    if name in overrides:
+      cfg[name] = overrides[name]
+  return cfg
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1) -> ml_collections.ConfigDict:
+  """`config.mesh`: sizes of the axes ('data', 'fsdp', 'tensor', 'sequence'); one may be -1 (the rest)."""
+  return ml_collections.ConfigDict(dict(zip(MESH_AXES, (data, fsdp, tensor, sequence))))
+
+
+def sharding_rules() -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """`config.sharding_rules`: logical axis -> mesh axes. Copy and edit to change parallelism."""
+  return DEFAULT_RULES

@@ -1,0 +1,107 @@
+"""The decoder: embedding -> L blocks -> final norm -> logits. Every family is a ModelConfig of it."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+from model.layers import BTD, Block, Norm, param
+from model.sharding import shard
+
+BTV = ("activation_batch", "activation_length", "activation_vocab")
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """[B, T] positions that restart at 0 where the segment id changes (packed rows)."""
+  index = jnp.arange(segment_ids.shape[1])[None, :]
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
+  return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only transformer: `model(tokens [B, T]) -> logits [B, T, V]` (float32)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    self.embedding = param(rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"), c)  # VD
+    if c.scan_layers:
+      # One Block whose every weight has a leading L axis; scanned over in __call__.
+      @nnx.split_rngs(splits=c.num_layers)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_blocks(rngs):
+        return Block(c, rngs=rngs)
+
+      self.layers = make_blocks(rngs)
+    else:
+      self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = Norm(c, rngs=rngs)
+    if not c.tie_embeddings:
+      self.lm_head = param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), c)  # DV
+
+  def features(
+      self,
+      tokens: jax.Array,  # [B, T] int
+      *,
+      positions: jax.Array | None = None,  # [B, T]; default 0..T-1, restarting per segment
+      segment_ids: jax.Array | None = None,  # [B, T]; tokens attend only within their segment
+  ) -> jax.Array:
+    """Final-normed hidden states [B, T, D] (the input of the output projection, or of a head)."""
+    c = self.config
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if positions is None:
+      if segment_ids is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+      else:
+        positions = segment_positions(segment_ids)
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(c.compute_dtype)
+    if c.scale_embeddings:  # Gemma: the normalizer is rounded to the compute dtype first
+      x = x * jnp.asarray(c.embed_dim**0.5, c.compute_dtype)
+    x = shard(x, BTD)
+
+    def block_fn(x, block, window):
+      return block(x, positions=positions, segment_ids=segment_ids, sliding_window=window)
+
+    if c.remat_policy != "none":
+      block_fn = nnx.remat(block_fn, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
+
+    windows = [c.layer_window(i) for i in range(c.num_layers)]
+    if not c.scan_layers:
+      for block, window in zip(self.layers, windows):
+        x = block_fn(x, block, window)
+    elif len(set(windows)) == 1:  # the window is static: every backend can use it
+      x = nnx.scan(
+          lambda x, block: block_fn(x, block, windows[0]),
+          in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"},
+      )(x, self.layers)
+    else:  # alternating local/global layers (Gemma 2): the window is scanned over
+      x = nnx.scan(
+          block_fn, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"},
+      )(x, self.layers, jnp.asarray(windows, jnp.int32))
+    return self.final_norm(x)
+
+  def logits(self, features: jax.Array) -> jax.Array:
+    """[B, T, D] final-normed features -> [B, T, V] float32 logits."""
+    c = self.config
+    if c.tie_embeddings:
+      out = jnp.einsum(
+          "BTD,VD->BTV", features, self.embedding[...].astype(c.compute_dtype), preferred_element_type=jnp.float32
+      )
+    else:
+      out = jnp.einsum(
+          "BTD,DV->BTV", features, self.lm_head[...].astype(c.compute_dtype), preferred_element_type=jnp.float32
+      )
+    if c.final_logit_softcap:
+      out = c.final_logit_softcap * jnp.tanh(out / c.final_logit_softcap)
+    return shard(out, BTV)
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None) -> jax.Array:
+    return self.logits(self.features(tokens, positions=positions, segment_ids=segment_ids))

@@ -1,0 +1,31 @@
+"""ingredients: a JAX/TPU-first research codebase for large language models."""
+
+import setuptools
+
+setuptools.setup(
+    name="ingredients",
+    version="0.1.0",
+    description="Pre-training, alignment and fast inference of decoder-only LLMs in one JAX stack.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(
+        include=["model*", "train*", "align*", "infer*", "pallas_kernels*", "configs*"]
+    ),
+    install_requires=[
+        # CPU wheels of 0.10.x come from the registry; GPU machines run 0.11.x.
+        "jax>=0.10,<0.12",
+        "flax>=0.12.8,<0.14",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        # Reads and writes Hugging Face weights without torch; tensor-by-tensor access.
+        "safetensors>=0.6",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+    },
+)
