@@ -24,6 +24,10 @@ setuptools.setup(
         # Reads and writes Hugging Face weights without torch; tensor-by-tensor access.
         "safetensors>=0.6",
         "numpy>=1.26",
+        "absl-py>=1.0",  # flags for the entry points (ml_collections' config flags are absl flags)
+        # TensorBoard event files without TensorFlow: the light, well-kept writer.
+        "tensorboardX>=2.6",
+        "tqdm>=4.60",
     ],
     extras_require={
         "test": ["pytest>=8"],

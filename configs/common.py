@@ -80,3 +80,39 @@ def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 
 def sharding_rules() -> tuple[tuple[str, tuple[str, ...]], ...]:
   """`config.sharding_rules`: logical axis -> mesh axes. Copy and edit to change parallelism."""
   return DEFAULT_RULES
+
+
+def train_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """Every key of a training run, with defaults; experiment files start here and change what they need.
+
+  This dict is also the reference of the start-up check: a key not in it is a typo.
+  """
+  # Imported here: configs is data, and only training configs need the trainer's defaults.
+  from train.distributed import default_distributed_config  # noqa: PLC0415
+  from train.data import default_data_config  # noqa: PLC0415
+  from train.optimizer import default_optimizer_config  # noqa: PLC0415
+  from train.tokenizer import default_tokenizer_config  # noqa: PLC0415
+
+  config = ml_collections.ConfigDict()
+  config.total_steps = 1000
+  config.batch_size = 32  # global, across all processes
+  config.seq_len = 512
+  config.seed = 0
+  config.grad_accum_steps = 1  # batch_size splits into this many micro-batches
+  config.log_every = 10
+  config.eval_every = 200  # 0: never
+  config.eval_steps = 20  # held-out batches per evaluation; 0: the whole split
+  config.checkpoint_every = 500  # 0: only at the end (and on SIGTERM)
+  config.keep_checkpoints = 3
+  config.init_from = ""  # a Hugging Face directory or another run's workdir
+  config.z_loss = 0.0
+  config.max_nonfinite_in_row = 20  # 0: never stop for non-finite steps
+  config.mesh = mesh_config()
+  config.sharding_rules = sharding_rules()
+  config.model = model_config("tiny")
+  config.tokenizer = default_tokenizer_config()
+  config.data = default_data_config()
+  config.optimizer = default_optimizer_config()
+  config.distributed = default_distributed_config()
+  config.update(overrides)
+  return config

@@ -1,0 +1,32 @@
+"""Pre-train a small Llama-style model on the embedded corpus (the standard library's docstrings).
+
+  python -m train --config=configs/pretrain/quickstart.py --workdir=runs/quickstart
+
+Runs on a 2-core laptop CPU in under 10 minutes; the loss falls from ~8.3 (uniform over the
+vocabulary) and the run ends by printing held-out perplexity and where the checkpoint is.
+Variants: `:steps=50` for a smoke test; on your own text, add
+`--config.data.source=text --config.data.paths='my/corpus/*.txt'`.
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, steps=450)
+  config = common.train_config()
+  config.total_steps = arg.steps
+  config.batch_size = 16
+  config.seq_len = 128
+  config.log_every = 25
+  config.eval_every = max(arg.steps // 3, 1)
+  config.eval_steps = 8
+  config.checkpoint_every = 200
+  config.model = common.model_config(
+      "tiny", embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=768,
+      tie_embeddings=True,
+  )
+  config.tokenizer.vocab_size = 4096
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.warmup_steps = min(50, arg.steps // 10)
+  config.optimizer.weight_decay = 0.05
+  return config

@@ -1,0 +1,147 @@
+"""The real trainer on a tiny model over 8 fake CPU devices: meshes, accumulation, resume, errors."""
+
+import json
+import numpy as np
+import pytest
+
+from configs import common, validation
+from train import trainer
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A few hundred small synthetic documents in text files, and a tokenizer trained once on them."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  words = "the cat sat on a mat while dogs ran far away from home and birds sang in trees".split()
+  for f in range(4):
+    docs = [" ".join(rng.choice(words, size=rng.integers(5, 60))) + "." for _ in range(120)]
+    (root / f"part{f}.txt").write_text("\n\n".join(docs))
+  tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
+  config = _config(root, "")
+  from train import data as data_lib, tokenizer as tokenizer_lib
+
+  tokenizer_lib.get_tokenizer(config.tokenizer, tokenizer_dir, lambda: data_lib.training_texts(config.data, seed=0))
+  return root, tokenizer_dir / "tokenizer.model"
+
+
+def _config(root, tokenizer_path, **overrides):
+  config = common.train_config()
+  config.total_steps = STEPS
+  config.batch_size = 8
+  config.seq_len = 32
+  config.log_every = 1
+  config.eval_every = 0
+  config.checkpoint_every = 0
+  config.model = common.model_config("tiny", num_layers=2)
+  config.tokenizer.vocab_size = 300
+  config.tokenizer.path = str(tokenizer_path)
+  config.data.source = "text"
+  config.data.paths = str(root / "*.txt")
+  config.optimizer.warmup_steps = 2
+  config.optimizer.learning_rate = 1e-2
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def _losses(workdir):
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def baseline(corpus, tmp_path_factory):
+  root, tokenizer = corpus
+  workdir = tmp_path_factory.mktemp("baseline")
+  result = trainer.train(_config(root, tokenizer, **{"mesh.data": 8}), workdir)
+  return _losses(workdir), result
+
+
+def test_loss_falls_and_metrics_are_logged(baseline):
+  losses, result = baseline
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  assert losses[STEPS] < losses[1] - 0.5
+  assert result["tokens_per_second"] > 0 and result["grad_norm"] > 0 and "learning_rate" in result
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"mesh.data": 1, "mesh.fsdp": 8},
+        {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+        {"mesh.data": 8, "grad_accum_steps": 4},
+    ],
+    ids=["fsdp8", "data2-fsdp2-tensor2", "accumulate4"],
+)
+def test_losses_equal_across_meshes_and_accumulation(overrides, corpus, baseline, tmp_path):
+  root, tokenizer = corpus
+  trainer.train(_config(root, tokenizer, **overrides), tmp_path)
+  losses = _losses(tmp_path)
+  expected = baseline[0]
+  np.testing.assert_allclose([losses[s] for s in sorted(expected)], [expected[s] for s in sorted(expected)], rtol=1e-5)
+
+
+def test_resume_is_exact(corpus, tmp_path):
+  root, tokenizer = corpus
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  trainer.train(_config(root, tokenizer, total_steps=20, checkpoint_every=10), straight)
+  stopped = trainer.train_loop(trainer.setup(_config(root, tokenizer, total_steps=20), split), stop_at=10)
+  assert stopped["stopped_early"] and stopped["step"] == 10
+  result = trainer.train(_config(root, tokenizer, total_steps=20, checkpoint_every=10), split)
+  assert result["step"] == 20
+  a, b = _losses(straight), _losses(split)
+  assert sorted(a) == sorted(b) == list(range(1, 21))
+  assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]  # bitwise on CPU
+
+
+def test_bad_inputs_name_the_problem(corpus, tmp_path):
+  root, tokenizer = corpus
+  with pytest.raises(FileNotFoundError, match="no_such_dir"):
+    trainer.train(_config(root, tokenizer, **{"data.paths": str(tmp_path / "no_such_dir" / "*.txt")}), tmp_path / "a")
+  bad_jsonl = tmp_path / "bad.jsonl"
+  bad_jsonl.write_text(json.dumps({"body": "hello"}) + "\n")
+  with pytest.raises(ValueError, match=r"bad.jsonl.*line 1.*'text'"):
+    trainer.train(
+        _config(root, tokenizer, **{"data.source": "jsonl", "data.paths": str(bad_jsonl)}), tmp_path / "b"
+    )
+  with pytest.raises(validation.ConfigError, match=r"config.mesh sizes .* multiply to 6, but there are 8 devices"):
+    trainer.train(_config(root, tokenizer, **{"mesh.data": 3, "mesh.tensor": 2}), tmp_path / "c")
+  config = _config(root, tokenizer)
+  config.totl_steps = 5
+  with pytest.raises(validation.ConfigError, match="config.totl_steps is not a known key"):
+    trainer.train(config, tmp_path / "d")
+
+
+def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(corpus, tmp_path):
+  root, tokenizer = corpus
+  trainer.train(_config(root, tokenizer, total_steps=4), tmp_path)
+  with pytest.raises(trainer.NonFiniteError, match="3 non-finite losses or gradients in a row"):
+    # An absurd learning rate overflows float32 within a step or two.
+    trainer.train(
+        _config(root, tokenizer, total_steps=40, max_nonfinite_in_row=3,
+                **{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 0}),
+        tmp_path,
+    )
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [4]  # the stop saved nothing: the last good checkpoint is the latest
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert any(r.get("skipped") == 1.0 for r in records)
+
+
+def test_init_from_another_run_starts_from_its_weights(corpus, baseline, tmp_path):
+  root, tokenizer = corpus
+  source = tmp_path / "source"
+  trainer.train(_config(root, tokenizer, total_steps=STEPS), source)
+  tuned = tmp_path / "tuned"
+  trainer.train(_config(root, tokenizer, total_steps=2, init_from=str(source)), tuned)
+  first_fresh, first_tuned = baseline[0][1], _losses(tuned)[1]
+  assert first_tuned < first_fresh - 0.5  # already trained: far below a random start
+  with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory"):
+    trainer.train(_config(root, tokenizer, init_from=str(tmp_path / "nothing")), tmp_path / "x")

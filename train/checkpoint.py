@@ -1,0 +1,75 @@
+"""Orbax checkpoints of a run: train state, data-iterator state and resolved config, per step.
+
+Saves are asynchronous (the step loop goes on while arrays are written) and atomic: orbax writes
+each step under a temporary name and renames it when complete, so a crash mid-save leaves the
+previous checkpoint as the latest. The last `keep` checkpoints are kept.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """`workdir/checkpoints/<step>/{state, data, config}`."""
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict | None, config: dict) -> None:
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state or {}),
+        config=ocp.args.JsonSave(config),
+    )
+    self._manager.save(step, args=args, force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """State placed as `abstract_state` (ShapeDtypeStructs with shardings) says, and the data state."""
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+      )
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(
+          f"the checkpoint {self.directory / str(step)} does not fit this run's state; was the model or "
+          f"optimizer config changed since it was written? ({type(e).__name__}: {str(e)[:300]})"
+      ) from e
+    return restored["state"], restored["data"]
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the parameters of a checkpoint (placed as `abstract_params` says): the optimizer of
+    the run that wrote it may differ from the one that now fine-tunes them."""
+    target = {"params": abstract_params}
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, partial_restore=True))
+    )
+    return restored["state"]["params"]
+
+  def restore_config(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(tree: Any) -> Any:
+  """ShapeDtypeStructs carrying each array's sharding: the target of a sharded restore."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
