@@ -109,7 +109,8 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
   config.max_nonfinite_in_row = 20  # 0: never stop for non-finite steps
   config.mesh = mesh_config()
   config.sharding_rules = sharding_rules()
-  config.model = model_config("tiny")
+  # Mixed precision: bf16 activations and matmuls, fp32 parameters and optimizer state.
+  config.model = model_config("tiny", dtype="bfloat16", param_dtype="float32")
   config.tokenizer = default_tokenizer_config()
   config.data = default_data_config()
   config.optimizer = default_optimizer_config()

@@ -1,6 +1,11 @@
 """The real trainer on a tiny model over 8 fake CPU devices: meshes, accumulation, resume, errors."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 import numpy as np
 import pytest
 
@@ -8,6 +13,7 @@ from configs import common, validation
 from train import trainer
 
 STEPS = 10
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +105,28 @@ def test_resume_is_exact(corpus, tmp_path):
   a, b = _losses(straight), _losses(split)
   assert sorted(a) == sorted(b) == list(range(1, 21))
   assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]  # bitwise on CPU
+  # A finished run with a larger total_steps carries on from its last checkpoint.
+  assert trainer.train(_config(root, tokenizer, total_steps=22), straight)["step"] == 22
+  assert sorted(_losses(straight))[-1] == 22
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+  root, tokenizer = corpus
+  script = (
+      "import pathlib, sys; from tests.test_train import _config; from train import trainer; "
+      f"trainer.train(_config(pathlib.Path({str(root)!r}), {str(tokenizer)!r}, total_steps=100000), {str(tmp_path)!r})"
+  )
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:  # wait until it trains
+    if line.startswith("step=3 "):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and 3 <= steps[0] < 100000
 
 
 def test_bad_inputs_name_the_problem(corpus, tmp_path):

@@ -24,6 +24,7 @@ def get_config(arg: str | None = None):
   config.model = common.model_config(
       "tiny", embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=768,
       tie_embeddings=True,
+      dtype="float32",  # CPUs have no bf16 matrix units: XLA would emulate bf16 there, slower
   )
   config.tokenizer.vocab_size = 4096
   config.optimizer.learning_rate = 3e-3
