@@ -1,0 +1,5 @@
+"""Our Pallas kernels, each with a plain-jnp reference beside it."""
+
+from pallas_kernels.flash_attention import BlockSizes, flash_attention, reference_attention
+
+__all__ = ["BlockSizes", "flash_attention", "reference_attention"]

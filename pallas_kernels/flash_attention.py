@@ -1,0 +1,373 @@
+"""Flash attention (Dao et al. 2022) in Pallas: tiled online softmax, the T x S matrix never stored.
+
+Layout of this first lowering: one program per (batch, query head, query block) that walks the
+key/value blocks it can see (blocks that causality or the window hide entirely are skipped), as
+jax's own GPU kernels are laid out; it runs in interpret mode on CPU (the tests) and is the
+structure the Triton and Mosaic GPU lowerings take. GQA is in the index maps: query head n reads
+kv head n // G, so K and V are never repeated. The backward pass is a custom_vjp with a dQ kernel
+(per query block) and a dK/dV kernel (per key block, over the G query heads of its kv head).
+
+Status: forward and backward are exercised in interpret mode only so far; the TPU (Mosaic)
+lowering with VMEM scratch accumulators and on-chip tuning of BlockSizes are still to come.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+_MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite: exp(_MASKED - _MASKED) is not NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  block_q: int = 128
+  block_kv: int = 128
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv"):
+      value = getattr(self, name)
+      if value <= 0 or value & (value - 1):
+        raise ValueError(f"BlockSizes.{name}={value} must be a positive power of two")
+
+  @classmethod
+  def get_default(cls) -> "BlockSizes":
+    return cls()
+
+
+def _mask(q_idx, kv_idx, q_seg, kv_seg, *, causal, window):
+  """[bq, bk] visibility from absolute indices and segment ids."""
+  mask = q_seg[:, None] == kv_seg[None, :]
+  if causal:
+    mask &= kv_idx[None, :] <= q_idx[:, None]
+  if window:
+    mask &= q_idx[:, None] - kv_idx[None, :] < window
+  return mask
+
+
+def _logits(q, k, *, scale, softcap):
+  """Scaled (and soft-capped) logits in float32, and tanh' for the backward pass."""
+  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+  if softcap:
+    t = jnp.tanh(s / softcap)
+    return softcap * t, 1.0 - t * t
+  return s, None
+
+
+def _kv_range(i, *, block_q, block_kv, num_kv_blocks, offset, causal, window):
+  """Key blocks [lo, hi) that query block i can see at all."""
+  hi = num_kv_blocks
+  if causal:
+    hi = jnp.minimum(num_kv_blocks, pl.cdiv((i + 1) * block_q + offset, block_kv))
+  lo = 0
+  if window:
+    lo = jnp.maximum(0, (i * block_q + offset - window + 1) // block_kv)
+  return lo, hi
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, scale, causal, window, softcap,
+                    block_kv, num_kv_blocks, offset):
+  block_q = q_ref.shape[0]
+  i = pl.program_id(2)
+  q = q_ref[...]
+  q_idx = i * block_q + offset + jnp.arange(block_q)
+  q_seg = qseg_ref[...]
+
+  def body(j, carry):
+    m, l, acc = carry
+    k = k_ref[pl.ds(j * block_kv, block_kv), :]
+    v = v_ref[pl.ds(j * block_kv, block_kv), :]
+    kv_idx = j * block_kv + jnp.arange(block_kv)
+    mask = _mask(q_idx, kv_idx, q_seg, kvseg_ref[pl.ds(j * block_kv, block_kv)], causal=causal, window=window)
+    s, _ = _logits(q, k, scale=scale, softcap=softcap)
+    s = jnp.where(mask, s, _MASKED)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m_new, alpha * l + p.sum(axis=-1), acc
+
+  lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
+                     causal=causal, window=window)
+  init = (jnp.full((block_q,), _MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+          jnp.zeros(o_ref.shape, jnp.float32))
+  m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+  seen = l > 0  # a fully masked row attends to nothing: output 0
+  o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, causal, window,
+               softcap, block_kv, num_kv_blocks, offset):
+  block_q = q_ref.shape[0]
+  i = pl.program_id(2)
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  q_idx = i * block_q + offset + jnp.arange(block_q)
+  q_seg = qseg_ref[...]
+
+  def body(j, dq):
+    k = k_ref[pl.ds(j * block_kv, block_kv), :]
+    v = v_ref[pl.ds(j * block_kv, block_kv), :]
+    kv_idx = j * block_kv + jnp.arange(block_kv)
+    mask = _mask(q_idx, kv_idx, q_seg, kvseg_ref[pl.ds(j * block_kv, block_kv)], causal=causal, window=window)
+    s, dtanh = _logits(q, k, scale=scale, softcap=softcap)
+    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[:, None])
+    if softcap:
+      ds = ds * dtanh
+    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
+                     causal=causal, window=window)
+  dq = jax.lax.fori_loop(lo, hi, body, jnp.zeros(dq_ref.shape, jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, causal,
+                window, softcap, block_q, num_q_blocks, offset):
+  """One key block of one kv head: sums over every query block and the G query heads it serves."""
+  block_kv = k_ref.shape[0]
+  group = q_ref.shape[0]
+  j = pl.program_id(2)
+  k, v = k_ref[...], v_ref[...]
+  kv_idx = j * block_kv + jnp.arange(block_kv)
+  kv_seg = kvseg_ref[...]
+  # Query blocks that can see this key block.
+  lo = 0
+  if causal:
+    lo = jnp.maximum(0, (j * block_kv - offset) // block_q)
+  hi = num_q_blocks
+  if window:
+    hi = jnp.minimum(num_q_blocks, pl.cdiv((j + 1) * block_kv - 1 + window - offset, block_q))
+
+  def body(i, carry):
+    dk, dv = carry
+    q_idx = i * block_q + offset + jnp.arange(block_q)
+    mask = _mask(q_idx, kv_idx, qseg_ref[pl.ds(i * block_q, block_q)], kv_seg, causal=causal, window=window)
+    for g in range(group):  # static: the G query heads of this kv head
+      q = q_ref[g, pl.ds(i * block_q, block_q), :]
+      do = do_ref[g, pl.ds(i * block_q, block_q), :]
+      lse = lse_ref[g, pl.ds(i * block_q, block_q)]
+      delta = delta_ref[g, pl.ds(i * block_q, block_q)]
+      s, dtanh = _logits(q, k, scale=scale, softcap=softcap)
+      p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)  # [bq, bk]
+      dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+      dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+      ds = p * (dp - delta[:, None])
+      if softcap:
+        ds = ds * dtanh
+      dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+    return dk, dv
+
+  zeros = jnp.zeros(dk_ref.shape, jnp.float32)
+  dk, dv = jax.lax.fori_loop(lo, hi, body, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  causal: bool
+  window: int
+  softcap: float
+  scale: float
+  block_q: int
+  block_kv: int
+  offset: int  # S - T: queries are the last T positions
+  interpret: bool
+
+
+def _forward(q, k, v, q_seg, kv_seg, st: _Static):
+  """q [B, N, Tp, H], k/v [B, K, Sp, H] (padded to the blocks) -> (o [B, N, Tp, H], lse [B, N, Tp])."""
+  batch, heads, q_len, head_dim = q.shape
+  kv_heads, kv_len = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  kernel = functools.partial(
+      _forward_kernel, scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap,
+      block_kv=st.block_kv, num_kv_blocks=kv_len // st.block_kv, offset=st.offset,
+  )
+  return pl.pallas_call(
+      kernel,
+      grid=(batch, heads, q_len // st.block_q),
+      in_specs=[
+          pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
+          pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, n // group, 0, 0)),
+          pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, n // group, 0, 0)),
+          pl.BlockSpec((None, st.block_q), lambda b, n, i: (b, i)),
+          pl.BlockSpec((None, kv_len), lambda b, n, i: (b, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
+          pl.BlockSpec((None, None, st.block_q), lambda b, n, i: (b, n, i)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
+      interpret=st.interpret,
+      name="flash_attention_forward",
+  )(q, k, v, q_seg, kv_seg)
+
+
+def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
+  batch, heads, q_len, head_dim = q.shape
+  kv_heads, kv_len = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, N, Tp]
+  common = dict(scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap, offset=st.offset)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, block_kv=st.block_kv, num_kv_blocks=kv_len // st.block_kv, **common),
+      grid=(batch, heads, q_len // st.block_q),
+      in_specs=[
+          pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
+          pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, n // group, 0, 0)),
+          pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, n // group, 0, 0)),
+          pl.BlockSpec((None, st.block_q), lambda b, n, i: (b, i)),
+          pl.BlockSpec((None, kv_len), lambda b, n, i: (b, 0)),
+          pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
+          pl.BlockSpec((None, None, st.block_q), lambda b, n, i: (b, n, i)),
+          pl.BlockSpec((None, None, st.block_q), lambda b, n, i: (b, n, i)),
+      ],
+      out_specs=pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      interpret=st.interpret,
+      name="flash_attention_dq",
+  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, block_q=st.block_q, num_q_blocks=q_len // st.block_q, **common),
+      grid=(batch, kv_heads, kv_len // st.block_kv),
+      in_specs=[
+          pl.BlockSpec((None, group, q_len, head_dim), lambda b, h, j: (b, h, 0, 0)),
+          pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, h, j: (b, h, j, 0)),
+          pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, h, j: (b, h, j, 0)),
+          pl.BlockSpec((None, q_len), lambda b, h, j: (b, 0)),
+          pl.BlockSpec((None, st.block_kv), lambda b, h, j: (b, j)),
+          pl.BlockSpec((None, group, q_len, head_dim), lambda b, h, j: (b, h, 0, 0)),
+          pl.BlockSpec((None, group, q_len), lambda b, h, j: (b, h, 0)),
+          pl.BlockSpec((None, group, q_len), lambda b, h, j: (b, h, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, h, j: (b, h, j, 0)),
+          pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, h, j: (b, h, j, 0)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      interpret=st.interpret,
+      name="flash_attention_dkv",
+  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_seg, kv_seg, st):
+  return _forward(q, k, v, q_seg, kv_seg, st)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, st):
+  o, lse = _forward(q, k, v, q_seg, kv_seg, st)
+  return o, (q, k, v, q_seg, kv_seg, o, lse)
+
+
+def _flash_bwd(st, residuals, do):
+  q, k, v, q_seg, kv_seg, o, lse = residuals
+  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, o, lse, do, st)
+  return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad(x, axis, multiple, value=0):
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("causal", "sliding_window", "logit_softcap", "scale", "block_sizes", "interpret")
+)
+def flash_attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, S, K, H]
+    v: jax.Array,  # [B, S, K, H]
+    *,
+    segment_ids=None,  # [B, T] when T == S, or (q_segment_ids [B, T], kv_segment_ids [B, S])
+    causal: bool = True,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+  """Attention without the T x S matrix; returns [B, T, N, H] in q's dtype. See `reference_attention`."""
+  batch, q_len, heads, head_dim = q.shape
+  if k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+    raise ValueError(f"k and v must be [B, S, K, H] matching q [B, T, N, H]; got {q.shape=}, {k.shape=}, {v.shape=}")
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  if heads % kv_heads:
+    raise ValueError(f"query heads {heads=} must be a multiple of kv heads {kv_heads=}")
+  if causal and q_len > kv_len:
+    raise ValueError(f"causal attention needs T <= S; got {q_len=} > {kv_len=}")
+  if segment_ids is None:
+    q_seg, kv_seg = jnp.ones((batch, q_len), jnp.int32), jnp.ones((batch, kv_len), jnp.int32)
+  elif isinstance(segment_ids, (tuple, list)):
+    q_seg, kv_seg = segment_ids
+  else:
+    if q_len != kv_len:
+      raise ValueError(f"one segment_ids array needs T == S; give a (q, kv) pair for {q_len=}, {kv_len=}")
+    q_seg = kv_seg = segment_ids
+  if q_seg.shape != (batch, q_len) or kv_seg.shape != (batch, kv_len):
+    raise ValueError(f"segment ids must be [B, T] and [B, S]; got {q_seg.shape} and {kv_seg.shape}")
+  blocks = block_sizes or BlockSizes.get_default()
+  # Small inputs take small blocks (at least 8 rows, the sublane tile), not a block of padding.
+  block_q = min(blocks.block_q, max(8, pl.next_power_of_2(q_len)))
+  block_kv = min(blocks.block_kv, max(8, pl.next_power_of_2(kv_len)))
+  st = _Static(
+      causal=causal, window=int(sliding_window or 0), softcap=float(logit_softcap or 0.0),
+      scale=float(head_dim**-0.5 if scale is None else scale), block_q=block_q, block_kv=block_kv,
+      offset=kv_len - q_len, interpret=jax.default_backend() == "cpu" if interpret is None else interpret,
+  )
+  # Padding: padded keys get segment -1 (seen by no query); padded queries are sliced away.
+  qt = _pad(jnp.swapaxes(q, 1, 2), 2, block_q)  # [B, N, Tp, H]
+  kt = _pad(jnp.swapaxes(k, 1, 2), 2, block_kv)  # [B, K, Sp, H]
+  vt = _pad(jnp.swapaxes(v, 1, 2), 2, block_kv)
+  q_seg = _pad(q_seg.astype(jnp.int32), 1, block_q, value=-2)
+  kv_seg = _pad(kv_seg.astype(jnp.int32), 1, block_kv, value=-1)
+  out = _flash(qt, kt, vt, q_seg, kv_seg, st)
+  return jnp.swapaxes(out[:, :, :q_len], 1, 2)
+
+
+def reference_attention(
+    q, k, v, *, segment_ids=None, causal=True, sliding_window=None, logit_softcap=None, scale=None,
+    block_sizes=None, interpret=None,
+):
+  """Plain-jnp attention with flash_attention's signature (the T x S matrix materialized)."""
+  del block_sizes, interpret
+  batch, q_len, heads, head_dim = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  if segment_ids is None:
+    q_seg, kv_seg = jnp.ones((batch, q_len), jnp.int32), jnp.ones((batch, kv_len), jnp.int32)
+  elif isinstance(segment_ids, (tuple, list)):
+    q_seg, kv_seg = segment_ids
+  else:
+    q_seg = kv_seg = segment_ids
+  q_idx = jnp.arange(q_len) + (kv_len - q_len)
+  by_index = _mask(q_idx, jnp.arange(kv_len), jnp.zeros(q_len), jnp.zeros(kv_len), causal=causal,
+                   window=int(sliding_window or 0))  # [T, S]
+  mask = by_index[None] & (q_seg[:, :, None] == kv_seg[:, None, :])  # [B, T, S]
+  group = heads // kv_heads
+  dtype = jnp.promote_types(q.dtype, jnp.float32)  # float64 inputs stay float64 (under enable_x64)
+  qg = q.reshape(batch, q_len, kv_heads, group, head_dim).astype(dtype)
+  s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(dtype)) * (head_dim**-0.5 if scale is None else scale)
+  if logit_softcap:
+    s = logit_softcap * jnp.tanh(s / logit_softcap)
+  m = mask[:, None, None]
+  p = jnp.where(m, jax.nn.softmax(jnp.where(m, s, _MASKED), axis=-1), 0.0)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(dtype))
+  return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)

@@ -1,0 +1,85 @@
+"""Pallas flash attention (interpret mode on CPU): forward and all three gradients against the
+reference computed in float64, over causal/bidirectional, T == S and T < S, GQA ratios, windows,
+packed segments, soft-cap and lengths off the block size."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+from pallas_kernels import BlockSizes, flash_attention, reference_attention
+
+BLOCKS = BlockSizes(block_q=8, block_kv=8)  # small blocks: several per row, and ragged ends
+
+
+def _inputs(q_len, kv_len, heads, kv_heads, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (2, q_len, heads, 16), dtype)
+  k = jax.random.normal(keys[1], (2, kv_len, kv_heads, 16), dtype)
+  v = jax.random.normal(keys[2], (2, kv_len, kv_heads, 16), dtype)
+  cotangent = jax.random.normal(keys[3], (2, q_len, heads, 16), jnp.float32)
+  return q, k, v, cotangent
+
+
+def _segments(q_len, kv_len):
+  kv = np.ones((2, kv_len), np.int32)
+  kv[0, kv_len // 3:] = 2
+  kv[0, 2 * kv_len // 3:] = 3
+  kv[1, kv_len // 2:] = 2
+  return jnp.asarray(kv[:, kv_len - q_len:]), jnp.asarray(kv)
+
+
+def _float64_reference(q, k, v, cotangent, kwargs):
+  with jax.enable_x64(True):
+    args = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)]
+    ct = jnp.asarray(np.asarray(cotangent, np.float64))
+    out, vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, **kwargs), *args)
+    return [np.asarray(x) for x in (out, *vjp(ct))]
+
+
+CASES = [
+    # (T, S, N, K, causal, window, segments, softcap)
+    (20, 20, 4, 4, True, None, False, None),  # MHA, lengths off the block size
+    (20, 20, 4, 1, False, None, False, None),  # MQA (N/K = N), bidirectional
+    (12, 28, 4, 1, True, None, False, None),  # T < S: queries are the last T positions
+    (24, 24, 8, 2, True, 5, False, None),  # GQA 4, sliding window
+    (24, 24, 4, 2, True, None, True, None),  # packed segments
+    (16, 26, 4, 2, True, 7, True, 3.0),  # T < S with window, segments and soft-cap
+]
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+@pytest.mark.parametrize("q_len,kv_len,heads,kv_heads,causal,window,segments,softcap", CASES)
+def test_forward_and_gradients_match_float64(q_len, kv_len, heads, kv_heads, causal, window, segments, softcap,
+                                             dtype, atol):
+  q, k, v, cotangent = _inputs(q_len, kv_len, heads, kv_heads, dtype)
+  kwargs = dict(causal=causal, sliding_window=window, logit_softcap=softcap)
+  if segments:
+    kwargs["segment_ids"] = _segments(q_len, kv_len)
+  out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, **kwargs), q, k, v)
+  grads = vjp(cotangent.astype(dtype))
+  expected = _float64_reference(q, k, v, cotangent.astype(dtype), kwargs)
+  assert out.dtype == dtype
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=atol * scale, err_msg=name)
+
+
+def test_fully_masked_rows_are_zero_with_finite_gradients():
+  q, k, v, cotangent = _inputs(16, 16, 4, 2, jnp.float32)
+  segments = (jnp.ones((2, 16), jnp.int32), jnp.full((2, 16), 2, jnp.int32))  # nothing shares a segment
+  out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, segment_ids=segments, block_sizes=BLOCKS), q, k, v)
+  np.testing.assert_array_equal(out, 0.0)
+  assert all(np.isfinite(g).all() and not np.abs(g).max() for g in vjp(cotangent))
+
+
+def test_bad_arguments_name_the_values():
+  q, k, v, _ = _inputs(16, 16, 3, 2, jnp.float32)
+  with pytest.raises(ValueError, match="heads=3"):
+    flash_attention(q, k, v)
+  q, k, v, _ = _inputs(16, 8, 4, 2, jnp.float32)
+  with pytest.raises(ValueError, match="q_len=16 > kv_len=8"):
+    flash_attention(q, k, v)
+  with pytest.raises(ValueError, match="block_q=12"):
+    BlockSizes(block_q=12)
