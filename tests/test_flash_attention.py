@@ -83,3 +83,16 @@ def test_bad_arguments_name_the_values():
     flash_attention(q, k, v)
   with pytest.raises(ValueError, match="block_q=12"):
     BlockSizes(block_q=12)
+
+
+def test_forward_backward_memory_grows_linearly_in_sequence_length():
+  def temp_bytes(seq_len):
+    q = jax.ShapeDtypeStruct((1, seq_len, 2, 64), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, seq_len, 1, 64), jnp.float32)
+    grad = jax.grad(lambda q, k, v: flash_attention(q, k, v, block_sizes=BlockSizes(128, 128)).sum(), argnums=(0, 1, 2))
+    return jax.jit(grad).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+
+  small, medium, large = temp_bytes(2048), temp_bytes(4096), temp_bytes(8192)
+  # Linear doubles per doubling of S; a stored S x S matrix would quadruple (8192^2 floats = 256 MiB).
+  assert medium / small < 2.5 and large / medium < 2.5, (small, medium, large)
+  assert large < 64 * 2**20
