@@ -184,6 +184,17 @@ class _Static:
   interpret: bool
 
 
+def _query_block_specs(block_q, kv_len, head_dim, group):
+  """Specs of (q, k, v, q_seg, kv_seg) on the grid (b, n, i): a query block and its kv head's whole rows."""
+  return [
+      pl.BlockSpec((None, None, block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
+      pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, n // group, 0, 0)),
+      pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, n // group, 0, 0)),
+      pl.BlockSpec((None, block_q), lambda b, n, i: (b, i)),
+      pl.BlockSpec((None, kv_len), lambda b, n, i: (b, 0)),
+  ]
+
+
 def _forward(q, k, v, q_seg, kv_seg, st: _Static):
   """q [B, N, Tp, H], k/v [B, K, Sp, H] (padded to the blocks) -> (o [B, N, Tp, H], lse [B, N, Tp])."""
   batch, heads, q_len, head_dim = q.shape
@@ -196,13 +207,7 @@ def _forward(q, k, v, q_seg, kv_seg, st: _Static):
   return pl.pallas_call(
       kernel,
       grid=(batch, heads, q_len // st.block_q),
-      in_specs=[
-          pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
-          pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, n // group, 0, 0)),
-          pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, n // group, 0, 0)),
-          pl.BlockSpec((None, st.block_q), lambda b, n, i: (b, i)),
-          pl.BlockSpec((None, kv_len), lambda b, n, i: (b, 0)),
-      ],
+      in_specs=_query_block_specs(st.block_q, kv_len, head_dim, group),
       out_specs=[
           pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
           pl.BlockSpec((None, None, st.block_q), lambda b, n, i: (b, n, i)),
@@ -223,11 +228,7 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
       functools.partial(_dq_kernel, block_kv=st.block_kv, num_kv_blocks=kv_len // st.block_kv, **common),
       grid=(batch, heads, q_len // st.block_q),
       in_specs=[
-          pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
-          pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, n // group, 0, 0)),
-          pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, n // group, 0, 0)),
-          pl.BlockSpec((None, st.block_q), lambda b, n, i: (b, i)),
-          pl.BlockSpec((None, kv_len), lambda b, n, i: (b, 0)),
+          *_query_block_specs(st.block_q, kv_len, head_dim, group),
           pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
           pl.BlockSpec((None, None, st.block_q), lambda b, n, i: (b, n, i)),
           pl.BlockSpec((None, None, st.block_q), lambda b, n, i: (b, n, i)),
