@@ -7,8 +7,10 @@ structure the Triton and Mosaic GPU lowerings take. GQA is in the index maps: qu
 kv head n // G, so K and V are never repeated. The backward pass is a custom_vjp with a dQ kernel
 (per query block) and a dK/dV kernel (per key block, over the G query heads of its kv head).
 
-Status: forward and backward are exercised in interpret mode only so far; the TPU (Mosaic)
-lowering with VMEM scratch accumulators and on-chip tuning of BlockSizes are still to come.
+Status: forward and backward are tested in Pallas interpret mode and under TPU (Mosaic) interpret
+mode (`pltpu.force_tpu_interpret_mode()`, 128-lane blocks) on CPU; neither has run on a real chip
+yet, and BlockSizes are not tuned. On TPU this layout keeps a head's whole K/V rows in VMEM; a
+grid over kv blocks with scratch accumulators is the next step for long sequences there.
 """
 
 import dataclasses

@@ -96,3 +96,24 @@ def test_forward_backward_memory_grows_linearly_in_sequence_length():
   # Linear doubles per doubling of S; a stored S x S matrix would quadruple (8192^2 floats = 256 MiB).
   assert medium / small < 2.5 and large / medium < 2.5, (small, medium, large)
   assert large < 64 * 2**20
+
+
+def test_runs_under_tpu_interpret_mode():
+  """The kernels under Mosaic (TPU) semantics, simulated on CPU, with TPU-shaped (128-lane) blocks."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+  keys = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(keys[0], (1, 256, 2, 128))
+  k = jax.random.normal(keys[1], (1, 256, 1, 128))
+  v = jax.random.normal(keys[2], (1, 256, 1, 128))
+  cotangent = jax.random.normal(keys[3], (1, 256, 2, 128))
+  segments = jnp.asarray(np.repeat([[1, 2]], 128, axis=1))
+  kwargs = dict(segment_ids=segments, sliding_window=100)
+  with pltpu.force_tpu_interpret_mode():
+    out, vjp = jax.vjp(
+        lambda q, k, v: flash_attention(q, k, v, block_sizes=BlockSizes(128, 128), interpret=False, **kwargs), q, k, v
+    )
+    grads = vjp(cotangent)
+  expected = _float64_reference(q, k, v, cotangent, kwargs)
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-4, err_msg=name)
