@@ -47,6 +47,7 @@ class Run:
   config: ml_collections.ConfigDict
   workdir: Path
   mesh: jax.sharding.Mesh
+  rules: sharding.Rules
   model_config: model_lib.ModelConfig
   tokenizer: Any
   graphdef: nnx.GraphDef
@@ -91,18 +92,15 @@ def _write_json_atomic(path: Path, value: Any) -> None:
   os.replace(tmp, path)
 
 
-def _model_config(config, tokenizer, init_config: model_lib.ModelConfig | None) -> model_lib.ModelConfig:
+def _model_config(config, tokenizer) -> model_lib.ModelConfig:
   """The preset with overrides; from scratch, the vocabulary is the tokenizer's unless overridden."""
-  if init_config is not None:
-    overrides = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
-    return init_config.replace(**overrides)
   model_config = validation.build_model_config(config.model)
   if config.model.vocab_size is None:
     model_config = model_config.replace(vocab_size=tokenizer.vocab_size)
   return model_config
 
 
-def _init_from(path: str, mesh, rules, overrides: dict[str, Any]) -> tuple[nnx.Module | None, str]:
+def _init_from(path: str, mesh, rules, overrides: dict[str, Any]) -> tuple[nnx.Module, str]:
   """A module with the weights of a Hugging Face directory or of another run's latest checkpoint."""
   p = Path(path)
   if (p / "config.json").exists() and any(p.glob("*.safetensors")):
@@ -157,11 +155,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, loss
       overrides = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
       module, init_note = _init_from(config.init_from, mesh, rules, overrides)
       model_config = module.config
-    elif latest is not None and (saved := checkpointer.restore_config(latest)).get("resolved_model"):
-      model_config = model_lib.ModelConfig(**saved["resolved_model"])  # the architecture the run began with
-      module = sharding.create_sharded(lambda: model_lib.Transformer(model_config, rngs=nnx.Rngs(config.seed)), mesh, rules)
     else:
-      model_config = _model_config(config, tokenizer, None)
+      saved = checkpointer.restore_config(latest) if latest is not None else {}
+      if saved.get("resolved_model"):  # the architecture the run began with
+        model_config = model_lib.ModelConfig(**saved["resolved_model"])
+      else:
+        model_config = _model_config(config, tokenizer)
       module = sharding.create_sharded(lambda: model_lib.Transformer(model_config, rngs=nnx.Rngs(config.seed)), mesh, rules)
     if model_config.vocab_size < tokenizer.vocab_size:
       raise validation.ConfigError(
@@ -198,7 +197,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, loss
         workdir / "config.json", {**config.to_dict(), "resolved_model": dataclasses.asdict(model_config)}
     )
   return Run(
-      config, workdir, mesh, model_config, tokenizer, graphdef, rest, state, state_shardings, batch_sharding,
+      config, workdir, mesh, rules, model_config, tokenizer, graphdef, rest, state, state_shardings, batch_sharding,
       train_iter, checkpointer, loss_fn, train_step, eval_step,
   )
 
@@ -218,7 +217,7 @@ def evaluate(run: Run) -> dict[str, float]:
       global_batch_size=run.config.batch_size, seed=run.config.seed,
   )
   total, weight = 0.0, 0.0
-  with sharding.axis_rules(run.mesh, run.config.sharding_rules):
+  with sharding.axis_rules(run.mesh, run.rules):
     for i, local in enumerate(dataset):
       if run.config.eval_steps and i >= run.config.eval_steps:
         break
@@ -273,7 +272,7 @@ def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
   pending: list[dict[str, jax.Array]] = []
   last_time, last_step = time.perf_counter(), step
   try:
-    with _StopRequest() as stop, sharding.axis_rules(run.mesh, c.sharding_rules):
+    with _StopRequest() as stop, sharding.axis_rules(run.mesh, run.rules):
       while step < c.total_steps:
         batch = global_batch(run, next(run.train_iter))
         run.state, metrics = run.train_step(run.state, batch)
