@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import attention_ops, positional
+from model import attention_ops, kv_cache, positional
 from model.config import ModelConfig
 from model.sharding import shard
 
@@ -78,7 +78,13 @@ class Attention(nnx.Module):
       positions: jax.Array,  # [B, T]
       segment_ids: jax.Array | None,  # [B, T]
       sliding_window: int | jax.Array,
-  ) -> jax.Array:
+      cache: tuple[jax.Array, jax.Array] | None = None,  # this layer's (k, v) [B, S, K, H]
+  ):
+    """[B, T, D] -> [B, T, D]; with a cache, also the cache with this chunk's keys and values written.
+
+    With a cache the T tokens sit at slots positions[:, 0] .. positions[:, 0] + T - 1 of their row
+    (consecutive positions), and attend to every earlier slot the mask allows.
+    """
     c = self.config
     dtype = c.compute_dtype
     q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dtype))
@@ -92,13 +98,28 @@ class Attention(nnx.Module):
       k = positional.apply_rope(k, positions, inv_freq)
     q, k, v = shard(q, BTNH), shard(k, BTKH), shard(v, BTKH)
     scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
-    out = attention_ops.dot_product_attention(
-        q, k, v, impl=c.attention_impl, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
-        sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale,
-        alibi_slopes=positional.alibi_slopes(c.num_heads) if c.position == "alibi" else None,
-    )
+    alibi = positional.alibi_slopes(c.num_heads) if c.position == "alibi" else None
+    if cache is None:
+      out = attention_ops.dot_product_attention(
+          q, k, v, impl=c.attention_impl, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
+          sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,
+      )
+    else:
+      if segment_ids is not None:
+        raise ValueError("segment_ids are not used with a KV cache: one sequence per row")
+      cache_k = kv_cache.write(cache[0], k, positions[:, 0])
+      cache_v = kv_cache.write(cache[1], v, positions[:, 0])
+      slots = jnp.broadcast_to(jnp.arange(cache_k.shape[1]), (x.shape[0], cache_k.shape[1]))  # [B, S]
+      # The plain backend: a decode step's [B, 1, S] logits are small, and custom positions are
+      # what the fused backends do not take.
+      out = attention_ops.dot_product_attention(
+          q, cache_k, cache_v, impl="xla", q_positions=positions, kv_positions=slots, causal=True,
+          sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,
+      )
+      cache = (cache_k, cache_v)
     out = shard(out, BTNH)
-    return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dtype))
+    out = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dtype))
+    return out if cache is None else (out, cache)
 
 
 _ACTIVATIONS = {
@@ -138,12 +159,17 @@ class Block(nnx.Module):
       self.attn_post_norm = Norm(config, rngs=rngs)
       self.mlp_post_norm = Norm(config, rngs=rngs)
 
-  def __call__(self, x, *, positions, segment_ids, sliding_window):  # x: [B, T, D]
-    h = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids, sliding_window=sliding_window)
+  def __call__(self, x, *, positions, segment_ids, sliding_window, cache=None):  # x: [B, T, D]
+    h = self.attn(
+        self.attn_norm(x), positions=positions, segment_ids=segment_ids, sliding_window=sliding_window, cache=cache
+    )
+    if cache is not None:
+      h, cache = h
     if self.post_norms:
       h = self.attn_post_norm(h)
     x = x + h
     h = self.mlp(self.mlp_norm(x))
     if self.post_norms:
       h = self.mlp_post_norm(h)
-    return shard(x + h, BTD)
+    x = shard(x + h, BTD)
+    return x if cache is None else (x, cache)

@@ -32,6 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("activation_head_dim", ()),
     ("activation_mlp", ("tensor",)),
     ("activation_vocab", ("tensor",)),
+    ("activation_cache_length", ()),  # the KV cache's slots (model/kv_cache.py)
     # Parameters.
     ("layers", ()),
     ("vocab", ("tensor",)),
@@ -85,6 +86,12 @@ def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[Any] | None = Non
   except Exception:  # topology-aware placement is an optimization; any order is correct
     device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def with_default_rules(rules: Rules) -> tuple[tuple[str, Sequence[str] | str | None], ...]:
+  """`rules` plus the default rule of every logical name it lacks (rules saved by older runs)."""
+  named = {logical for logical, _ in rules}
+  return tuple(rules) + tuple(rule for rule in DEFAULT_RULES if rule[0] not in named)
 
 
 def _rules_dict(rules: Rules) -> dict[str, tuple[str, ...]]:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
+from model.kv_cache import KVCache
 from model.layers import BTD, Block, Norm, param
 from model.sharding import shard
 
@@ -52,11 +53,17 @@ class Transformer(nnx.Module):
       *,
       positions: jax.Array | None = None,  # [B, T]; default 0..T-1, restarting per segment
       segment_ids: jax.Array | None = None,  # [B, T]; tokens attend only within their segment
-  ) -> jax.Array:
-    """Final-normed hidden states [B, T, D] (the input of the output projection, or of a head)."""
+      cache: KVCache | None = None,  # [L, B, S, K, H]; tokens sit at slots positions[:, 0] + 0..T-1
+  ):
+    """Final-normed hidden states [B, T, D] (the input of the output projection, or of a head).
+
+    With a cache (decoding), returns (features, cache with this chunk's keys and values written).
+    """
     c = self.config
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if cache is not None and positions is None:
+      raise ValueError("decoding with a cache needs the tokens' positions [B, T]")
     if positions is None:
       if segment_ids is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -66,6 +73,15 @@ class Transformer(nnx.Module):
     if c.scale_embeddings:  # Gemma: the normalizer is rounded to the compute dtype first
       x = x * jnp.asarray(c.embed_dim**0.5, c.compute_dtype)
     x = shard(x, BTD)
+
+    if cache is None:
+      x = self._blocks(x, positions, segment_ids)
+      return self.final_norm(x)
+    x, cache = self._cached_blocks(x, positions, cache)
+    return self.final_norm(x), cache
+
+  def _blocks(self, x, positions, segment_ids):
+    c = self.config
 
     def block_fn(x, block, window):
       return block(x, positions=positions, segment_ids=segment_ids, sliding_window=window)
@@ -86,7 +102,40 @@ class Transformer(nnx.Module):
       x = nnx.scan(
           block_fn, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"},
       )(x, self.layers, jnp.asarray(windows, jnp.int32))
-    return self.final_norm(x)
+    return x
+
+  def _cached_blocks(self, x, positions, cache: KVCache):
+    """The blocks with each layer's slice of the cache in and out (no remat: nothing is differentiated)."""
+    c = self.config
+    if cache.k.shape[0] != c.num_layers:
+      raise ValueError(f"the cache has {cache.k.shape[0]} layers, the model {c.num_layers}")
+    windows = [c.layer_window(i) for i in range(c.num_layers)]
+    if not c.scan_layers:
+      ks, vs = [], []
+      for i, (block, window) in enumerate(zip(self.layers, windows)):
+        x, (k, v) = block(x, positions=positions, segment_ids=None, sliding_window=window, cache=(cache.k[i], cache.v[i]))
+        ks.append(k)
+        vs.append(v)
+      return x, KVCache(jnp.stack(ks), jnp.stack(vs))
+
+    def block_fn(x, block, window, layer_cache):
+      return block(x, positions=positions, segment_ids=None, sliding_window=window, cache=layer_cache)
+
+    if len(set(windows)) == 1:
+      window_xs = None
+      fn = lambda x, block, _, layer_cache: block_fn(x, block, windows[0], layer_cache)
+    else:
+      window_xs = jnp.asarray(windows, jnp.int32)
+      fn = block_fn
+    x, (k, v) = nnx.scan(
+        fn, in_axes=(nnx.Carry, 0, 0 if window_xs is not None else None, 0), out_axes=(nnx.Carry, 0),
+        transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )(x, self.layers, window_xs, (cache.k, cache.v))
+    return x, KVCache(k, v)
+
+  def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+    """An empty cache of [L, B, S, K, H] zeros for decoding with this model."""
+    return KVCache.create(self.config, batch_size, max_length)
 
   def logits(self, features: jax.Array) -> jax.Array:
     """[B, T, D] final-normed features -> [B, T, V] float32 logits."""
@@ -103,5 +152,9 @@ class Transformer(nnx.Module):
       out = c.final_logit_softcap * jnp.tanh(out / c.final_logit_softcap)
     return shard(out, BTV)
 
-  def __call__(self, tokens, *, positions=None, segment_ids=None) -> jax.Array:
-    return self.logits(self.features(tokens, positions=positions, segment_ids=segment_ids))
+  def __call__(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None):
+    """[B, T] tokens -> [B, T, V] float32 logits; with a cache, (logits, updated cache)."""
+    if cache is None:
+      return self.logits(self.features(tokens, positions=positions, segment_ids=segment_ids))
+    features, cache = self.features(tokens, positions=positions, cache=cache)
+    return self.logits(features), cache
