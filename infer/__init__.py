@@ -1,10 +1,15 @@
 """Inference: KV-cache generation and sampling, speculative sampling, test-time scaling.
 
 Public API: generate, stream, Sampling, Generation, speculative_generate, best_of_n,
-self_consistency, BudgetForcing, budget_forcing_generate.
+self_consistency, BudgetForcing (a decode-loop Controller: `generate(..., controller=BudgetForcing(...))`).
 """
 
-from infer.generate import Generation, generate, stream
+from infer.decoding import Generation, generate, stream
 from infer.sampling import Sampling
+from infer.speculative import speculative_generate
+from infer.test_time import BestOfN, BudgetForcing, SelfConsistency, best_of_n, self_consistency
 
-__all__ = ["Generation", "Sampling", "generate", "stream"]
+__all__ = [
+    "BestOfN", "BudgetForcing", "Generation", "Sampling", "SelfConsistency", "best_of_n", "generate",
+    "self_consistency", "speculative_generate", "stream",
+]

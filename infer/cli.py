@@ -1,0 +1,214 @@
+"""Text in, text out: a prompt through the tokenizer, `infer.generate` / `infer.stream`, text back.
+
+`run(config)` is the body of `python -m infer` (configs/infer/generate.py): load a run's workdir or
+a Hugging Face directory, stream the continuation of `config.prompt` to `out`, and end with a
+summary line. `complete` is the one-call form (the quickstart's closing sample uses it). A
+tokenizer here is anything with encode, decode, bos_id and eos_id (train.tokenizer.Tokenizer).
+"""
+
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+import infer
+from configs import validation
+from configs.infer import generate as generate_config
+from infer import loading
+from model import sharding
+
+
+@dataclasses.dataclass
+class Completion:
+  prompt: str  # the prompt as the tokenizer decodes it
+  text: str  # what the generated tokens add to it
+  tokens: list[int]  # the generated ids (a stop token included)
+  finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
+  confidence: float  # mean log-prob per generated token under the raw model; nan when none
+
+
+def encode_prompt(tokenizer, prompt: str, *, add_bos: bool = True) -> list[int]:
+  ids = list(tokenizer.encode(prompt))
+  if add_bos and tokenizer.bos_id >= 0:  # a tokenizer may have no bos (sentencepiece says -1)
+    ids = [tokenizer.bos_id, *ids]
+  if not ids:
+    raise ValueError("the prompt is empty and there is no bos token to start from; give a prompt")
+  return ids
+
+
+def stop_tokens(tokenizer, stop_at_eos: bool = True) -> tuple[int, ...]:
+  return (tokenizer.eos_id,) if stop_at_eos and tokenizer.eos_id >= 0 else ()
+
+
+def continuation(tokenizer, prompt_ids: Sequence[int], tokens: Sequence[int]) -> str:
+  """The text `tokens` add after the prompt's.
+
+  Decoded together with the prompt: sentencepiece drops the leading space of a first piece
+  decoded on its own ('▁the' alone is 'the'), which would glue the first word to the prompt.
+  """
+  head = tokenizer.decode(prompt_ids)
+  full = tokenizer.decode([*prompt_ids, *tokens])
+  return full[len(os.path.commonprefix([head, full])):]
+
+
+def _finish_reason(tokens: Sequence[int], stops: Sequence[int]) -> str:
+  # As infer.generate decides it: a stop token ends a row even when it is also the last one allowed.
+  return "stop" if tokens and tokens[-1] in stops else "length"
+
+
+def complete(
+    model: nnx.Module,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    sampling: infer.Sampling = infer.Sampling(),
+    rng=None,
+    add_bos: bool = True,
+    stop_at_eos: bool = True,
+    rules=None,
+) -> Completion:
+  """The continuation of one text prompt (greedy by default), with `infer.generate`."""
+  prompt_ids = encode_prompt(tokenizer, prompt, add_bos=add_bos)
+  generation = infer.generate(
+      model, [prompt_ids], max_new_tokens=max_new_tokens, sampling=sampling, rng=rng,
+      stop_tokens=stop_tokens(tokenizer, stop_at_eos), rules=rules,
+  )
+  tokens = generation.tokens[0]
+  return Completion(
+      prompt=tokenizer.decode(prompt_ids), text=continuation(tokenizer, prompt_ids, tokens), tokens=tokens,
+      finish_reason=generation.finish_reasons[0], confidence=float(generation.confidence[0]),
+  )
+
+
+def stream_completion(
+    model: nnx.Module,
+    tokenizer,
+    prompt: str,
+    *,
+    out: TextIO,
+    max_new_tokens: int,
+    chunk: int = 4,
+    sampling: infer.Sampling = infer.Sampling(),
+    rng=None,
+    add_bos: bool = True,
+    stop_at_eos: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=None,
+) -> Completion:
+  """As `complete`, writing the prompt and then the continuation to `out` as it is generated."""
+  prompt_ids = encode_prompt(tokenizer, prompt, add_bos=add_bos)
+  stops = stop_tokens(tokenizer, stop_at_eos)
+  head = tokenizer.decode(prompt_ids)
+  out.write(head)
+  out.flush()
+  tokens: list[int] = []
+  shown = ""
+  for new in infer.stream(
+      model, [prompt_ids], max_new_tokens=max_new_tokens, chunk=chunk, sampling=sampling, rng=rng, stop_tokens=stops,
+      mesh=mesh, rules=rules,
+  ):
+    tokens += new[0]
+    # The whole continuation is decoded each time (byte pieces and spaces join across chunks);
+    # a character whose UTF-8 bytes have not all arrived decodes as U+FFFD, so it waits.
+    text = continuation(tokenizer, prompt_ids, tokens).rstrip("\ufffd")
+    if len(text) > len(shown) and text.startswith(shown):
+      out.write(text[len(shown):])
+      out.flush()
+      shown = text
+  text = continuation(tokenizer, prompt_ids, tokens)
+  out.write(text[len(shown):] if text.startswith(shown) else "")
+  out.flush()
+  return Completion(
+      prompt=head, text=text, tokens=tokens, finish_reason=_finish_reason(tokens, stops),
+      confidence=mean_logprob(model, prompt_ids, tokens, mesh=mesh, rules=rules),
+  )
+
+
+def mean_logprob(model: nnx.Module, prompt_ids: Sequence[int], tokens: Sequence[int], *, mesh=None, rules=None) -> float:
+  """Mean log-prob of `tokens` after `prompt_ids` under the raw model (temperature 1, no filter).
+
+  One forward pass over the whole sequence: `infer.stream` yields only token ids, and this is
+  what `infer.Generation.confidence` reports for a generated row.
+  """
+  if not tokens:
+    return math.nan
+  ids = jnp.asarray([[*prompt_ids, *tokens[:-1]]], jnp.int32)  # [1, T]: each position predicts the next
+  targets = jnp.asarray(tokens, jnp.int32)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def score(state, ids, targets):
+    logits = nnx.merge(graphdef, state)(ids)[0, len(prompt_ids) - 1:]  # [len(tokens), V]
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logprobs, targets[:, None], axis=-1).mean()
+
+  if mesh is None:
+    return float(score(state, ids, targets))
+  with sharding.axis_rules(mesh, rules if rules is not None else sharding.DEFAULT_RULES):
+    return float(score(state, ids, targets))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Start-up checks of a generate config; each error names the key."""
+  validation.check_keys(config.to_dict(), generate_config.get_config().to_dict())
+  if not config.checkpoint:
+    raise validation.ConfigError(
+        "config.checkpoint is required: a training run's workdir or a Hugging Face directory "
+        "(--config.checkpoint=DIR)"
+    )
+  for key in ("max_new_tokens", "stream_every"):
+    if config[key] < 1:
+      raise validation.ConfigError(f"config.{key}={config[key]} must be >= 1")
+  checks = {
+      "step": (config.step >= -1, "must be a checkpoint step, or -1 for the latest"),
+      "temperature": (config.temperature >= 0, "must be >= 0 (0 is greedy)"),
+      "top_k": (config.top_k >= 0, "must be >= 0 (0 is off)"),
+      "top_p": (0 < config.top_p <= 1, "must be in (0, 1] (1 is off)"),
+      "min_p": (0 <= config.min_p <= 1, "must be in [0, 1] (0 is off)"),
+  }
+  for key, (ok, requirement) in checks.items():
+    if not ok:
+      raise validation.ConfigError(f"config.{key}={config[key]!r} {requirement}")
+  validation.check_sharding_rules(config.sharding_rules)
+
+
+def sampling_of(config: ml_collections.ConfigDict) -> infer.Sampling:
+  return infer.Sampling(
+      temperature=config.temperature,
+      top_k=config.top_k or None,
+      top_p=config.top_p if config.top_p < 1 else None,
+      min_p=config.min_p or None,
+  )
+
+
+def run(config: ml_collections.ConfigDict, out: TextIO = sys.stdout) -> Completion:
+  """`python -m infer`: load config.checkpoint, stream the continuation of config.prompt to `out`."""
+  # ------------------------------------------------------------------ check the config, set up the mesh
+  validate(config)
+  sampling = sampling_of(config)
+  mesh = sharding.make_mesh(validation.check_mesh(config.mesh, jax.device_count()))
+  rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.sharding_rules)
+
+  # ------------------------------------------------------------------ load the model, sharded, and its tokenizer
+  module, tokenizer = loading.load(config.checkpoint, mesh=mesh, rules=rules, step=None if config.step < 0 else config.step)
+
+  # ------------------------------------------------------------------ generate
+  completion = stream_completion(
+      module, tokenizer, config.prompt, out=out, max_new_tokens=config.max_new_tokens, chunk=config.stream_every,
+      sampling=sampling, rng=config.seed, add_bos=config.add_bos, stop_at_eos=config.stop_at_eos, mesh=mesh,
+      rules=rules,
+  )
+  reason = {"stop": "stopped at eos", "length": "reached max_new_tokens"}[completion.finish_reason]
+  out.write(
+      f"\n[{len(completion.tokens)} tokens, {reason}, mean log-prob per token {completion.confidence:.3f}]\n"
+  )
+  out.flush()
+  return completion
