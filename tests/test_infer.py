@@ -123,6 +123,11 @@ def test_generation_on_a_mesh_matches_one_device(model):
   prompts = PROMPTS + [[1, 2], [3]] * 2 + [[7] * 11]  # 8 rows: the batch splits over data x fsdp
   out = infer.generate(sharded, prompts, max_new_tokens=6)
   assert out.tokens == infer.generate(model, prompts, max_new_tokens=6).tokens
+  # The cache [L, B, S, K, H] is placed like activations: batch over data x fsdp, kv heads over tensor.
+  _, state = decoding._start(sharded, prompts, max_new_tokens=6)
+  assert state.cache.k.sharding.mesh == mesh
+  spec = tuple(state.cache.k.sharding.spec)
+  assert spec + (None,) * (5 - len(spec)) == (None, ("data", "fsdp"), None, "tensor", None)
 
 
 # ------------------------------------------------------------------ sampling filters on hand-made logits
