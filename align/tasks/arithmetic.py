@@ -1,0 +1,127 @@
+"""Multi-digit addition and subtraction, written as a question, a worked column-by-column solution
+and a final answer line, with an exact-match reward.
+
+    Question: What is 487 + 55?
+    Solution: 7 + 5 = 12, write 2 carry 1. 8 + 5 + 1 = 14, write 4 carry 1. 4 + 0 + 1 = 5, write 5.
+    Answer: 542
+
+Difficulty d is the number of digits of the operands (1 to 6); level 1 only adds. Every problem
+is a pure function of (seed, index, difficulty), so data sets are reproducible and held-out sets
+are disjoint by seed. Wrong solutions (for preference pairs) make the mistakes models make: a
+dropped carry or borrow, or a wrong final digit.
+"""
+
+import dataclasses
+import random
+import re
+
+ANSWER_PREFIX = "Answer:"
+_ANSWER = re.compile(r"Answer:\s*(-?\d+)")
+MAX_DIFFICULTY = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  a: int
+  b: int
+  op: str  # "+" or "-"
+
+  @property
+  def answer(self) -> int:
+    return self.a + self.b if self.op == "+" else self.a - self.b
+
+  @property
+  def prompt(self) -> str:
+    return f"Question: What is {self.a} {self.op} {self.b}?\nSolution:"
+
+  def solution(self, *, drop_carry_at: int | None = None) -> str:
+    """The worked solution and answer line (the completion); drop_carry_at makes a wrong one."""
+    steps, result = _column_steps(self.a, self.b, self.op, drop_carry_at)
+    return f" {' '.join(steps)}\n{ANSWER_PREFIX} {result}"
+
+
+def _digits(n: int, width: int) -> list[int]:
+  return [(n // 10**i) % 10 for i in range(width)]  # least significant first
+
+
+def _column_steps(a: int, b: int, op: str, drop_carry_at: int | None) -> tuple[list[str], int]:
+  negative = op == "-" and a < b
+  if negative:
+    a, b = b, a
+  width = max(len(str(a)), len(str(b)))
+  da, db = _digits(a, width), _digits(b, width)
+  steps, out, carry = [], [], 0
+  for i in range(width):
+    if op == "+":
+      total = da[i] + db[i] + carry
+      expr = f"{da[i]} + {db[i]}" + (f" + {carry}" if carry else "")
+      digit, new_carry = total % 10, total // 10
+      step = f"{expr} = {total}, write {digit}" + (" carry 1." if new_carry else ".")
+    else:
+      top = da[i] - carry
+      borrow = int(top < db[i])
+      digit = top + 10 * borrow - db[i]
+      lhs = f"{da[i]}" + (" - 1" if carry else "")
+      step = (f"{lhs} - {db[i]}" + (" borrow 10" if borrow else "") + f" = {digit}, write {digit}.")
+      new_carry = borrow
+    if drop_carry_at == i:
+      new_carry = 0
+    steps.append(step)
+    out.append(digit)
+    carry = new_carry
+  if op == "+" and carry:
+    steps.append("Write the carry 1.")
+    out.append(1)
+  result = int("".join(str(d) for d in reversed(out)))
+  if negative:
+    steps.append(f"The second number is larger, so the result is negative.")
+    result = -result
+  return steps, result
+
+
+def make_problem(seed: int, index: int, difficulty: int) -> Problem:
+  """Problem `index` of the stream `seed` at `difficulty` (digits per operand, 1..6)."""
+  if not 1 <= difficulty <= MAX_DIFFICULTY:
+    raise ValueError(f"difficulty={difficulty} must be in 1..{MAX_DIFFICULTY}")
+  rng = random.Random(f"{seed}/{difficulty}/{index}")
+  low, high = (0 if difficulty == 1 else 10 ** (difficulty - 1)), 10**difficulty - 1
+  a, b = rng.randint(low, high), rng.randint(0, high)
+  op = "+" if difficulty == 1 or rng.random() < 0.5 else "-"
+  return Problem(a, b, op)
+
+
+def problems(n: int, *, difficulty: int, seed: int) -> list[Problem]:
+  return [make_problem(seed, i, difficulty) for i in range(n)]
+
+
+def wrong_solution(problem: Problem, seed: int = 0) -> str:
+  """A plausible but wrong completion: a dropped carry/borrow where there is one, else an off-by-one answer."""
+  rng = random.Random(f"wrong/{seed}/{problem}")
+  width = max(len(str(problem.a)), len(str(problem.b)))
+  for i in rng.sample(range(width), width):
+    text = problem.solution(drop_carry_at=i)
+    if extract_answer(text) != problem.answer:
+      return text
+  steps, _ = _column_steps(problem.a, problem.b, problem.op, None)
+  delta = rng.choice([-1, 1]) * rng.choice([1, 10])
+  return f" {' '.join(steps)}\n{ANSWER_PREFIX} {problem.answer + delta}"
+
+
+def extract_answer(text: str) -> int | None:
+  """The integer on the last 'Answer:' line, or None."""
+  found = _ANSWER.findall(text)
+  return int(found[-1]) if found else None
+
+
+def reward(completion: str, problem: Problem) -> float:
+  """Exact match of the final answer: 1.0 or 0.0."""
+  return float(extract_answer(completion) == problem.answer)
+
+
+def sft_examples(n: int, *, difficulty: int, seed: int) -> list[dict[str, str]]:
+  return [{"prompt": p.prompt, "completion": p.solution()} for p in problems(n, difficulty=difficulty, seed=seed)]
+
+
+def preference_pairs(n: int, *, difficulty: int, seed: int) -> list[dict[str, str]]:
+  return [{"prompt": p.prompt, "chosen": p.solution(), "rejected": wrong_solution(p, seed)}
+          for p in problems(n, difficulty=difficulty, seed=seed)]

@@ -1,0 +1,53 @@
+"""The synthetic arithmetic task: worked solutions are right (checked by Python's arithmetic), wrong
+ones are wrong, problems are reproducible, the extractor and reward are exact."""
+
+import re
+
+import pytest
+
+from align.tasks import arithmetic
+
+
+@pytest.mark.parametrize("difficulty", range(1, arithmetic.MAX_DIFFICULTY + 1))
+def test_worked_solutions_reach_the_true_answer(difficulty):
+  for problem in arithmetic.problems(300, difficulty=difficulty, seed=1):
+    solution = problem.solution()
+    assert arithmetic.extract_answer(solution) == eval(f"{problem.a} {problem.op} {problem.b}")
+    assert arithmetic.reward(solution, problem) == 1.0
+    for step in re.findall(r"(\d+) \+ (\d+)(?: \+ (\d+))? = (\d+)", solution):  # each column sum is right
+      assert sum(int(x or 0) for x in step[:3]) == int(step[3])
+    wrong = arithmetic.wrong_solution(problem)
+    assert arithmetic.reward(wrong, problem) == 0.0
+
+
+def test_problems_are_reproducible_and_seeds_differ():
+  assert arithmetic.problems(20, difficulty=3, seed=0) == arithmetic.problems(20, difficulty=3, seed=0)
+  assert arithmetic.problems(20, difficulty=3, seed=0) != arithmetic.problems(20, difficulty=3, seed=1)
+  digits = {len(str(p.a)) for p in arithmetic.problems(50, difficulty=4, seed=0)}
+  assert digits == {4}
+
+
+def test_a_worked_example():
+  problem = arithmetic.Problem(487, 55, "+")
+  assert problem.prompt == "Question: What is 487 + 55?\nSolution:"
+  assert problem.solution() == (" 7 + 5 = 12, write 2 carry 1. 8 + 5 + 1 = 14, write 4 carry 1. "
+                                "4 + 0 + 1 = 5, write 5.\nAnswer: 542")
+  assert arithmetic.Problem(52, 7, "-").solution() == " 2 - 7 borrow 10 = 5, write 5. 5 - 1 - 0 = 4, write 4.\nAnswer: 45"
+  assert arithmetic.extract_answer(arithmetic.Problem(3, 8, "-").solution()) == -5
+
+
+def test_extractor_and_reward():
+  assert arithmetic.extract_answer("blah\nAnswer: 12\nAnswer: -7 trailing") == -7
+  assert arithmetic.extract_answer("no answer here") is None
+  problem = arithmetic.Problem(1, 2, "+")
+  assert arithmetic.reward(" whatever\nAnswer: 3", problem) == 1.0
+  assert arithmetic.reward(" whatever\nAnswer: 30", problem) == 0.0
+  with pytest.raises(ValueError, match="difficulty=7"):
+    arithmetic.make_problem(0, 0, 7)
+
+
+def test_data_formats():
+  sft = arithmetic.sft_examples(3, difficulty=2, seed=0)
+  assert set(sft[0]) == {"prompt", "completion"}
+  pairs = arithmetic.preference_pairs(3, difficulty=2, seed=0)
+  assert all(p["chosen"] != p["rejected"] for p in pairs)
