@@ -107,6 +107,9 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
   config.init_from = ""  # a Hugging Face directory or another run's workdir
   config.z_loss = 0.0
   config.max_nonfinite_in_row = 20  # 0: never stop for non-finite steps
+  # `python -m train` ends by printing the model's greedy continuation of this prompt ('': no sample).
+  config.sample_prompt = ""
+  config.sample_tokens = 48
   config.mesh = mesh_config()
   config.sharding_rules = sharding_rules()
   # Mixed precision: bf16 activations and matmuls, fp32 parameters and optimizer state.

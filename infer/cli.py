@@ -7,14 +7,12 @@ tokenizer here is anything with encode, decode, bos_id and eos_id (train.tokeniz
 """
 
 import dataclasses
-import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -47,20 +45,21 @@ def stop_tokens(tokenizer, stop_at_eos: bool = True) -> tuple[int, ...]:
   return (tokenizer.eos_id,) if stop_at_eos and tokenizer.eos_id >= 0 else ()
 
 
+def decode(tokenizer, ids: Sequence[int]) -> str:
+  """The text of `ids`, leaving out ids past the tokenizer's vocabulary (a model's embedding
+  table is often padded beyond it, and sentencepiece refuses such ids)."""
+  return tokenizer.decode([i for i in ids if 0 <= i < tokenizer.vocab_size])
+
+
 def continuation(tokenizer, prompt_ids: Sequence[int], tokens: Sequence[int]) -> str:
   """The text `tokens` add after the prompt's.
 
   Decoded together with the prompt: sentencepiece drops the leading space of a first piece
   decoded on its own ('▁the' alone is 'the'), which would glue the first word to the prompt.
   """
-  head = tokenizer.decode(prompt_ids)
-  full = tokenizer.decode([*prompt_ids, *tokens])
+  head = decode(tokenizer, prompt_ids)
+  full = decode(tokenizer, [*prompt_ids, *tokens])
   return full[len(os.path.commonprefix([head, full])):]
-
-
-def _finish_reason(tokens: Sequence[int], stops: Sequence[int]) -> str:
-  # As infer.generate decides it: a stop token ends a row even when it is also the last one allowed.
-  return "stop" if tokens and tokens[-1] in stops else "length"
 
 
 def complete(
@@ -83,7 +82,7 @@ def complete(
   )
   tokens = generation.tokens[0]
   return Completion(
-      prompt=tokenizer.decode(prompt_ids), text=continuation(tokenizer, prompt_ids, tokens), tokens=tokens,
+      prompt=decode(tokenizer, prompt_ids), text=continuation(tokenizer, prompt_ids, tokens), tokens=tokens,
       finish_reason=generation.finish_reasons[0], confidence=float(generation.confidence[0]),
   )
 
@@ -106,15 +105,16 @@ def stream_completion(
   """As `complete`, writing the prompt and then the continuation to `out` as it is generated."""
   prompt_ids = encode_prompt(tokenizer, prompt, add_bos=add_bos)
   stops = stop_tokens(tokenizer, stop_at_eos)
-  head = tokenizer.decode(prompt_ids)
+  head = decode(tokenizer, prompt_ids)
   out.write(head)
   out.flush()
   tokens: list[int] = []
   shown = ""
-  for new in infer.stream(
+  chunks = infer.stream(
       model, [prompt_ids], max_new_tokens=max_new_tokens, chunk=chunk, sampling=sampling, rng=rng, stop_tokens=stops,
       mesh=mesh, rules=rules,
-  ):
+  )
+  for new in chunks:
     tokens += new[0]
     # The whole continuation is decoded each time (byte pieces and spaces join across chunks);
     # a character whose UTF-8 bytes have not all arrived decodes as U+FFFD, so it waits.
@@ -126,34 +126,11 @@ def stream_completion(
   text = continuation(tokenizer, prompt_ids, tokens)
   out.write(text[len(shown):] if text.startswith(shown) else "")
   out.flush()
+  generation = chunks.generation
   return Completion(
-      prompt=head, text=text, tokens=tokens, finish_reason=_finish_reason(tokens, stops),
-      confidence=mean_logprob(model, prompt_ids, tokens, mesh=mesh, rules=rules),
+      prompt=head, text=text, tokens=tokens, finish_reason=generation.finish_reasons[0],
+      confidence=float(generation.confidence[0]),
   )
-
-
-def mean_logprob(model: nnx.Module, prompt_ids: Sequence[int], tokens: Sequence[int], *, mesh=None, rules=None) -> float:
-  """Mean log-prob of `tokens` after `prompt_ids` under the raw model (temperature 1, no filter).
-
-  One forward pass over the whole sequence: `infer.stream` yields only token ids, and this is
-  what `infer.Generation.confidence` reports for a generated row.
-  """
-  if not tokens:
-    return math.nan
-  ids = jnp.asarray([[*prompt_ids, *tokens[:-1]]], jnp.int32)  # [1, T]: each position predicts the next
-  targets = jnp.asarray(tokens, jnp.int32)
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def score(state, ids, targets):
-    logits = nnx.merge(graphdef, state)(ids)[0, len(prompt_ids) - 1:]  # [len(tokens), V]
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logprobs, targets[:, None], axis=-1).mean()
-
-  if mesh is None:
-    return float(score(state, ids, targets))
-  with sharding.axis_rules(mesh, rules if rules is not None else sharding.DEFAULT_RULES):
-    return float(score(state, ids, targets))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -198,7 +175,8 @@ def run(config: ml_collections.ConfigDict, out: TextIO = sys.stdout) -> Completi
   rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.sharding_rules)
 
   # ------------------------------------------------------------------ load the model, sharded, and its tokenizer
-  module, tokenizer = loading.load(config.checkpoint, mesh=mesh, rules=rules, step=None if config.step < 0 else config.step)
+  step = None if config.step < 0 else config.step
+  module, tokenizer = loading.load(config.checkpoint, mesh=mesh, rules=rules, step=step)
 
   # ------------------------------------------------------------------ generate
   completion = stream_completion(

@@ -296,18 +296,33 @@ def generate(
   return to_generation(state)
 
 
-def stream(model, prompts, *, max_new_tokens: int, chunk: int = 4, **kwargs) -> Iterator[list[list[int]]]:
-  """As `generate`, but yields each row's newly generated tokens after every `chunk` decode steps.
+class stream:
+  """As `generate`, but iterating yields each row's newly generated tokens after every `chunk`
+  decode steps; once the iteration ends, `.generation` holds the full `Generation`.
+
+      tokens = infer.stream(model, prompts, max_new_tokens=64)
+      for new in tokens: ...
+      tokens.generation.confidence
 
   Uses the same compiled decode as `generate` (the step budget is a traced argument).
   """
-  job, state = _start(model, prompts, max_new_tokens=max_new_tokens, **kwargs)
-  shown = np.zeros(len(prompts), np.int64)
-  while True:
-    lengths = np.asarray(state.lengths)
-    tokens = np.asarray(state.tokens)
-    yield [tokens[b, shown[b]: lengths[b]].tolist() for b in range(len(prompts))]
-    shown = lengths
-    if bool(np.all(np.asarray(state.done))):
-      return
-    state = decode(job.graphdef, job.params, state, max_new_tokens, int(state.step) + chunk, **job.static)
+
+  def __init__(self, model, prompts, *, max_new_tokens: int, chunk: int = 4, **kwargs):
+    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
+      raise ValueError(f"chunk={chunk!r} must be a positive int")
+    self._job, self._state = _start(model, prompts, max_new_tokens=max_new_tokens, **kwargs)
+    self._chunk, self._rows = int(chunk), len(prompts)
+    self.generation: Generation | None = None
+
+  def __iter__(self) -> Iterator[list[list[int]]]:
+    job, state = self._job, self._state
+    shown = np.zeros(self._rows, np.int64)
+    while True:
+      lengths = np.asarray(state.lengths)
+      tokens = np.asarray(state.tokens)
+      yield [tokens[b, shown[b]: lengths[b]].tolist() for b in range(self._rows)]
+      shown = lengths
+      if bool(np.all(np.asarray(state.done))):
+        self.generation = to_generation(state)
+        return
+      state = decode(job.graphdef, job.params, state, job.max_new_tokens, int(state.step) + self._chunk, **job.static)

@@ -82,7 +82,7 @@ def _load_run(path: Path, *, mesh, rules, step, overrides) -> tuple[model_lib.Tr
     raise FileNotFoundError(f"{tokenizer_file} does not exist; a run writes its tokenizer there when it starts")
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_file)
 
-  checkpointer = checkpoint_lib.Checkpointer(path / CHECKPOINTS, keep=1_000_000, async_save=False)
+  checkpointer = checkpoint_lib.Checkpointer(path / CHECKPOINTS, keep=1_000_000, async_save=False, read_only=True)
   try:
     steps = checkpointer.all_steps()
     if not steps:
@@ -102,12 +102,14 @@ def _load_run(path: Path, *, mesh, rules, step, overrides) -> tuple[model_lib.Tr
     abstract = nnx.eval_shape(lambda: model_lib.Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(rest):
-      raise NotImplementedError(f"the model has non-parameter state {rest}; loading it from a checkpoint is not written")
+      raise NotImplementedError(f"the model has non-parameter state {rest}; restoring it is not written yet")
     if mesh is not None:
       shardings = sharding.state_shardings(abstract_params, mesh, rules)
     else:
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shardings = jax.tree.map(lambda v: v.replace(device), abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+      shardings = jax.tree.map(
+          lambda v: v.replace(device), abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+      )
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
     )

@@ -16,11 +16,16 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """`workdir/checkpoints/<step>/{state, data, config}`."""
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True, read_only: bool = False):
+    """read_only: for readers of another run (init_from, inference), which must never delete the
+    temporary directory of a save that run has in flight."""
     self.directory = Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
-    )
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
+      )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
 
   def latest_step(self) -> int | None:
@@ -54,9 +59,12 @@ class Checkpointer:
     """Only the parameters of a checkpoint (placed as `abstract_params` says): the optimizer of
     the run that wrote it may differ from the one that now fine-tunes them."""
     target = {"params": abstract_params}
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, partial_restore=True))
+    # restore_args carry the target shardings; without them orbax places arrays as they were saved,
+    # which fails when the reading process has other devices than the writing one.
+    restore = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
     )
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=restore))
     return restored["state"]["params"]
 
   def restore_config(self, step: int) -> dict:

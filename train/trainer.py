@@ -111,7 +111,7 @@ def _init_from(path: str, mesh, rules, overrides: dict[str, Any]) -> tuple[nnx.M
         f"config.init_from={path!r} is neither a Hugging Face directory (config.json + *.safetensors) "
         "nor a run's workdir (with checkpoints/)"
     )
-  source = checkpoint_lib.Checkpointer(run_dir / "checkpoints", keep=1_000_000, async_save=False)
+  source = checkpoint_lib.Checkpointer(run_dir / "checkpoints", keep=1_000_000, async_save=False, read_only=True)
   step = source.latest_step()
   if step is None:
     raise FileNotFoundError(f"config.init_from={path!r} has no checkpoint in {run_dir / 'checkpoints'}")

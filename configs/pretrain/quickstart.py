@@ -3,7 +3,9 @@
   python -m train --config=configs/pretrain/quickstart.py --workdir=runs/quickstart
 
 Runs on a 2-core laptop CPU in under 10 minutes; the loss falls from ~8.3 (uniform over the
-vocabulary) and the run ends by printing held-out perplexity and where the checkpoint is.
+vocabulary) and the run ends by printing held-out perplexity, where the checkpoint is, and a
+short greedy sample from the model (`--config.sample_prompt=''` turns it off). Generate more with
+`python -m infer --config=configs/infer/generate.py --config.checkpoint=runs/quickstart --config.prompt="..."`.
 Variants: `:steps=50` for a smoke test; on your own text, add
 `--config.data.source=text --config.data.paths='my/corpus/*.txt'`.
 """
@@ -21,6 +23,7 @@ def get_config(arg: str | None = None):
   config.eval_every = max(arg.steps // 3, 1)
   config.eval_steps = 8
   config.checkpoint_every = 200
+  config.sample_prompt = "Return the"  # the corpus is the standard library's docstrings
   config.model = common.model_config(
       "tiny", embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=768,
       tie_embeddings=True,
