@@ -1,7 +1,6 @@
 """Test-time scaling on a scripted toy model, whose every next token is known: budget forcing's
 rewrites, self-consistency's vote and best-of-N's choice can be checked exactly."""
 
-import numpy as np
 import pytest
 
 import infer

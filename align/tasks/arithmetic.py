@@ -74,7 +74,7 @@ def _column_steps(a: int, b: int, op: str, drop_carry_at: int | None) -> tuple[l
     out.append(1)
   result = int("".join(str(d) for d in reversed(out)))
   if negative:
-    steps.append(f"The second number is larger, so the result is negative.")
+    steps.append("The second number is larger, so the result is negative.")
     result = -result
   return steps, result
 
