@@ -4,22 +4,10 @@ Only parses flags; the work is in train.trainer, importable from a notebook.
 """
 
 import logging
-import os
 
+from train.host_devices import one_device_per_cpu_core
 
-def _one_device_per_cpu_core() -> None:
-  """On a CPU, XLA runs one device's program on about one core; several host devices let the
-  default data-parallel mesh use them all (the losses are the same: see tests/test_train.py).
-  Must run before jax starts its backends; an explicit device count in XLA_FLAGS is kept."""
-  flags_now = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" in flags_now:
-    return
-  cores = os.cpu_count() or 1
-  devices = 1 << min(cores.bit_length() - 1, 3)  # a power of two (it divides the usual batch sizes), at most 8
-  os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={devices}".strip()
-
-
-_one_device_per_cpu_core()
+one_device_per_cpu_core()
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402

@@ -343,6 +343,11 @@ def make_dataset(
   return _JsonStateIterDataset(ds)
 
 
+def checkpointable(dataset: grain.IterDataset) -> grain.IterDataset:
+  """`dataset` with an iterator whose state survives JSON (a no-op for make_dataset's own)."""
+  return dataset if isinstance(dataset, _JsonStateIterDataset) else _JsonStateIterDataset(dataset)
+
+
 class _JsonStateIterDataset(grain.IterDataset):
   """Gives the pipeline's iterator a state that survives JSON (as orbax stores it) and a clean exit."""
 

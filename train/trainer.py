@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,18 @@ from train import step as step_lib
 from train import tokenizer as tokenizer_lib
 
 BATCH_AXES = ("activation_batch", "activation_length")
+
+
+# (config, tokenizer, *, split) -> a grain IterDataset of this process's batches (dicts of [B, ...] arrays).
+DatasetFn = Callable[..., Any]
+
+
+def pretraining_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str):
+  """The default data: config.data's documents, packed by train/data.py."""
+  return data_lib.make_dataset(
+      config.data, tokenizer, split=split, seq_len=config.seq_len, global_batch_size=config.batch_size,
+      seed=config.seed,
+  )
 
 
 class NonFiniteError(RuntimeError):
@@ -58,6 +71,7 @@ class Run:
   train_iter: Any
   checkpointer: checkpoint_lib.Checkpointer
   loss_fn: step_lib.LossFn
+  make_dataset: "DatasetFn"
   train_step: Any
   eval_step: Any
 
@@ -100,6 +114,16 @@ def _model_config(config, tokenizer) -> model_lib.ModelConfig:
   return model_config
 
 
+def _tokenizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.tokenizer; fine-tuning without a tokenizer path takes the one beside init_from's weights."""
+  candidate = Path(config.init_from) / tokenizer_lib.MODEL_FILENAME if config.init_from else None
+  if config.tokenizer.path or candidate is None or not candidate.is_file():
+    return config.tokenizer
+  tokenizer_config = ml_collections.ConfigDict(config.tokenizer.to_dict())
+  tokenizer_config.path = str(candidate)
+  return tokenizer_config
+
+
 def _init_from(path: str, mesh, rules, overrides: dict[str, Any]) -> tuple[nnx.Module, str]:
   """A module with the weights of a Hugging Face directory or of another run's latest checkpoint."""
   p = Path(path)
@@ -124,9 +148,20 @@ def _init_from(path: str, mesh, rules, overrides: dict[str, Any]) -> tuple[nnx.M
   return nnx.merge(graphdef, params, rest), f"checkpoint {run_dir} step {step}"
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, loss_fn: step_lib.LossFn | None = None) -> Run:
+def setup(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    loss_fn: step_lib.LossFn | None = None,
+    make_dataset: DatasetFn | None = None,
+    reference: ml_collections.ConfigDict | None = None,
+) -> Run:
+  """Builds a Run; a method (align/) brings its own loss_fn and make_dataset, the loop stays this one.
+
+  reference: the config whose keys are the known ones (default: configs.common.train_config()).
+  """
   # ------------------------------------------------------------------ set up the processes and mesh
-  validate(config)
+  validate(config, reference)
   distributed.initialize(config.distributed)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -135,16 +170,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, loss
 
   # ------------------------------------------------------------------ tokenizer and data
   tokenizer = tokenizer_lib.get_tokenizer(
-      config.tokenizer, workdir, lambda: data_lib.training_texts(config.data, seed=config.seed)
+      _tokenizer_config(config), workdir, lambda: data_lib.training_texts(config.data, seed=config.seed)
   )
   batch_shape = (config.batch_size, config.seq_len)
   batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(BATCH_AXES, batch_shape, mesh, rules))
-  train_iter = iter(
-      data_lib.make_dataset(
-          config.data, tokenizer, split="train", seq_len=config.seq_len, global_batch_size=config.batch_size,
-          seed=config.seed,
-      )
-  )
+  make_dataset = make_dataset or pretraining_dataset
+  train_iter = iter(data_lib.checkpointable(make_dataset(config, tokenizer, split="train")))
 
   # ------------------------------------------------------------------ create the model, sharded
   checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
@@ -198,7 +229,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, loss
     )
   return Run(
       config, workdir, mesh, rules, model_config, tokenizer, graphdef, rest, state, state_shardings, batch_sharding,
-      train_iter, checkpointer, loss_fn, train_step, eval_step,
+      train_iter, checkpointer, loss_fn, make_dataset, train_step, eval_step,
   )
 
 
@@ -212,10 +243,7 @@ def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]
 
 def evaluate(run: Run) -> dict[str, float]:
   """Loss and perplexity over the held-out split (at most config.eval_steps batches; 0: all of it)."""
-  dataset = data_lib.make_dataset(
-      run.config.data, run.tokenizer, split="eval", seq_len=run.config.seq_len,
-      global_batch_size=run.config.batch_size, seed=run.config.seed,
-  )
+  dataset = run.make_dataset(run.config, run.tokenizer, split="eval")
   total, weight = 0.0, 0.0
   with sharding.axis_rules(run.mesh, run.rules):
     for i, local in enumerate(dataset):
@@ -318,10 +346,14 @@ def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
 
 
 def train(
-    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, loss_fn: step_lib.LossFn | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    loss_fn: step_lib.LossFn | None = None,
+    make_dataset: DatasetFn | None = None,
 ) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics."""
-  run = setup(config, workdir, loss_fn=loss_fn)
+  run = setup(config, workdir, loss_fn=loss_fn, make_dataset=make_dataset)
   result = train_loop(run)
   if jax.process_index() == 0:
     where = run.checkpointer.directory

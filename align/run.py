@@ -1,0 +1,55 @@
+"""An alignment run: a method's loss and data on the one trainer loop of train/, with the task's
+exact-match accuracy measured before and after when the config asks for it."""
+
+import jax
+import ml_collections
+
+from align import evaluation, sft
+from align.tasks import arithmetic
+from configs import validation
+from configs.align import common as align_common
+from train import trainer
+
+METHODS = {"sft": sft}
+
+
+def _reference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  return align_common.align_config(config.get("method", "sft"))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  trainer.validate(config, _reference(config))
+  if config.method not in METHODS:
+    raise validation.ConfigError(f"config.method={config.method!r} is not one of {sorted(METHODS)}")
+  if config.sft.on_error not in ("raise", "skip"):
+    raise validation.ConfigError(f"config.sft.on_error={config.sft.on_error!r} must be 'raise' or 'skip'")
+  if config.sft.task not in ("", "arithmetic"):
+    raise validation.ConfigError(f"config.sft.task={config.sft.task!r} must be '' or 'arithmetic'")
+
+
+def _accuracy(run: trainer.Run) -> float:
+  c = run.config
+  problems = arithmetic.problems(c.eval_accuracy_problems, difficulty=c.sft.task_difficulty, seed=c.sft.task_seed + 1)
+  return evaluation.task_accuracy(run.model(), run.tokenizer, problems, max_new_tokens=c.eval_accuracy_tokens,
+                                  rules=run.rules)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config.method` in `workdir`; returns the trainer's result plus accuracy before/after."""
+  validate(config)
+  method = METHODS[config.method]
+  run_ = trainer.setup(config, workdir, loss_fn=method.loss_fn(config), make_dataset=method.make_dataset,
+                       reference=_reference(config))
+  measure = config.eval_accuracy_problems > 0 and config.sft.task == "arithmetic"
+  result = {}
+  if measure and int(run_.state["step"]) == 0:
+    result["accuracy_before"] = _accuracy(run_)
+  result.update(trainer.train_loop(run_))
+  if measure:
+    result["accuracy_after"] = _accuracy(run_)
+  if jax.process_index() == 0 and measure:
+    before = result.get("accuracy_before")
+    print(f"exact-match accuracy on {config.eval_accuracy_problems} held-out problems: "
+          + (f"{before:.3f} before, " if before is not None else "") + f"{result['accuracy_after']:.3f} after")
+  result["run"] = run_
+  return result
