@@ -38,9 +38,13 @@ class KVCache:
     return cls(shard(zeros, CACHE_AXES), shard(zeros, CACHE_AXES))
 
 
-def write(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-  """One layer's cache [B, S, K, H] with new [B, T, K, H] written at slots starts[b] .. starts[b] + T - 1."""
-  if new.shape[1] > cache.shape[1]:
-    raise ValueError(f"{new.shape[1]} new tokens do not fit a cache of length {cache.shape[1]}")
-  update = lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
-  return jax.vmap(update)(cache, new, starts)
+def write(cache: jax.Array, layer: int | jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+  """cache [L, B, S, K, H] with new [B, T, K, H] written into `layer` at slots starts[b] .. starts[b] + T - 1.
+
+  A scatter, which XLA performs in place on a loop-carried cache. Slots past S are dropped (the
+  callers size S so that this never happens to a token that is read).
+  """
+  batch, length = new.shape[:2]
+  slots = starts[:, None] + jnp.arange(length)  # [B, T]
+  rows = jnp.arange(batch)[:, None]
+  return cache.at[layer, rows, slots].set(new.astype(cache.dtype), mode="drop")

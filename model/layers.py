@@ -78,12 +78,12 @@ class Attention(nnx.Module):
       positions: jax.Array,  # [B, T]
       segment_ids: jax.Array | None,  # [B, T]
       sliding_window: int | jax.Array,
-      cache: tuple[jax.Array, jax.Array] | None = None,  # this layer's (k, v) [B, S, K, H]
+      cache: tuple[jax.Array, jax.Array, int | jax.Array] | None = None,  # (k, v [L, B, S, K, H], this layer)
   ):
     """[B, T, D] -> [B, T, D]; with a cache, also the cache with this chunk's keys and values written.
 
     With a cache the T tokens sit at slots positions[:, 0] .. positions[:, 0] + T - 1 of their row
-    (consecutive positions), and attend to every earlier slot the mask allows.
+    (consecutive positions) in this layer, and attend to every earlier slot the mask allows.
     """
     c = self.config
     dtype = c.compute_dtype
@@ -107,16 +107,18 @@ class Attention(nnx.Module):
     else:
       if segment_ids is not None:
         raise ValueError("segment_ids are not used with a KV cache: one sequence per row")
-      cache_k = kv_cache.write(cache[0], k, positions[:, 0])
-      cache_v = kv_cache.write(cache[1], v, positions[:, 0])
-      slots = jnp.broadcast_to(jnp.arange(cache_k.shape[1]), (x.shape[0], cache_k.shape[1]))  # [B, S]
+      all_k, all_v, layer = cache
+      all_k = kv_cache.write(all_k, layer, k, positions[:, 0])
+      all_v = kv_cache.write(all_v, layer, v, positions[:, 0])
+      keys, values = all_k[layer], all_v[layer]  # [B, S, K, H]
+      slots = jnp.broadcast_to(jnp.arange(keys.shape[1]), (x.shape[0], keys.shape[1]))  # [B, S]
       # The plain backend: a decode step's [B, 1, S] logits are small, and custom positions are
       # what the fused backends do not take.
       out = attention_ops.dot_product_attention(
-          q, cache_k, cache_v, impl="xla", q_positions=positions, kv_positions=slots, causal=True,
+          q, keys, values, impl="xla", q_positions=positions, kv_positions=slots, causal=True,
           sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,
       )
-      cache = (cache_k, cache_v)
+      cache = (all_k, all_v, layer)
     out = shard(out, BTNH)
     out = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dtype))
     return out if cache is None else (out, cache)

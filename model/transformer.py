@@ -105,32 +105,35 @@ class Transformer(nnx.Module):
     return x
 
   def _cached_blocks(self, x, positions, cache: KVCache):
-    """The blocks with each layer's slice of the cache in and out (no remat: nothing is differentiated)."""
+    """The blocks, each writing its keys and values into its layer of the cache in place (the whole
+    cache rides in the scan's carry, so a decode step copies none of it). No remat: nothing is
+    differentiated here."""
     c = self.config
     if cache.k.shape[0] != c.num_layers:
       raise ValueError(f"the cache has {cache.k.shape[0]} layers, the model {c.num_layers}")
     windows = [c.layer_window(i) for i in range(c.num_layers)]
+    k, v = cache.k, cache.v
     if not c.scan_layers:
-      ks, vs = [], []
       for i, (block, window) in enumerate(zip(self.layers, windows)):
-        x, (k, v) = block(x, positions=positions, segment_ids=None, sliding_window=window, cache=(cache.k[i], cache.v[i]))
-        ks.append(k)
-        vs.append(v)
-      return x, KVCache(jnp.stack(ks), jnp.stack(vs))
+        x, (k, v, _) = block(x, positions=positions, segment_ids=None, sliding_window=window, cache=(k, v, i))
+      return x, KVCache(k, v)
 
-    def block_fn(x, block, window, layer_cache):
-      return block(x, positions=positions, segment_ids=None, sliding_window=window, cache=layer_cache)
+    def block_fn(carry, block, layer, window):
+      x, k, v = carry
+      x, (k, v, _) = block(x, positions=positions, segment_ids=None, sliding_window=window, cache=(k, v, layer))
+      return x, k, v
 
+    layers = jnp.arange(c.num_layers)
     if len(set(windows)) == 1:
-      window_xs = None
-      fn = lambda x, block, _, layer_cache: block_fn(x, block, windows[0], layer_cache)
+      fn = lambda carry, block, layer: block_fn(carry, block, layer, windows[0])
+      xs = (self.layers, layers)
     else:
-      window_xs = jnp.asarray(windows, jnp.int32)
       fn = block_fn
-    x, (k, v) = nnx.scan(
-        fn, in_axes=(nnx.Carry, 0, 0 if window_xs is not None else None, 0), out_axes=(nnx.Carry, 0),
+      xs = (self.layers, layers, jnp.asarray(windows, jnp.int32))
+    x, k, v = nnx.scan(
+        fn, in_axes=(nnx.Carry,) + (0,) * len(xs), out_axes=nnx.Carry,
         transform_metadata={nnx.PARTITION_NAME: "layers"},
-    )(x, self.layers, window_xs, (cache.k, cache.v))
+    )((x, k, v), *xs)
     return x, KVCache(k, v)
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
