@@ -78,7 +78,7 @@ def _round(state: SpeculativeState, target, draft_def, draft_params, *, k, sampl
   rows = jnp.arange(batch)
   active = ~state.done
 
-  # 1. The draft proposes d_1..d_k; a (k+1)-th step only writes d_k into its cache.
+  # 1. The draft proposes d_1..d_k, then reads d_k into its cache (no logits needed for that).
   def draft_step(carry, j):
     cache, token, params = carry
     draft = nnx.merge(draft_def, params)
@@ -87,11 +87,15 @@ def _round(state: SpeculativeState, target, draft_def, draft_params, *, k, sampl
     proposal = sample(_key(state.keys, state.lengths, j), q, sampling)
     return (cache, proposal, params), (proposal, q)
 
-  (draft_cache, _, _), (proposals, q) = jax.lax.scan(
-      draft_step, (state.draft_cache, state.last, draft_params), jnp.arange(k + 1)
+  (draft_cache, last_proposal, _), (proposals, q) = jax.lax.scan(
+      draft_step, (state.draft_cache, state.last, draft_params), jnp.arange(k)
   )
-  proposals = proposals[:k].T  # [B, k]: d_1..d_k
-  q = jnp.moveaxis(q, 0, 1)  # [B, k + 1, V]: q_0..q_k (q_k unused)
+  _, draft_cache = nnx.merge(draft_def, draft_params).features(
+      last_proposal[:, None], positions=(state.positions + k)[:, None], cache=draft_cache
+  )
+  proposals = proposals.T  # [B, k]: d_1..d_k
+  q = jnp.moveaxis(q, 0, 1)  # [B, k, V]: q_0..q_{k-1}
+  q = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # [B, k + 1, V]; q_k is never used
 
   # 2. The target scores [last, d_1..d_k] in one pass: p_0..p_k.
   inputs = jnp.concatenate([state.last[:, None], proposals], axis=1)  # [B, k + 1]
