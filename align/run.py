@@ -4,13 +4,13 @@ exact-match accuracy measured before and after when the config asks for it."""
 import jax
 import ml_collections
 
-from align import evaluation, sft
+from align import dpo, evaluation, sft
 from align.tasks import arithmetic
 from configs import validation
 from configs.align import common as align_common
 from train import trainer
 
-METHODS = {"sft": sft}
+METHODS = {"sft": sft, "dpo": dpo}
 
 
 def _reference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -21,16 +21,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   trainer.validate(config, _reference(config))
   if config.method not in METHODS:
     raise validation.ConfigError(f"config.method={config.method!r} is not one of {sorted(METHODS)}")
-  if config.sft.on_error not in ("raise", "skip"):
-    raise validation.ConfigError(f"config.sft.on_error={config.sft.on_error!r} must be 'raise' or 'skip'")
-  if config.sft.task not in ("", "arithmetic"):
-    raise validation.ConfigError(f"config.sft.task={config.sft.task!r} must be '' or 'arithmetic'")
+  for block in ("sft", "dpo"):
+    if config[block].on_error not in ("raise", "skip"):
+      raise validation.ConfigError(f"config.{block}.on_error={config[block].on_error!r} must be 'raise' or 'skip'")
+  if config.task.name not in ("", "arithmetic"):
+    raise validation.ConfigError(f"config.task.name={config.task.name!r} must be '' or 'arithmetic'")
+  if config.dpo.loss_type not in dpo.LOSS_TYPES:
+    raise validation.ConfigError(f"config.dpo.loss_type={config.dpo.loss_type!r} is not one of {dpo.LOSS_TYPES}")
+  if not 0 <= config.dpo.label_smoothing < 0.5:
+    raise validation.ConfigError(f"config.dpo.label_smoothing={config.dpo.label_smoothing} must be in [0, 0.5)")
+  if config.dpo.beta <= 0:
+    raise validation.ConfigError(f"config.dpo.beta={config.dpo.beta} must be > 0")
 
 
 def _accuracy(run: trainer.Run) -> float:
   c = run.config
-  problems = arithmetic.problems(c.eval_accuracy_problems, difficulty=c.sft.task_difficulty, seed=c.sft.task_seed + 1)
-  return evaluation.task_accuracy(run.model(), run.tokenizer, problems, max_new_tokens=c.eval_accuracy_tokens,
+  problems = arithmetic.problems(c.task.accuracy_problems, difficulty=c.task.difficulty, seed=c.task.seed + 1)
+  return evaluation.task_accuracy(run.model(), run.tokenizer, problems, max_new_tokens=c.task.accuracy_tokens,
                                   rules=run.rules)
 
 
@@ -40,7 +47,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   method = METHODS[config.method]
   run_ = trainer.setup(config, workdir, loss_fn=method.loss_fn(config), make_dataset=method.make_dataset,
                        reference=_reference(config))
-  measure = config.eval_accuracy_problems > 0 and config.sft.task == "arithmetic"
+  measure = config.task.accuracy_problems > 0 and config.task.name == "arithmetic"
   result = {}
   if measure and int(run_.state["step"]) == 0:
     result["accuracy_before"] = _accuracy(run_)
@@ -49,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result["accuracy_after"] = _accuracy(run_)
   if jax.process_index() == 0 and measure:
     before = result.get("accuracy_before")
-    print(f"exact-match accuracy on {config.eval_accuracy_problems} held-out problems: "
+    print(f"exact-match accuracy on {config.task.accuracy_problems} held-out problems: "
           + (f"{before:.3f} before, " if before is not None else "") + f"{result['accuracy_after']:.3f} after")
   result["run"] = run_
   return result

@@ -36,8 +36,9 @@ def _config(tokenizer_path, **overrides):
   config.checkpoint_every = 0
   config.model = common.model_config("tiny", num_layers=2, vocab_size=VOCAB)
   config.tokenizer.path = str(tokenizer_path)
-  config.sft.task = "arithmetic"
-  config.sft.task_train_size = 64
+  config.task.name = "arithmetic"
+  config.task.train_size = 64
+  config.task.eval_size = 16
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 1
   config.optimizer.schedule = "constant"  # the fixed-batch test steps on past total_steps
@@ -54,7 +55,7 @@ def _config(tokenizer_path, **overrides):
 @pytest.fixture(scope="module")
 def sft_run(tokenizer_path, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("sft")
-  return align_run.run(_config(tokenizer_path, eval_accuracy_problems=4, eval_accuracy_tokens=8), workdir), workdir
+  return align_run.run(_config(tokenizer_path, **{"task.accuracy_problems": 4, "task.accuracy_tokens": 8}), workdir), workdir
 
 
 def test_sft_runs_through_the_shared_trainer(sft_run):
@@ -110,5 +111,7 @@ def test_masked_targets_and_padding_carry_no_gradient(sft_run):
 def test_bad_align_config_keys_are_named(tokenizer_path, tmp_path):
   with pytest.raises(Exception, match="config.method"):
     align_run.run(_config(tokenizer_path, method="ppo"), tmp_path)
-  with pytest.raises(Exception, match="config.sft.task"):
-    align_run.run(_config(tokenizer_path, **{"sft.task": "chess"}), tmp_path)
+  with pytest.raises(Exception, match="config.task.name"):
+    align_run.run(_config(tokenizer_path, **{"task.name": "chess"}), tmp_path)
+  with pytest.raises(Exception, match="config.dpo.loss_type"):
+    align_run.run(_config(tokenizer_path, method="dpo", **{"dpo.loss_type": "kto"}), tmp_path)

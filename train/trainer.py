@@ -37,12 +37,15 @@ from train import tokenizer as tokenizer_lib
 BATCH_AXES = ("activation_batch", "activation_length")
 
 
-# (config, tokenizer, *, split) -> a grain IterDataset of this process's batches (dicts of [B, ...] arrays).
+# (config, tokenizer, *, split, model, workdir) -> a grain IterDataset of this process's batches
+# (dicts of [B, ...] arrays). `model` is the run's starting point (for 'train'; None for 'eval'),
+# `workdir` the run's directory (for what a method computes once and keeps, e.g. DPO's reference).
 DatasetFn = Callable[..., Any]
 
 
-def pretraining_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str):
+def pretraining_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, **context):
   """The default data: config.data's documents, packed by train/data.py."""
+  del context
   return data_lib.make_dataset(
       config.data, tokenizer, split=split, seq_len=config.seq_len, global_batch_size=config.batch_size,
       seed=config.seed,
@@ -175,7 +178,6 @@ def setup(
   batch_shape = (config.batch_size, config.seq_len)
   batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(BATCH_AXES, batch_shape, mesh, rules))
   make_dataset = make_dataset or pretraining_dataset
-  train_iter = iter(data_lib.checkpointable(make_dataset(config, tokenizer, split="train")))
 
   # ------------------------------------------------------------------ create the model, sharded
   checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
@@ -199,6 +201,8 @@ def setup(
           f"{tokenizer.vocab_size} ({tokenizer.path}); give config.tokenizer.path the model's own tokenizer"
       )
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    # The data may depend on the starting weights (DPO's reference log-probs, computed once).
+    train_iter = iter(data_lib.checkpointable(make_dataset(config, tokenizer, split="train", model=module, workdir=workdir)))
 
     # ---------------------------------------------------------------- optimizer and state
     optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
@@ -216,12 +220,12 @@ def setup(
       step_lib.make_train_step(
           graphdef, rest, loss_fn, optimizer, schedule, grad_accum_steps=config.grad_accum_steps
       ),
-      in_shardings=(state_shardings, batch_sharding),
+      in_shardings=(state_shardings, None),  # batches arrive placed by global_batch
       out_shardings=(state_shardings, None),
       donate_argnums=0,
   )
   eval_step = jax.jit(
-      step_lib.make_eval_step(graphdef, rest, loss_fn), in_shardings=(state_shardings["params"], batch_sharding)
+      step_lib.make_eval_step(graphdef, rest, loss_fn), in_shardings=(state_shardings["params"], None)
   )
   if jax.process_index() == 0:
     _write_json_atomic(
@@ -235,15 +239,21 @@ def setup(
 
 def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """This process's rows -> arrays of the global batch, sharded on the mesh."""
-  shape = (run.config.batch_size, run.config.seq_len)
-  return {
-      k: jax.make_array_from_process_local_data(run.batch_sharding, np.asarray(v), shape) for k, v in local.items()
-  }
+  out = {}
+  for key, value in local.items():
+    value = np.asarray(value)
+    if value.ndim == 2:
+      placement = run.batch_sharding
+    else:  # per-example values [B] (DPO's reference log-probs) or wider rows: batch axis only
+      axes = ("activation_batch",) + (None,) * (value.ndim - 1)
+      placement = NamedSharding(run.mesh, sharding.logical_to_spec(axes, value.shape, run.mesh, run.rules))
+    out[key] = jax.make_array_from_process_local_data(placement, value, (run.config.batch_size, *value.shape[1:]))
+  return out
 
 
 def evaluate(run: Run) -> dict[str, float]:
   """Loss and perplexity over the held-out split (at most config.eval_steps batches; 0: all of it)."""
-  dataset = run.make_dataset(run.config, run.tokenizer, split="eval")
+  dataset = run.make_dataset(run.config, run.tokenizer, split="eval", model=None, workdir=run.workdir)
   total, weight = 0.0, 0.0
   with sharding.axis_rules(run.mesh, run.rules):
     for i, local in enumerate(dataset):

@@ -1,0 +1,155 @@
+"""The DPO family on the one trainer: preference pairs in, `align.losses.dpo_loss` (or SimPO) out.
+
+A batch row is one pair: chosen_* and rejected_* [B, T] (prompt + completion, right-padded; the
+mask covers completion tokens only) and the reference model's summed completion log-probs [B].
+Those are computed once, by the run's starting model, before the first step, and kept in the
+workdir (reference_logps_{train,eval}.npz), so the reference model is never held in memory during
+training and a resumed run reads them back.
+
+Length conventions: sigmoid (DPO, cDPO), robust and hinge use summed completion log-probs; IPO
+and SimPO use per-token means (see align/losses.py).
+"""
+
+import functools
+import logging
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from align import chat, data, losses
+from align.tasks import arithmetic
+from train import losses as train_losses
+
+LOSS_TYPES = losses.DPO_LOSS_TYPES + ("simpo",)
+_MEAN_LOGPS = ("ipo", "simpo")
+
+
+def records(config: ml_collections.ConfigDict, split: str) -> list[dict]:
+  c, task = config.dpo, config.task
+  if task.name == "arithmetic":
+    n, seed = (task.train_size, task.seed) if split == "train" else (task.eval_size, task.seed + 1)
+    return arithmetic.preference_pairs(n, difficulty=task.difficulty, seed=seed)
+  path = c.train_path if split == "train" else c.eval_path
+  if not path:
+    raise ValueError(f"config.dpo.{split}_path is empty and config.task.name is ''")
+  return data.read_jsonl(path, "preference", on_error=c.on_error)
+
+
+def pair_features(record: dict, tokenizer, *, seq_len: int) -> dict[str, np.ndarray]:
+  """chosen_/rejected_ tokens, targets, mask [T] (mask on completion targets) and margin []."""
+  out = {"margin": np.float32(record.get("margin", 0.0))}
+  for side in ("chosen", "rejected"):
+    ids, trainable = data.tokenize_pieces(chat.prompt_completion(record["prompt"], record[side]), tokenizer)
+    ids, trainable = ids[: seq_len + 1], trainable[: seq_len + 1]
+    n = len(ids) - 1
+    for name, values in (("tokens", ids[:-1]), ("targets", ids[1:]), ("mask", trainable[1:])):
+      padded = np.zeros(seq_len, np.int32)
+      padded[:n] = values
+      out[f"{side}_{name}"] = padded
+  return out
+
+
+def completion_logps(model, tokens, targets, mask):
+  """Summed log-probs [B] and token counts [B] of the masked targets."""
+  nll, _ = train_losses.token_cross_entropy(model(tokens), targets)
+  mask = mask.astype(jnp.float32)
+  return -jnp.sum(nll * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+def reference_logps(model, features: list[dict], *, batch_size: int) -> dict[str, np.ndarray]:
+  """The starting model's chosen/rejected summed log-probs for every pair (batched, jitted)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def score(state, tokens, targets, mask):
+    return completion_logps(nnx.merge(graphdef, state), tokens, targets, mask)[0]
+
+  out = {"chosen": [], "rejected": []}
+  for start in range(0, len(features), batch_size):
+    chunk = features[start: start + batch_size]
+    pad = batch_size - len(chunk)
+    for side in out:
+      arrays = [np.stack([f[f"{side}_{k}"] for f in chunk] + [np.zeros_like(chunk[0][f"{side}_{k}"])] * pad)
+                for k in ("tokens", "targets", "mask")]
+      out[side].append(np.asarray(score(state, *arrays))[: len(chunk)])
+  return {side: np.concatenate(values).astype(np.float32) for side, values in out.items()}
+
+
+def _reference_path(workdir, split: str) -> Path:
+  return Path(workdir) / f"reference_logps_{split}.npz"
+
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+  tmp = path.with_name(path.name + ".tmp.npz")
+  np.savez(tmp, **arrays)
+  tmp.replace(path)
+
+
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, model=None, workdir=None):
+  """One pair per row; reference log-probs from the workdir, computed by `model` on the first start."""
+  if workdir is None:
+    raise ValueError("DPO data needs the run's workdir (for the reference log-probs)")
+  features = {s: [pair_features(r, tokenizer, seq_len=config.seq_len) for r in records(config, s)]
+              for s in (("train", "eval") if split == "train" else ("eval",))}
+  if split == "train" and not _reference_path(workdir, "train").exists():
+    if model is None:
+      raise ValueError("the reference log-probs are missing and no starting model was given")
+    for s, feats in features.items():  # the eval pairs are scored now too: by the same reference
+      ref = reference_logps(model, feats, batch_size=config.batch_size)
+      if jax.process_index() == 0:
+        _save_npz_atomic(_reference_path(workdir, s), **ref)
+      logging.info("reference log-probs of %d %s pairs: chosen %.2f, rejected %.2f (mean)", len(feats), s,
+                   ref["chosen"].mean(), ref["rejected"].mean())
+  path = _reference_path(workdir, split)
+  if not path.exists():
+    raise FileNotFoundError(f"{path} is missing: the reference log-probs are written when training starts")
+  reference = np.load(path)
+  rows = features[split]
+  if len(reference["chosen"]) != len(rows):
+    raise ValueError(f"{path} holds {len(reference['chosen'])} pairs but the {split} data has {len(rows)}; "
+                     "the data changed since the run started")
+  for i, row in enumerate(rows):
+    row["reference_chosen_logps"] = reference["chosen"][i]
+    row["reference_rejected_logps"] = reference["rejected"][i]
+  ds = grain.MapDataset.source(rows)
+  if split == "train":
+    ds = ds.shuffle(seed=config.seed % 2**32).repeat(None)
+  ds = ds.to_iter_dataset().batch(config.batch_size, drop_remainder=split == "train")
+  lo, hi = jax.process_index() * (config.batch_size // jax.process_count()), None
+  rows_per_process = config.batch_size // jax.process_count()
+  hi = lo + rows_per_process
+  return ds.map(lambda batch: {k: np.asarray(v)[lo:hi] for k, v in batch.items()})
+
+
+def dpo_loss_fn(model, batch, rng, *, beta: float, label_smoothing: float, loss_type: str, gamma: float):
+  """The trainer's loss_fn for the DPO family: both sides in one forward pass ([2B, T])."""
+  del rng
+  tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+  targets = jnp.concatenate([batch["chosen_targets"], batch["rejected_targets"]])
+  mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+  logps, counts = completion_logps(model, tokens, targets, mask)
+  pairs = batch["chosen_tokens"].shape[0]
+  chosen, rejected = logps[:pairs], logps[pairs:]
+  ref_chosen, ref_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+  if loss_type in _MEAN_LOGPS:
+    chosen_n, rejected_n = jnp.maximum(counts[:pairs], 1.0), jnp.maximum(counts[pairs:], 1.0)
+    chosen, rejected = chosen / chosen_n, rejected / rejected_n
+    ref_chosen, ref_rejected = ref_chosen / chosen_n, ref_rejected / rejected_n
+  if loss_type == "simpo":
+    loss, metrics = losses.simpo_loss(chosen, rejected, beta=beta, gamma=gamma)
+  else:
+    loss, metrics = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta,
+                                    label_smoothing=label_smoothing, loss_type=loss_type)
+  metrics["weight"] = jnp.asarray(pairs, jnp.float32)  # the trainer's tokens/s counts pairs here
+  return loss, metrics
+
+
+def loss_fn(config: ml_collections.ConfigDict):
+  c = config.dpo
+  return functools.partial(dpo_loss_fn, beta=c.beta, label_smoothing=c.label_smoothing, loss_type=c.loss_type,
+                           gamma=c.gamma)

@@ -1,0 +1,35 @@
+"""DPO on the arithmetic task's preference pairs (correct versus wrong worked solutions), from SFT:
+
+  python -m align --config=configs/align/sft_arithmetic.py --workdir=runs/sft
+  python -m align --config=configs/align/dpo_arithmetic.py --workdir=runs/dpo
+
+Variants: `:steps=N`, `:init=DIR`, `:difficulty=D`, `:loss=sigmoid|robust|ipo|hinge|simpo`, `:beta=B`.
+The reference log-probs are the starting model's, computed once into the workdir.
+"""
+
+from configs import common
+from configs.align.common import align_config
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, steps=150, init="runs/sft", difficulty=2, loss="sigmoid", beta=0.1)
+  config = align_config("dpo")
+  config.init_from = arg.init
+  config.total_steps = arg.steps
+  config.batch_size = 16
+  config.seq_len = 128
+  config.log_every = 25
+  config.eval_every = max(arg.steps // 3, 1)
+  config.eval_steps = 4
+  config.checkpoint_every = 200
+  config.task.name = "arithmetic"
+  config.task.difficulty = arg.difficulty
+  config.task.train_size = 2000
+  config.task.accuracy_problems = 100
+  config.dpo.loss_type = arg.loss
+  config.dpo.beta = arg.beta
+  config.model = common.model_config("tiny")  # placeholders only: the architecture comes from init_from
+  config.optimizer.learning_rate = 2e-4
+  config.optimizer.warmup_steps = 10
+  config.optimizer.weight_decay = 0.0
+  return config
