@@ -116,14 +116,18 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, mo
   for i, row in enumerate(rows):
     row["reference_chosen_logps"] = reference["chosen"][i]
     row["reference_rejected_logps"] = reference["rejected"][i]
+  return batched(rows, config, split)
+
+
+def batched(rows: list[dict], config: ml_collections.ConfigDict, split: str):
+  """This process's rows of each global batch of pairs; 'train' shuffles and repeats forever."""
   ds = grain.MapDataset.source(rows)
   if split == "train":
     ds = ds.shuffle(seed=config.seed % 2**32).repeat(None)
   ds = ds.to_iter_dataset().batch(config.batch_size, drop_remainder=split == "train")
-  lo, hi = jax.process_index() * (config.batch_size // jax.process_count()), None
-  rows_per_process = config.batch_size // jax.process_count()
-  hi = lo + rows_per_process
-  return ds.map(lambda batch: {k: np.asarray(v)[lo:hi] for k, v in batch.items()})
+  per_process = config.batch_size // jax.process_count()
+  lo = jax.process_index() * per_process
+  return ds.map(lambda batch: {k: np.asarray(v)[lo: lo + per_process] for k, v in batch.items()})
 
 
 def dpo_loss_fn(model, batch, rng, *, beta: float, label_smoothing: float, loss_type: str, gamma: float):

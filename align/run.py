@@ -4,13 +4,13 @@ exact-match accuracy measured before and after when the config asks for it."""
 import jax
 import ml_collections
 
-from align import dpo, evaluation, sft
+from align import dpo, evaluation, reward_model, sft
 from align.tasks import arithmetic
 from configs import validation
 from configs.align import common as align_common
 from train import trainer
 
-METHODS = {"sft": sft, "dpo": dpo}
+METHODS = {"sft": sft, "dpo": dpo, "reward": reward_model}
 
 
 def _reference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -46,8 +46,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate(config)
   method = METHODS[config.method]
   run_ = trainer.setup(config, workdir, loss_fn=method.loss_fn(config), make_dataset=method.make_dataset,
-                       reference=_reference(config))
-  measure = config.task.accuracy_problems > 0 and config.task.name == "arithmetic"
+                       reference=_reference(config), wrap_model=getattr(method, "wrap", None))
+  # Accuracy is measured by generating answers: a policy's business, not a reward model's.
+  measure = config.task.accuracy_problems > 0 and config.task.name == "arithmetic" and config.method != "reward"
   result = {}
   if measure and int(run_.state["step"]) == 0:
     result["accuracy_before"] = _accuracy(run_)

@@ -158,10 +158,12 @@ def setup(
     loss_fn: step_lib.LossFn | None = None,
     make_dataset: DatasetFn | None = None,
     reference: ml_collections.ConfigDict | None = None,
+    wrap_model: Callable[..., nnx.Module] | None = None,
 ) -> Run:
   """Builds a Run; a method (align/) brings its own loss_fn and make_dataset, the loop stays this one.
 
   reference: the config whose keys are the known ones (default: configs.common.train_config()).
+  wrap_model(decoder, *, mesh, rules, seed) -> the module to train (a reward model's head on the decoder).
   """
   # ------------------------------------------------------------------ set up the processes and mesh
   validate(config, reference)
@@ -195,6 +197,8 @@ def setup(
       else:
         model_config = _model_config(config, tokenizer)
       module = sharding.create_sharded(lambda: model_lib.Transformer(model_config, rngs=nnx.Rngs(config.seed)), mesh, rules)
+    if wrap_model is not None:  # e.g. a reward head on the decoder; built after init_from's weights load
+      module = wrap_model(module, mesh=mesh, rules=rules, seed=config.seed)
     if model_config.vocab_size < tokenizer.vocab_size:
       raise validation.ConfigError(
           f"the model's vocab_size={model_config.vocab_size} ({init_note}) is smaller than the tokenizer's "

@@ -6,7 +6,7 @@ import ml_collections
 
 from configs import common
 
-METHODS = ("sft", "dpo")
+METHODS = ("sft", "dpo", "reward")
 
 
 def task_config() -> ml_collections.ConfigDict:
@@ -43,10 +43,18 @@ def dpo_config() -> ml_collections.ConfigDict:
   return c
 
 
+def reward_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.use_margin = False  # subtract each pair's "margin" (Llama 2)
+  c.center_coef = 0.0  # reward centering: + center_coef * mean((r_c + r_r)^2)
+  return c
+
+
 def align_config(method: str, **overrides: Any) -> ml_collections.ConfigDict:
   config = common.train_config(**overrides)
   config.method = method
   config.task = task_config()
   config.sft = sft_config()
   config.dpo = dpo_config()
+  config.reward = reward_config()
   return config

@@ -1,0 +1,80 @@
+"""Reward models: the decoder with a scalar head, scored at each sequence's last real token, trained
+with the Bradley-Terry loss of align.losses.reward_loss (margin, reward centering) on pairs.
+
+The pairs and their batches are DPO's (align/dpo.py): chosen_/rejected_ tokens and masks [B, T];
+a sequence's last real token is the last input position whose target is real (the mask covers the
+completion, which ends the sequence), so right padding, whatever it holds, never changes a score.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from align import dpo, losses
+from model import sharding
+
+
+class RewardModel(nnx.Module):
+  """`model(tokens [B, T], last [B]) -> rewards [B]` float32: the head on the final-normed features."""
+
+  def __init__(self, decoder: nnx.Module, head: jax.Array):
+    self.decoder = decoder
+    self.config = decoder.config
+    self.head = nnx.Param(head, out_sharding=("embed",), eager_sharding=False)  # [D]
+
+  def __call__(self, tokens: jax.Array, last: jax.Array) -> jax.Array:
+    features = self.decoder.features(tokens)  # [B, T, D]
+    at_last = jnp.take_along_axis(features, last[:, None, None], axis=1)[:, 0]  # [B, D]
+    return jnp.einsum("BD,D->B", at_last.astype(jnp.float32), self.head[...].astype(jnp.float32))
+
+
+def wrap(decoder: nnx.Module, *, mesh, rules, seed: int) -> RewardModel:
+  """A zero head (every reward starts at 0: the loss starts at ln 2 and gradients reach the head first)."""
+  del seed
+  d = decoder.config.embed_dim
+  spec = sharding.logical_to_spec(("embed",), (d,), mesh, rules)
+  return RewardModel(decoder, jax.device_put(jnp.zeros((d,), jnp.float32), NamedSharding(mesh, spec)))
+
+
+def last_index(mask: jax.Array) -> jax.Array:
+  """[B, T] target mask -> [B] index of the last input whose target is real."""
+  positions = jnp.arange(mask.shape[1])
+  return jnp.max(jnp.where(mask > 0, positions, 0), axis=1)
+
+
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, **context):
+  """DPO's pairs without reference log-probs (a reward model needs none)."""
+  del context
+  rows = [dpo.pair_features(r, tokenizer, seq_len=config.seq_len) for r in dpo.records(config, split)]
+  return dpo.batched(rows, config, split)
+
+
+def reward_loss_fn(model, batch, rng, *, center_coef: float, use_margin: bool):
+  del rng
+  tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+  last = last_index(jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]))
+  rewards = model(tokens, last)
+  pairs = batch["chosen_tokens"].shape[0]
+  loss, metrics = losses.reward_loss(rewards[:pairs], rewards[pairs:],
+                                     margin=batch["margin"] if use_margin else None, center_coef=center_coef)
+  metrics["weight"] = jnp.asarray(pairs, jnp.float32)
+  return loss, metrics
+
+
+def loss_fn(config: ml_collections.ConfigDict):
+  c = config.reward
+  return functools.partial(reward_loss_fn, center_coef=c.center_coef, use_margin=c.use_margin)
+
+
+def score(model: RewardModel, tokenizer, prompts: list[str], completions: list[str], *, seq_len: int) -> np.ndarray:
+  """Rewards of (prompt, completion) texts: a score_fn for infer.best_of_n once wrapped over ids."""
+  rows = [dpo.pair_features({"prompt": p, "chosen": c, "rejected": c}, tokenizer, seq_len=seq_len)
+          for p, c in zip(prompts, completions)]
+  tokens = jnp.asarray(np.stack([r["chosen_tokens"] for r in rows]))
+  last = last_index(jnp.asarray(np.stack([r["chosen_mask"] for r in rows])))
+  return np.asarray(model(tokens, last))
