@@ -23,6 +23,7 @@ from flax import nnx
 
 from align import chat, data, losses
 from align.tasks import arithmetic
+from infer.sampling import Sampling
 from train import losses as train_losses
 
 LOSS_TYPES = losses.DPO_LOSS_TYPES + ("simpo",)
@@ -38,6 +39,36 @@ def records(config: ml_collections.ConfigDict, split: str) -> list[dict]:
   if not path:
     raise ValueError(f"config.dpo.{split}_path is empty and config.task.name is ''")
   return data.read_jsonl(path, "preference", on_error=c.on_error)
+
+
+def _split_records(config, split: str, *, tokenizer, model, workdir) -> list[dict]:
+  """The split's pairs; with dpo.pairs='ai_feedback', the train pairs are the starting policy's own
+  samples ranked by the task's reward (made once, kept in the workdir as JSONL)."""
+  if config.dpo.pairs != "ai_feedback" or split != "train":
+    return records(config, split)
+  path = Path(workdir) / "ai_feedback_pairs.jsonl"
+  if not path.exists():
+    if model is None or config.task.name != "arithmetic":
+      raise ValueError("dpo.pairs='ai_feedback' needs config.task.name='arithmetic' and the starting model")
+    from align import ai_feedback  # noqa: PLC0415 (imports infer)
+
+    problems = arithmetic.problems(config.task.train_size, difficulty=config.task.difficulty, seed=config.task.seed)
+    by_prompt = {p.prompt: p for p in problems}
+    judge = ai_feedback.reward_function_judge(lambda prompt, completion: arithmetic.reward(completion, by_prompt[prompt]))
+    pairs = ai_feedback.preference_pairs(
+        model, tokenizer, list(by_prompt), judge=judge, n=config.dpo.ai_feedback_samples,
+        max_new_tokens=config.task.accuracy_tokens, sampling=Sampling(temperature=config.dpo.ai_feedback_temperature),
+        rng=config.seed,
+    )
+    logging.info("AI feedback: %d pairs from %d prompts x %d samples", len(pairs), len(by_prompt),
+                 config.dpo.ai_feedback_samples)
+    if not pairs:
+      raise ValueError("AI feedback found no prompt whose samples the judge scored differently; "
+                       "raise dpo.ai_feedback_samples or the temperature")
+    if jax.process_index() == 0:
+      data.write_jsonl(path, pairs)
+    return pairs
+  return data.read_jsonl(path, "preference")
 
 
 def pair_features(record: dict, tokenizer, *, seq_len: int) -> dict[str, np.ndarray]:
@@ -94,7 +125,8 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, mo
   """One pair per row; reference log-probs from the workdir, computed by `model` on the first start."""
   if workdir is None:
     raise ValueError("DPO data needs the run's workdir (for the reference log-probs)")
-  features = {s: [pair_features(r, tokenizer, seq_len=config.seq_len) for r in records(config, s)]
+  features = {s: [pair_features(r, tokenizer, seq_len=config.seq_len)
+                  for r in _split_records(config, s, tokenizer=tokenizer, model=model, workdir=workdir)]
               for s in (("train", "eval") if split == "train" else ("eval",))}
   if split == "train" and not _reference_path(workdir, "train").exists():
     if model is None:

@@ -30,6 +30,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise validation.ConfigError(f"config.dpo.loss_type={config.dpo.loss_type!r} is not one of {dpo.LOSS_TYPES}")
   if not 0 <= config.dpo.label_smoothing < 0.5:
     raise validation.ConfigError(f"config.dpo.label_smoothing={config.dpo.label_smoothing} must be in [0, 0.5)")
+  if config.dpo.pairs not in ("data", "ai_feedback"):
+    raise validation.ConfigError(f"config.dpo.pairs={config.dpo.pairs!r} must be 'data' or 'ai_feedback'")
   if config.dpo.beta <= 0:
     raise validation.ConfigError(f"config.dpo.beta={config.dpo.beta} must be > 0")
 

@@ -92,3 +92,11 @@ def test_dpo_through_align_run_and_resume(tokenizer_path, tmp_path):
   resumed = align_run.run(_config(tokenizer_path, total_steps=4), tmp_path)  # resumes; must not recompute
   assert resumed["step"] == 4
   assert (tmp_path / "reference_logps_train.npz").stat().st_mtime_ns == written
+
+
+def test_ai_feedback_pairs_come_from_the_starting_policy(tokenizer_path, tmp_path):
+  # A random policy never solves a problem, so the exact-match judge scores all its samples alike:
+  # the run must say so instead of training on nothing.
+  config = _config(tokenizer_path, **{"dpo.pairs": "ai_feedback", "task.train_size": 4, "task.accuracy_tokens": 6})
+  with pytest.raises(ValueError, match="AI feedback found no prompt"):
+    align_run.run(config, tmp_path)
