@@ -68,18 +68,25 @@ def preference_pairs(
     max_new_tokens: int = 64,
     sampling: infer.Sampling = infer.Sampling(temperature=1.0),
     rng=0,
+    rows_per_call: int = 256,
 ) -> list[dict]:
   """{"prompt", "chosen", "rejected", "margin"} per prompt whose n samples the judge does not score all
-  alike (best versus worst; margin = the score gap)."""
+  alike (best versus worst; margin = the score gap). Generation runs rows_per_call rows at a time."""
   if n < 2:
     raise ValueError(f"n={n} must be >= 2: a pair needs two completions")
   encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] if tokenizer.bos_id >= 0 else tokenizer.encode(p) for p in prompts]
-  samples = infer.generate(model, [ids for ids in encoded for _ in range(n)], max_new_tokens=max_new_tokens,
-                           sampling=sampling, rng=rng, stop_tokens=[tokenizer.eos_id] if tokenizer.eos_id >= 0 else [])
+  stop = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+  per_call = max(rows_per_call // n, 1)  # prompts per generate call
+  sampled: list[list[int]] = []
+  for start in range(0, len(encoded), per_call):
+    rows = [ids for ids in encoded[start: start + per_call] for _ in range(n)]
+    seeds = [rng * 1_000_003 + start * n + i for i in range(len(rows))]  # distinct per row, call-independent
+    sampled += infer.generate(model, rows, max_new_tokens=max_new_tokens, sampling=sampling, rng=seeds,
+                              stop_tokens=stop).tokens
   pairs = []
   for p, prompt in enumerate(prompts):
     completions = []
-    for tokens in samples.tokens[p * n: (p + 1) * n]:
+    for tokens in sampled[p * n: (p + 1) * n]:
       tokens = [t for t in tokens if 0 <= t < tokenizer.vocab_size and t != tokenizer.eos_id]
       full = tokenizer.decode([*encoded[p], *tokens])
       head = tokenizer.decode(encoded[p])

@@ -3,7 +3,9 @@
   python -m align --config=configs/align/sft_arithmetic.py --workdir=runs/sft
   python -m align --config=configs/align/dpo_arithmetic.py --workdir=runs/dpo
 
-Variants: `:steps=N`, `:init=DIR`, `:difficulty=D`, `:loss=sigmoid|robust|ipo|hinge|simpo`, `:beta=B`.
+Variants: `:steps=N`, `:init=DIR`, `:difficulty=D`, `:loss=sigmoid|robust|ipo|hinge|simpo`, `:beta=B`,
+`:pairs=ai_feedback` (RLAIF / dDPO: the starting policy's own samples, best versus worst by the
+exact-match judge, instead of the task's correct-versus-wrong pairs).
 The reference log-probs are the starting model's, computed once into the workdir.
 """
 
@@ -12,7 +14,7 @@ from configs.align.common import align_config
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=150, init="runs/sft", difficulty=2, loss="sigmoid", beta=0.1)
+  arg = common.parse_arg(arg, steps=150, init="runs/sft", difficulty=2, loss="sigmoid", beta=0.1, pairs="data")
   config = align_config("dpo")
   config.init_from = arg.init
   config.total_steps = arg.steps
@@ -24,10 +26,12 @@ def get_config(arg: str | None = None):
   config.checkpoint_every = 200
   config.task.name = "arithmetic"
   config.task.difficulty = arg.difficulty
-  config.task.train_size = 2000
+  config.task.train_size = 2000 if arg.pairs == "data" else 400  # prompts to sample for AI feedback
   config.task.accuracy_problems = 100
   config.dpo.loss_type = arg.loss
   config.dpo.beta = arg.beta
+  config.dpo.pairs = arg.pairs
+  config.dpo.ai_feedback_samples = 8
   config.model = common.model_config("tiny")  # placeholders only: the architecture comes from init_from
   config.optimizer.learning_rate = 2e-4
   config.optimizer.warmup_steps = 10
