@@ -121,8 +121,9 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
   tmp.replace(path)
 
 
-def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, model=None, workdir=None):
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, model=None, workdir=None, **context):
   """One pair per row; reference log-probs from the workdir, computed by `model` on the first start."""
+  del context
   if workdir is None:
     raise ValueError("DPO data needs the run's workdir (for the reference log-probs)")
   features = {s: [pair_features(r, tokenizer, seq_len=config.seq_len)
@@ -162,7 +163,8 @@ def batched(rows: list[dict], config: ml_collections.ConfigDict, split: str):
   return ds.map(lambda batch: {k: np.asarray(v)[lo: lo + per_process] for k, v in batch.items()})
 
 
-def dpo_loss_fn(model, batch, rng, *, beta: float, label_smoothing: float, loss_type: str, gamma: float):
+def dpo_loss_fn(model, batch, rng, *, beta: float, label_smoothing: float, loss_type: str, gamma: float,
+                sft_coef: float = 0.0):
   """The trainer's loss_fn for the DPO family: both sides in one forward pass ([2B, T])."""
   del rng
   tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
@@ -181,6 +183,10 @@ def dpo_loss_fn(model, batch, rng, *, beta: float, label_smoothing: float, loss_
   else:
     loss, metrics = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta,
                                     label_smoothing=label_smoothing, loss_type=loss_type)
+  if sft_coef:  # RPO (Pang et al. 2024): an NLL term on the chosen completions keeps their likelihood up
+    chosen_nll = -logps[:pairs] / jnp.maximum(counts[:pairs], 1.0)
+    metrics["nll/chosen"] = jnp.mean(chosen_nll)
+    loss = loss + sft_coef * jnp.mean(chosen_nll)
   metrics["weight"] = jnp.asarray(pairs, jnp.float32)  # the trainer's tokens/s counts pairs here
   return loss, metrics
 
@@ -188,4 +194,4 @@ def dpo_loss_fn(model, batch, rng, *, beta: float, label_smoothing: float, loss_
 def loss_fn(config: ml_collections.ConfigDict):
   c = config.dpo
   return functools.partial(dpo_loss_fn, beta=c.beta, label_smoothing=c.label_smoothing, loss_type=c.loss_type,
-                           gamma=c.gamma)
+                           gamma=c.gamma, sft_coef=c.sft_coef)

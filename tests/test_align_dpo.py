@@ -4,6 +4,8 @@ reference back."""
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -77,7 +79,7 @@ def test_reference_logps_are_the_starting_model_s(dpo_run):
 def test_loss_starts_at_ln2_and_falls_on_a_fixed_batch(dpo_run):
   run, _ = dpo_run
   batch = trainer.global_batch(run, next(run.train_iter))
-  state, losses = run.state, []
+  state, losses = jax.tree.map(jnp.copy, run.state), []  # the step donates its state; run.state stays usable
   for _ in range(6):
     state, metrics = run.train_step(state, batch)
     losses.append(float(metrics["loss"]))
@@ -100,3 +102,19 @@ def test_ai_feedback_pairs_come_from_the_starting_policy(tokenizer_path, tmp_pat
   config = _config(tokenizer_path, **{"dpo.pairs": "ai_feedback", "task.train_size": 4, "task.accuracy_tokens": 6})
   with pytest.raises(ValueError, match="AI feedback found no prompt"):
     align_run.run(config, tmp_path)
+
+
+def test_rpo_adds_the_chosen_nll(dpo_run):
+  run, _ = dpo_run
+  batch = {k: np.asarray(v) for k, v in next(iter(dpo.make_dataset(run.config, run.tokenizer, split="eval",
+                                                                    workdir=run.workdir))).items()}
+  model = run.model()
+  plain, _ = dpo.dpo_loss_fn(model, batch, None, beta=0.1, label_smoothing=0.0, loss_type="sigmoid", gamma=0.0)
+  rpo, metrics = dpo.dpo_loss_fn(model, batch, None, beta=0.1, label_smoothing=0.0, loss_type="sigmoid", gamma=0.0,
+                                 sft_coef=0.5)
+  logits = np.asarray(model(batch["chosen_tokens"]), np.float64)
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  nll = logz - np.take_along_axis(logits, batch["chosen_targets"][..., None], -1)[..., 0]
+  per_token = (nll * batch["chosen_mask"]).sum(-1) / batch["chosen_mask"].sum(-1)
+  np.testing.assert_allclose(float(rpo) - float(plain), 0.5 * per_token.mean(), rtol=1e-4)
+  np.testing.assert_allclose(metrics["nll/chosen"], per_token.mean(), rtol=1e-4)

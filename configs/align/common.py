@@ -40,6 +40,7 @@ def dpo_config() -> ml_collections.ConfigDict:
   c.beta = 0.1
   c.label_smoothing = 0.0
   c.gamma = 0.5  # SimPO's target margin
+  c.sft_coef = 0.0  # RPO: + sft_coef * per-token NLL of the chosen completions (0: plain DPO)
   c.pairs = "data"  # 'data': the task's or the JSONL pairs; 'ai_feedback': the starting policy's samples, judged
   c.ai_feedback_samples = 4  # completions per prompt
   c.ai_feedback_temperature = 1.0

@@ -4,7 +4,7 @@
   python -m align --config=configs/align/dpo_arithmetic.py --workdir=runs/dpo
 
 Variants: `:steps=N`, `:init=DIR`, `:difficulty=D`, `:loss=sigmoid|robust|ipo|hinge|simpo`, `:beta=B`,
-`:pairs=ai_feedback` (RLAIF / dDPO: the starting policy's own samples, best versus worst by the
+`:sft=A` (RPO: + A * NLL of chosen), `:lr=X`, `:pairs=ai_feedback` (RLAIF / dDPO: the starting policy's own samples, best versus worst by the
 exact-match judge, instead of the task's correct-versus-wrong pairs).
 The reference log-probs are the starting model's, computed once into the workdir.
 """
@@ -14,7 +14,7 @@ from configs.align.common import align_config
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=150, init="runs/sft", difficulty=2, loss="sigmoid", beta=0.1, pairs="data")
+  arg = common.parse_arg(arg, steps=150, init="runs/sft", difficulty=2, loss="sigmoid", beta=0.1, pairs="data", sft=0.0, lr=2e-4)
   config = align_config("dpo")
   config.init_from = arg.init
   config.total_steps = arg.steps
@@ -31,9 +31,10 @@ def get_config(arg: str | None = None):
   config.dpo.loss_type = arg.loss
   config.dpo.beta = arg.beta
   config.dpo.pairs = arg.pairs
+  config.dpo.sft_coef = arg.sft
   config.dpo.ai_feedback_samples = 8
   config.model = common.model_config("tiny")  # placeholders only: the architecture comes from init_from
-  config.optimizer.learning_rate = 2e-4
+  config.optimizer.learning_rate = arg.lr
   config.optimizer.warmup_steps = 10
   config.optimizer.weight_decay = 0.0
   return config
