@@ -33,9 +33,9 @@ class RewardModel(nnx.Module):
     return jnp.einsum("BD,D->B", at_last.astype(jnp.float32), self.head[...].astype(jnp.float32))
 
 
-def wrap(decoder: nnx.Module, *, mesh, rules, seed: int) -> RewardModel:
+def wrap(decoder: nnx.Module, *, mesh, rules, **unused) -> RewardModel:
   """A zero head (every reward starts at 0: the loss starts at ln 2 and gradients reach the head first)."""
-  del seed
+  del unused
   d = decoder.config.embed_dim
   spec = sharding.logical_to_spec(("embed",), (d,), mesh, rules)
   return RewardModel(decoder, jax.device_put(jnp.zeros((d,), jnp.float32), NamedSharding(mesh, spec)))

@@ -96,7 +96,7 @@ def make_ours(args, tokens, targets):
                  learning_rate=LEARNING_RATE, b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY)
   tx, schedule = optimizer_lib.make_optimizer(opt_cfg, total_steps=1000)
   state = step_lib.init_state(params, tx, seed=0)
-  train_step = jax.jit(step_lib.make_train_step(graphdef, rest, losses.next_token_loss, tx, schedule), donate_argnums=0)
+  train_step = jax.jit(step_lib.make_train_step(graphdef, losses.next_token_loss, tx, schedule), donate_argnums=0)
 
   b, t = tokens.shape
   batch = {
@@ -108,12 +108,12 @@ def make_ours(args, tokens, targets):
   }
   # Compiled ahead of time so that compilation is timed apart from every step.
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
+  compiled = train_step.lower(state, rest, batch).compile()
   compile_s = time.perf_counter() - start
 
   def run():
     nonlocal state
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, rest, batch)
     jax.block_until_ready(state)  # dispatch is asynchronous: wait for the update itself
     return float(metrics["loss"]), float(metrics["tokens"])
 

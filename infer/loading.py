@@ -113,7 +113,8 @@ def _load_run(path: Path, *, mesh, rules, step, overrides) -> tuple[model_lib.Tr
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
     )
-    params = checkpointer.restore_params(step, target)
+    # A run that trained a wrapper (a reward or value head) keeps the decoder under saved["decoder_path"].
+    params = checkpointer.restore_params(step, target, prefix=saved.get("decoder_path", ""))
   finally:
     checkpointer.close()
   module = nnx.merge(graphdef, params, rest)

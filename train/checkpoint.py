@@ -55,17 +55,19 @@ class Checkpointer:
       ) from e
     return restored["state"], restored["data"]
 
-  def restore_params(self, step: int, abstract_params: Any) -> Any:
+  def restore_params(self, step: int, abstract_params: Any, prefix: str = "") -> Any:
     """Only the parameters of a checkpoint (placed as `abstract_params` says): the optimizer of
-    the run that wrote it may differ from the one that now fine-tunes them."""
-    target = {"params": abstract_params}
+    the run that wrote it may differ from the one that now fine-tunes them. `prefix`: read the
+    subtree params[prefix] (the decoder inside a method's wrapper, say) into `abstract_params`."""
+    target = {"params": {prefix: abstract_params} if prefix else abstract_params}
     # restore_args carry the target shardings; without them orbax places arrays as they were saved,
     # which fails when the reading process has other devices than the writing one.
     restore = ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
     )
     restored = self._manager.restore(step, args=ocp.args.Composite(state=restore))
-    return restored["state"]["params"]
+    params = restored["state"]["params"]
+    return params[prefix] if prefix else params
 
   def restore_config(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

@@ -1,8 +1,9 @@
-"""The pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
+"""The pure train and eval steps: `train_step(state, rest, batch) -> (state, metrics)`.
 
 State is a plain pytree (a dict): step, params, opt_state, rng, and counters of skipped
-non-finite updates. The model's structure (graphdef) and non-parameter variables are closed
-over; jit boundaries see arrays only.
+non-finite updates. `rest` is the model's variables that are not trained (a frozen reference
+or teacher, buffers): an argument, not a closure, so large frozen weights are never baked into
+the compiled program as constants. The model's structure (graphdef) is closed over.
 """
 
 from collections.abc import Callable
@@ -40,7 +41,6 @@ def _split_micro_batches(batch: dict[str, jax.Array], num: int) -> dict[str, jax
 
 def make_train_step(
     graphdef: nnx.GraphDef,
-    rest: nnx.State,
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
@@ -49,14 +49,14 @@ def make_train_step(
 ) -> Callable[[dict[str, Any], dict[str, jax.Array]], tuple[dict[str, Any], dict[str, jax.Array]]]:
   """A pure train step; micro-batch losses and gradients are averaged weighted by metrics['weight']."""
 
-  def loss_of_params(params, batch, rng):
+  def loss_of_params(params, rest, batch, rng):
     loss, metrics = loss_fn(nnx.merge(graphdef, params, rest), batch, rng)
     weight = metrics.get("weight", jnp.ones((), jnp.float32))
     return loss * weight, (loss, metrics, weight)
 
   grad_fn = jax.grad(loss_of_params, has_aux=True)
 
-  def train_step(state, batch):
+  def train_step(state, rest, batch):
     rng, step_rng = jax.random.split(state["rng"])
     micro_batches = _split_micro_batches(batch, grad_accum_steps)
     micro_rngs = jax.random.split(step_rng, grad_accum_steps)
@@ -64,14 +64,14 @@ def make_train_step(
     def accumulate(carry, inputs):
       grad_sum, metric_sums, weight_sum = carry
       micro_batch, micro_rng = inputs
-      grads, (loss, metrics, weight) = grad_fn(state["params"], micro_batch, micro_rng)
+      grads, (loss, metrics, weight) = grad_fn(state["params"], rest, micro_batch, micro_rng)
       metrics = {**metrics, "loss": loss}
       metric_sums = {k: metric_sums[k] + metrics[k] * weight for k in metric_sums}
       return (jax.tree.map(jnp.add, grad_sum, grads), metric_sums, weight_sum + weight), None
 
     # The metric names come from one abstract evaluation of the loss (no compute).
     _, (_, metric_shapes, _) = jax.eval_shape(
-        loss_of_params, state["params"], jax.tree.map(lambda x: x[0], micro_batches), micro_rngs[0]
+        loss_of_params, state["params"], rest, jax.tree.map(lambda x: x[0], micro_batches), micro_rngs[0]
     )
     names = [k for k in metric_shapes if k != "weight"] + ["loss"]
     zeros = (
@@ -110,10 +110,10 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: LossFn):
-  """eval_step(params, batch) -> (weighted loss sum, weight): summed over batches by the caller."""
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn):
+  """eval_step(params, rest, batch) -> (weighted loss sum, weight): summed over batches by the caller."""
 
-  def eval_step(params, batch):
+  def eval_step(params, rest, batch):
     loss, metrics = loss_fn(nnx.merge(graphdef, params, rest), batch, jax.random.PRNGKey(0))
     weight = metrics.get("weight", jnp.ones((), jnp.float32))
     return loss * weight, weight

@@ -35,11 +35,19 @@ from train import step as step_lib
 from train import tokenizer as tokenizer_lib
 
 BATCH_AXES = ("activation_batch", "activation_length")
+# What the optimizer updates: every parameter except those of a module kept under an attribute
+# named `frozen` (PPO's reference policy, a distillation teacher), which ride in `Run.rest`.
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("frozen")))
+# A method that wraps the decoder (a reward or value head, a frozen teacher) keeps the decoder at
+# this attribute; checkpoints record it, so loaders can take the decoder alone.
+DECODER_ATTR = "decoder"
 
 
-# (config, tokenizer, *, split, model, workdir) -> a grain IterDataset of this process's batches
-# (dicts of [B, ...] arrays). `model` is the run's starting point (for 'train'; None for 'eval'),
-# `workdir` the run's directory (for what a method computes once and keeps, e.g. DPO's reference).
+# (config, tokenizer, *, split, **context) -> a grain IterDataset of this process's batches (dicts
+# of [B, ...] arrays). context: `model`, the run's starting module (for 'train'; None for 'eval');
+# `workdir`, the run's directory (for what a method computes once and keeps, e.g. DPO's
+# reference); `live()`, the module with the current parameters (online methods sample from it
+# between steps); `mesh` and `rules`, where the run's arrays live.
 DatasetFn = Callable[..., Any]
 
 
@@ -78,9 +86,16 @@ class Run:
   train_step: Any
   eval_step: Any
 
+  decoder_path: str = ""  # DECODER_ATTR when a method wrapped the decoder, else ''
+
   def model(self) -> nnx.Module:
     """The current model (parameters of the current state)."""
     return nnx.merge(self.graphdef, self.state["params"], self.rest)
+
+  def policy(self) -> nnx.Module:
+    """The current decoder: the model itself, or the decoder inside a method's wrapper."""
+    module = self.model()
+    return getattr(module, self.decoder_path) if self.decoder_path else module
 
 
 def validate(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None) -> None:
@@ -128,7 +143,8 @@ def _tokenizer_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
 
 
 def _init_from(path: str, mesh, rules, overrides: dict[str, Any]) -> tuple[nnx.Module, str]:
-  """A module with the weights of a Hugging Face directory or of another run's latest checkpoint."""
+  """A decoder with the weights of a Hugging Face directory or of another run's latest checkpoint
+  (of its decoder, when that run trained a wrapper such as a reward model or a policy with a value head)."""
   p = Path(path)
   if (p / "config.json").exists() and any(p.glob("*.safetensors")):
     return hf.from_pretrained(p, mesh=mesh, rules=rules, **overrides), "huggingface"
@@ -146,7 +162,8 @@ def _init_from(path: str, mesh, rules, overrides: dict[str, Any]) -> tuple[nnx.M
   model_config = model_lib.ModelConfig(**saved["resolved_model"]).replace(**overrides)
   module = sharding.create_sharded(lambda: model_lib.Transformer(model_config, rngs=nnx.Rngs(0)), mesh, rules)
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-  params = source.restore_params(step, checkpoint_lib.abstract_with_shardings(params))
+  params = source.restore_params(step, checkpoint_lib.abstract_with_shardings(params),
+                                 prefix=saved.get("decoder_path", ""))
   source.close()
   return nnx.merge(graphdef, params, rest), f"checkpoint {run_dir} step {step}"
 
@@ -163,7 +180,9 @@ def setup(
   """Builds a Run; a method (align/) brings its own loss_fn and make_dataset, the loop stays this one.
 
   reference: the config whose keys are the known ones (default: configs.common.train_config()).
-  wrap_model(decoder, *, mesh, rules, seed) -> the module to train (a reward model's head on the decoder).
+  wrap_model(decoder, *, mesh, rules, seed, config, load) -> the module to train (a reward model's head
+    on the decoder; a policy with a value head and a frozen reference), which keeps the decoder at
+    `.decoder`; `load(path)` gives a fresh decoder from a Hugging Face directory or a run's workdir.
   """
   # ------------------------------------------------------------------ set up the processes and mesh
   validate(config, reference)
@@ -197,16 +216,23 @@ def setup(
       else:
         model_config = _model_config(config, tokenizer)
       module = sharding.create_sharded(lambda: model_lib.Transformer(model_config, rngs=nnx.Rngs(config.seed)), mesh, rules)
+    decoder_path = ""
     if wrap_model is not None:  # e.g. a reward head on the decoder; built after init_from's weights load
-      module = wrap_model(module, mesh=mesh, rules=rules, seed=config.seed)
+      overrides = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
+      load = lambda path: _init_from(path, mesh, rules, overrides)[0]  # noqa: E731
+      module = wrap_model(module, mesh=mesh, rules=rules, seed=config.seed, config=config, load=load)
+      decoder_path = DECODER_ATTR if hasattr(module, DECODER_ATTR) else ""
     if model_config.vocab_size < tokenizer.vocab_size:
       raise validation.ConfigError(
           f"the model's vocab_size={model_config.vocab_size} ({init_note}) is smaller than the tokenizer's "
           f"{tokenizer.vocab_size} ({tokenizer.path}); give config.tokenizer.path the model's own tokenizer"
       )
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    # The data may depend on the starting weights (DPO's reference log-probs, computed once).
-    train_iter = iter(data_lib.checkpointable(make_dataset(config, tokenizer, split="train", model=module, workdir=workdir)))
+    graphdef, params, rest = nnx.split(module, TRAINABLE, ...)
+    # The data may depend on the starting weights (DPO's reference log-probs, computed once) or,
+    # for online methods, on the current ones: `live` resolves to the Run once it exists.
+    runs: list[Run] = []
+    context = dict(model=module, workdir=workdir, live=lambda: runs[0].model(), mesh=mesh, rules=rules)
+    train_iter = iter(data_lib.checkpointable(make_dataset(config, tokenizer, split="train", **context)))
 
     # ---------------------------------------------------------------- optimizer and state
     optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
@@ -221,24 +247,32 @@ def setup(
   # ------------------------------------------------------------------ the jitted steps
   loss_fn = loss_fn or functools.partial(losses.next_token_loss, z_loss=config.z_loss)
   train_step = jax.jit(
-      step_lib.make_train_step(
-          graphdef, rest, loss_fn, optimizer, schedule, grad_accum_steps=config.grad_accum_steps
-      ),
-      in_shardings=(state_shardings, None),  # batches arrive placed by global_batch
+      step_lib.make_train_step(graphdef, loss_fn, optimizer, schedule, grad_accum_steps=config.grad_accum_steps),
+      in_shardings=(state_shardings, None, None),  # rest keeps its placement; batches arrive placed by global_batch
       out_shardings=(state_shardings, None),
       donate_argnums=0,
   )
-  eval_step = jax.jit(
-      step_lib.make_eval_step(graphdef, rest, loss_fn), in_shardings=(state_shardings["params"], None)
-  )
-  if jax.process_index() == 0:
-    _write_json_atomic(
-        workdir / "config.json", {**config.to_dict(), "resolved_model": dataclasses.asdict(model_config)}
-    )
-  return Run(
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(state_shardings["params"], None, None))
+  run = Run(
       config, workdir, mesh, rules, model_config, tokenizer, graphdef, rest, state, state_shardings, batch_sharding,
-      train_iter, checkpointer, loss_fn, make_dataset, train_step, eval_step,
+      train_iter, checkpointer, loss_fn, make_dataset, functools.partial(_with_rest, train_step, rest),
+      functools.partial(_with_rest, eval_step, rest), decoder_path,
   )
+  runs.append(run)
+  if jax.process_index() == 0:
+    _write_json_atomic(workdir / "config.json", _saved_config(run))
+  return run
+
+
+def _with_rest(step, rest, first, batch):
+  """step(first, rest, batch): Run.train_step(state, batch) and Run.eval_step(params, batch)."""
+  return step(first, rest, batch)
+
+
+def _saved_config(run: Run) -> dict[str, Any]:
+  """The resolved config kept beside the checkpoints: the config, the architecture, where the decoder is."""
+  return {**run.config.to_dict(), "resolved_model": dataclasses.asdict(run.model_config),
+          "decoder_path": run.decoder_path}
 
 
 def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -257,7 +291,8 @@ def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]
 
 def evaluate(run: Run) -> dict[str, float]:
   """Loss and perplexity over the held-out split (at most config.eval_steps batches; 0: all of it)."""
-  dataset = run.make_dataset(run.config, run.tokenizer, split="eval", model=None, workdir=run.workdir)
+  dataset = run.make_dataset(run.config, run.tokenizer, split="eval", model=None, workdir=run.workdir,
+                             live=run.model, mesh=run.mesh, rules=run.rules)
   total, weight = 0.0, 0.0
   with sharding.axis_rules(run.mesh, run.rules):
     for i, local in enumerate(dataset):
@@ -295,8 +330,8 @@ class _StopRequest:
 
 
 def _save(run: Run, step: int) -> None:
-  config = {**run.config.to_dict(), "resolved_model": dataclasses.asdict(run.model_config)}
-  run.checkpointer.save(step, run.state, run.train_iter.get_state(), json.loads(json.dumps(config, default=str)))
+  config = json.loads(json.dumps(_saved_config(run), default=str))
+  run.checkpointer.save(step, run.state, run.train_iter.get_state(), config)
 
 
 def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
