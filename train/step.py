@@ -54,7 +54,11 @@ def make_train_step(
     weight = metrics.get("weight", jnp.ones((), jnp.float32))
     return loss * weight, (loss, metrics, weight)
 
-  grad_fn = jax.grad(loss_of_params, has_aux=True)
+  # `rest` is differentiated too and its gradient dropped (dead code, pruned by the compiler): nnx
+  # transforms inside the loss (the layer scan) refuse a module whose variables hold tracers of
+  # another trace level than the gradient's, which non-differentiated inputs would. Frozen
+  # modules cut their outputs with stop_gradient (a teacher's log-probs), so nothing flows there.
+  grad_fn = jax.grad(loss_of_params, argnums=(0, 1), has_aux=True)
 
   def train_step(state, rest, batch):
     rng, step_rng = jax.random.split(state["rng"])
@@ -64,7 +68,7 @@ def make_train_step(
     def accumulate(carry, inputs):
       grad_sum, metric_sums, weight_sum = carry
       micro_batch, micro_rng = inputs
-      grads, (loss, metrics, weight) = grad_fn(state["params"], rest, micro_batch, micro_rng)
+      (grads, _), (loss, metrics, weight) = grad_fn(state["params"], rest, micro_batch, micro_rng)
       metrics = {**metrics, "loss": loss}
       metric_sums = {k: metric_sums[k] + metrics[k] * weight for k in metric_sums}
       return (jax.tree.map(jnp.add, grad_sum, grads), metric_sums, weight_sum + weight), None

@@ -142,30 +142,42 @@ def _tokenizer_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
   return tokenizer_config
 
 
-def _init_from(path: str, mesh, rules, overrides: dict[str, Any]) -> tuple[nnx.Module, str]:
+def restore_run_module(path: str | os.PathLike, build: Callable[[model_lib.ModelConfig], nnx.Module], mesh, rules, *,
+                       overrides: dict[str, Any] | None = None, decoder_only: bool = True) -> tuple[nnx.Module, str]:
+  """`build(model_config)` with the parameters of the latest checkpoint of the run in `path`, sharded.
+
+  decoder_only: read the decoder alone out of a run that trained a wrapper (a reward model, a policy
+  with a value head); False: the whole trained module (build must then make that wrapper).
+  """
+  run_dir = Path(path)
+  source = checkpoint_lib.Checkpointer(run_dir / "checkpoints", keep=1_000_000, async_save=False, read_only=True)
+  try:
+    step = source.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{str(path)!r} has no checkpoint in {run_dir / 'checkpoints'}")
+    saved = source.restore_config(step)
+    model_config = model_lib.ModelConfig(**saved["resolved_model"]).replace(**(overrides or {}))
+    module = sharding.create_sharded(lambda: build(model_config), mesh, rules)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    prefix = saved.get("decoder_path", "") if decoder_only else ""
+    params = source.restore_params(step, checkpoint_lib.abstract_with_shardings(params), prefix=prefix)
+  finally:
+    source.close()
+  return nnx.merge(graphdef, params, rest), f"checkpoint {run_dir} step {step}"
+
+
+def load_decoder(path: str, mesh, rules, overrides: dict[str, Any]) -> tuple[nnx.Module, str]:
   """A decoder with the weights of a Hugging Face directory or of another run's latest checkpoint
   (of its decoder, when that run trained a wrapper such as a reward model or a policy with a value head)."""
   p = Path(path)
   if (p / "config.json").exists() and any(p.glob("*.safetensors")):
     return hf.from_pretrained(p, mesh=mesh, rules=rules, **overrides), "huggingface"
-  run_dir = p if (p / "checkpoints").is_dir() else None
-  if run_dir is None:
+  if not (p / "checkpoints").is_dir():
     raise FileNotFoundError(
         f"config.init_from={path!r} is neither a Hugging Face directory (config.json + *.safetensors) "
         "nor a run's workdir (with checkpoints/)"
     )
-  source = checkpoint_lib.Checkpointer(run_dir / "checkpoints", keep=1_000_000, async_save=False, read_only=True)
-  step = source.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"config.init_from={path!r} has no checkpoint in {run_dir / 'checkpoints'}")
-  saved = source.restore_config(step)
-  model_config = model_lib.ModelConfig(**saved["resolved_model"]).replace(**overrides)
-  module = sharding.create_sharded(lambda: model_lib.Transformer(model_config, rngs=nnx.Rngs(0)), mesh, rules)
-  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-  params = source.restore_params(step, checkpoint_lib.abstract_with_shardings(params),
-                                 prefix=saved.get("decoder_path", ""))
-  source.close()
-  return nnx.merge(graphdef, params, rest), f"checkpoint {run_dir} step {step}"
+  return restore_run_module(p, lambda c: model_lib.Transformer(c, rngs=nnx.Rngs(0)), mesh, rules, overrides=overrides)
 
 
 def setup(
@@ -207,7 +219,7 @@ def setup(
     init_note = "random init"
     if config.init_from and latest is None:
       overrides = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
-      module, init_note = _init_from(config.init_from, mesh, rules, overrides)
+      module, init_note = load_decoder(config.init_from, mesh, rules, overrides)
       model_config = module.config
     else:
       saved = checkpointer.restore_config(latest) if latest is not None else {}
@@ -219,7 +231,7 @@ def setup(
     decoder_path = ""
     if wrap_model is not None:  # e.g. a reward head on the decoder; built after init_from's weights load
       overrides = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
-      load = lambda path: _init_from(path, mesh, rules, overrides)[0]  # noqa: E731
+      load = lambda path, overrides=overrides: load_decoder(path, mesh, rules, overrides)[0]  # noqa: E731
       module = wrap_model(module, mesh=mesh, rules=rules, seed=config.seed, config=config, load=load)
       decoder_path = DECODER_ATTR if hasattr(module, DECODER_ATTR) else ""
     if model_config.vocab_size < tokenizer.vocab_size:
