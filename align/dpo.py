@@ -6,8 +6,10 @@ Those are computed once, by the run's starting model, before the first step, and
 workdir (reference_logps_{train,eval}.npz), so the reference model is never held in memory during
 training and a resumed run reads them back.
 
-Length conventions: sigmoid (DPO, cDPO), robust and hinge use summed completion log-probs; IPO
-and SimPO use per-token means (see align/losses.py).
+Length conventions: sigmoid (DPO, cDPO), robust and hinge use summed completion log-probs; IPO,
+SimPO and ORPO use per-token means (see align/losses.py). SimPO and ORPO are reference-free: the
+reference log-probs are read but do not enter their loss; ORPO's `beta` is the weight of its
+odds-ratio term (lambda in the paper) next to the chosen completions' NLL.
 """
 
 import functools
@@ -26,8 +28,9 @@ from align.tasks import arithmetic
 from infer.sampling import Sampling
 from train import losses as train_losses
 
-LOSS_TYPES = losses.DPO_LOSS_TYPES + ("simpo",)
-_MEAN_LOGPS = ("ipo", "simpo")
+LOSS_TYPES = losses.DPO_LOSS_TYPES + ("simpo", "orpo")
+_MEAN_LOGPS = ("ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")  # no reference log-probs needed (still computed, for the metrics' sake)
 
 
 def records(config: ml_collections.ConfigDict, split: str) -> list[dict]:
@@ -180,6 +183,8 @@ def dpo_loss_fn(model, batch, rng, *, beta: float, label_smoothing: float, loss_
     ref_chosen, ref_rejected = ref_chosen / chosen_n, ref_rejected / rejected_n
   if loss_type == "simpo":
     loss, metrics = losses.simpo_loss(chosen, rejected, beta=beta, gamma=gamma)
+  elif loss_type == "orpo":
+    loss, metrics = losses.orpo_loss(chosen, rejected, -chosen, beta=beta)
   else:
     loss, metrics = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta,
                                     label_smoothing=label_smoothing, loss_type=loss_type)

@@ -118,3 +118,26 @@ def test_rpo_adds_the_chosen_nll(dpo_run):
   per_token = (nll * batch["chosen_mask"]).sum(-1) / batch["chosen_mask"].sum(-1)
   np.testing.assert_allclose(float(rpo) - float(plain), 0.5 * per_token.mean(), rtol=1e-4)
   np.testing.assert_allclose(metrics["nll/chosen"], per_token.mean(), rtol=1e-4)
+
+
+def test_orpo_on_the_trainer_batch_matches_its_closed_form(dpo_run):
+  """ORPO through the trainer's loss (reference-free): mean chosen NLL - beta * log sigmoid of the
+  log odds ratio, odds = p / (1 - p) with p the per-token mean probability, computed here in float64."""
+  run, _ = dpo_run
+  batch = {k: np.asarray(v) for k, v in next(iter(dpo.make_dataset(run.config, run.tokenizer, split="eval",
+                                                                    workdir=run.workdir))).items()}
+  model = run.model()
+  loss, metrics = dpo.dpo_loss_fn(model, batch, None, beta=0.25, label_smoothing=0.0, loss_type="orpo", gamma=0.0)
+
+  def mean_logps(side):
+    logits = np.asarray(model(batch[f"{side}_tokens"]), np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.take_along_axis(logits, batch[f"{side}_targets"][..., None], -1)[..., 0] - logz
+    return (picked * batch[f"{side}_mask"]).sum(-1) / batch[f"{side}_mask"].sum(-1)
+
+  chosen, rejected = mean_logps("chosen"), mean_logps("rejected")
+  log_odds = lambda m: m - np.log1p(-np.exp(m))  # noqa: E731
+  ratio = log_odds(chosen) - log_odds(rejected)
+  expected = np.mean(-chosen + 0.25 * np.log1p(np.exp(-ratio)))
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["log_odds_ratio"]), ratio.mean(), rtol=1e-4, atol=1e-6)

@@ -3,7 +3,7 @@
   python -m align --config=configs/align/sft_arithmetic.py --workdir=runs/sft
   python -m align --config=configs/align/dpo_arithmetic.py --workdir=runs/dpo
 
-Variants: `:steps=N`, `:init=DIR`, `:difficulty=D`, `:loss=sigmoid|robust|ipo|hinge|simpo`, `:beta=B`,
+Variants: `:steps=N`, `:init=DIR`, `:difficulty=D`, `:loss=sigmoid|robust|ipo|hinge|simpo|orpo`, `:beta=B`,
 `:sft=A` (RPO: + A * NLL of chosen), `:lr=X`, `:pairs=ai_feedback` (RLAIF / dDPO: the starting policy's own samples, best versus worst by the
 exact-match judge, instead of the task's correct-versus-wrong pairs).
 The reference log-probs are the starting model's, computed once into the workdir.
@@ -27,7 +27,8 @@ def get_config(arg: str | None = None):
   config.task.name = "arithmetic"
   config.task.difficulty = arg.difficulty
   config.task.train_size = 2000 if arg.pairs == "data" else 400  # prompts to sample for AI feedback
-  config.task.accuracy_problems = 100
+  config.task.accuracy_problems = 200  # the same held-out problems in every experiment
+  config.task.measure_kl = True  # KL(policy || the SFT policy it started from)
   config.dpo.loss_type = arg.loss
   config.dpo.beta = arg.beta
   config.dpo.pairs = arg.pairs
