@@ -1,4 +1,12 @@
-"""Alignment: SFT, reward models, the DPO family, AI feedback (and, later, RL) on the one trainer.
+"""Alignment on the one trainer of train/: each method is a loss, a data step and a config.
 
-Public API so far: the module `align.losses` (dpo_loss, reward_loss, simpo_loss, orpo_loss).
+Offline: SFT (`align.sft`), reward models (`align.reward_model`), the DPO family with IPO, robust
+DPO, cDPO, SimPO, ORPO and RPO (`align.dpo`), AI feedback as a pair source (`align.ai_feedback`).
+Online, learning from the policy's own samples drawn with infer/ on the training mesh: PPO
+(`align.ppo`), GRPO and RLOO (`align.grpo`), ReST, RAFT, rejection-sampling fine-tuning and STaR
+(`align.rest`), distillation from a teacher's logits or generations (`align.distill`).
+
+Public API: `align.losses` (dpo_loss, reward_loss, simpo_loss, orpo_loss), `align.rl_losses`
+(GAE, whitening, KL estimators, clipped objectives, GRPO/RLOO advantages, aggregation),
+`align.distill_losses` (forward/reverse KL, generalized JSD), `align.run.run(config, workdir)`.
 """

@@ -15,6 +15,7 @@ import numpy as np
 
 import infer
 from align import reward_model as reward_model_lib
+from align import rollout
 
 Judge = Callable[[str, list[str]], Sequence[float]]
 
@@ -74,23 +75,11 @@ def preference_pairs(
   alike (best versus worst; margin = the score gap). Generation runs rows_per_call rows at a time."""
   if n < 2:
     raise ValueError(f"n={n} must be >= 2: a pair needs two completions")
-  encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] if tokenizer.bos_id >= 0 else tokenizer.encode(p) for p in prompts]
-  stop = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
-  per_call = max(rows_per_call // n, 1)  # prompts per generate call
-  sampled: list[list[int]] = []
-  for start in range(0, len(encoded), per_call):
-    rows = [ids for ids in encoded[start: start + per_call] for _ in range(n)]
-    seeds = [rng * 1_000_003 + start * n + i for i in range(len(rows))]  # distinct per row, call-independent
-    sampled += infer.generate(model, rows, max_new_tokens=max_new_tokens, sampling=sampling, rng=seeds,
-                              stop_tokens=stop).tokens
+  samples = rollout.sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, sampling=sampling, seed=rng,
+                           rows_per_call=rows_per_call)
   pairs = []
   for p, prompt in enumerate(prompts):
-    completions = []
-    for tokens in sampled[p * n: (p + 1) * n]:
-      tokens = [t for t in tokens if 0 <= t < tokenizer.vocab_size and t != tokenizer.eos_id]
-      full = tokenizer.decode([*encoded[p], *tokens])
-      head = tokenizer.decode(encoded[p])
-      completions.append(full[len(head):] if full.startswith(head) else tokenizer.decode(tokens))
+    completions = samples.texts[p * n: (p + 1) * n]
     scores = np.asarray(judge(prompt, completions), np.float64)
     best, worst = int(np.argmax(scores)), int(np.argmin(scores))
     if scores[best] > scores[worst]:

@@ -4,6 +4,7 @@ Formats (one JSON object per line):
   SFT           {"prompt": str, "completion": str}  or  {"messages": [{"role", "content"}, ...]}
                 (messages are rendered by a chat template, align/chat.py; only assistant turns train)
   preferences   {"prompt": str, "chosen": str, "rejected": str, "margin": float (optional)}
+  prompts       {"prompt": str}  (what the online methods sample completions for)
 
 A malformed line raises a `DataError` naming the file and line, or is skipped (with a count in the
 log) when the policy is 'skip'. SFT examples are packed several to a row with grain's first-fit
@@ -57,13 +58,24 @@ def _check_preference(record) -> str | None:
   return None
 
 
+def _check_prompt(record) -> str | None:
+  if not isinstance(record, dict):
+    return f"expected a JSON object, got {type(record).__name__}"
+  if not isinstance(record.get("prompt"), str):
+    return f"needs a string field 'prompt'; it is {record.get('prompt')!r:.60}"
+  return None
+
+
+_CHECKS = {"sft": _check_sft, "preference": _check_preference, "prompt": _check_prompt}
+
+
 def read_jsonl(path: str | Path, kind: str, *, on_error: str = "raise") -> list[dict]:
-  """Records of `kind` ('sft' or 'preference') from a JSONL file, checked line by line."""
+  """Records of `kind` ('sft', 'preference' or 'prompt') from a JSONL file, checked line by line."""
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error={on_error!r} is not one of {ON_ERROR}")
-  check = {"sft": _check_sft, "preference": _check_preference}.get(kind)
+  check = _CHECKS.get(kind)
   if check is None:
-    raise ValueError(f"kind={kind!r} is not 'sft' or 'preference'")
+    raise ValueError(f"kind={kind!r} is not one of {tuple(_CHECKS)}")
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no JSONL file at {path}")

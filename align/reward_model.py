@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+import model as model_lib
 from align import dpo, losses
 from model import sharding
 
@@ -71,10 +72,33 @@ def loss_fn(config: ml_collections.ConfigDict):
   return functools.partial(reward_loss_fn, center_coef=c.center_coef, use_margin=c.use_margin)
 
 
-def score(model: RewardModel, tokenizer, prompts: list[str], completions: list[str], *, seq_len: int) -> np.ndarray:
-  """Rewards of (prompt, completion) texts: a score_fn for infer.best_of_n once wrapped over ids."""
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _rewards(graphdef, state, tokens, last):
+  return nnx.merge(graphdef, state)(tokens, last)
+
+
+def score(model: RewardModel, tokenizer, prompts: list[str], completions: list[str], *, seq_len: int,
+          batch_size: int = 64) -> np.ndarray:
+  """[R] rewards of (prompt, completion) texts, batch_size rows per jitted call (the last one padded)."""
   rows = [dpo.pair_features({"prompt": p, "chosen": c, "rejected": c}, tokenizer, seq_len=seq_len)
           for p, c in zip(prompts, completions)]
-  tokens = jnp.asarray(np.stack([r["chosen_tokens"] for r in rows]))
-  last = last_index(jnp.asarray(np.stack([r["chosen_mask"] for r in rows])))
-  return np.asarray(model(tokens, last))
+  graphdef, state = nnx.split(model)
+  out = []
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start: start + batch_size]
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    tokens = jnp.asarray(np.stack([r["chosen_tokens"] for r in chunk]))
+    last = last_index(jnp.asarray(np.stack([r["chosen_mask"] for r in chunk])))
+    out.append(np.asarray(_rewards(graphdef, state, tokens, last))[: len(rows) - start])
+  return np.concatenate(out)
+
+
+def load(path, *, mesh, rules) -> RewardModel:
+  """The reward model (decoder and head) of a reward-model run's latest checkpoint, sharded on `mesh`."""
+  from train import trainer  # noqa: PLC0415 (align.reward_model is imported by the trainer's users)
+
+  def build(config):
+    return RewardModel(model_lib.Transformer(config, rngs=nnx.Rngs(0)), jnp.zeros((config.embed_dim,), jnp.float32))
+
+  module, _ = trainer.restore_run_module(path, build, mesh, rules, decoder_only=False)
+  return module

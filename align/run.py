@@ -1,16 +1,19 @@
 """An alignment run: a method's loss and data on the one trainer loop of train/, with the task's
-exact-match accuracy measured before and after when the config asks for it."""
+exact-match accuracy (and, optionally, the KL to the starting policy) measured before and after."""
 
 import jax
 import ml_collections
 
-from align import dpo, evaluation, reward_model, sft
+from align import distill, dpo, evaluation, grpo, ppo, rest, reward_model, sft
 from align.tasks import arithmetic
 from configs import validation
 from configs.align import common as align_common
 from train import trainer
 
-METHODS = {"sft": sft, "dpo": dpo, "reward": reward_model}
+# A method is a module with loss_fn(config) and make_dataset(config, tokenizer, *, split, **context),
+# and optionally validate(config), wrap(decoder, ...) (the module it trains around the decoder) and
+# eval_prompt(config, problem) (how its policy is asked at test time).
+METHODS = {"sft": sft, "dpo": dpo, "reward": reward_model, "ppo": ppo, "grpo": grpo, "rest": rest, "distill": distill}
 
 
 def _reference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -21,7 +24,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   trainer.validate(config, _reference(config))
   if config.method not in METHODS:
     raise validation.ConfigError(f"config.method={config.method!r} is not one of {sorted(METHODS)}")
-  for block in ("sft", "dpo"):
+  for block in ("sft", "dpo", "rl"):
     if config[block].on_error not in ("raise", "skip"):
       raise validation.ConfigError(f"config.{block}.on_error={config[block].on_error!r} must be 'raise' or 'skip'")
   if config.task.name not in ("", "arithmetic"):
@@ -34,13 +37,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise validation.ConfigError(f"config.dpo.pairs={config.dpo.pairs!r} must be 'data' or 'ai_feedback'")
   if config.dpo.beta <= 0:
     raise validation.ConfigError(f"config.dpo.beta={config.dpo.beta} must be > 0")
+  if config.rl.reward not in ("exact", "digits", "model"):
+    raise validation.ConfigError(f"config.rl.reward={config.rl.reward!r} must be 'exact', 'digits' or 'model'")
+  for key in ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs"):
+    if config.rl[key] < 1:
+      raise validation.ConfigError(f"config.rl.{key}={config.rl[key]} must be >= 1")
+  if config.rl.temperature <= 0:
+    raise validation.ConfigError(f"config.rl.temperature={config.rl.temperature} must be > 0 (the losses divide by it)")
+  method = METHODS[config.method]
+  if hasattr(method, "validate"):
+    try:
+      method.validate(config)
+    except ValueError as e:
+      raise validation.ConfigError(str(e)) from e
+
+
+def _problems(config):
+  return arithmetic.problems(config.task.accuracy_problems, difficulty=config.task.difficulty, seed=config.task.seed + 1)
 
 
 def _accuracy(run: trainer.Run) -> float:
   c = run.config
-  problems = arithmetic.problems(c.task.accuracy_problems, difficulty=c.task.difficulty, seed=c.task.seed + 1)
-  return evaluation.task_accuracy(run.model(), run.tokenizer, problems, max_new_tokens=c.task.accuracy_tokens,
-                                  rules=run.rules)
+  method = METHODS[c.method]
+  prompt_of = (lambda p: method.eval_prompt(c, p)) if hasattr(method, "eval_prompt") else (lambda p: p.prompt)
+  return evaluation.task_accuracy(run.policy(), run.tokenizer, _problems(c), max_new_tokens=c.task.accuracy_tokens,
+                                  rules=run.rules, prompt_of=prompt_of)
+
+
+def _kl_to_start(run: trainer.Run) -> float:
+  """KL(policy || the init_from policy) on the held-out problems' prompts (nats per completion)."""
+  c = run.config
+  start, _ = trainer.load_decoder(c.init_from, run.mesh, run.rules, {})
+  prompts = [p.prompt for p in _problems(c)]
+  return evaluation.kl_to_reference(run.policy(), start, run.tokenizer, prompts, max_new_tokens=c.task.accuracy_tokens,
+                                    seed=c.seed, rules=run.rules)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -57,9 +87,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result.update(trainer.train_loop(run_))
   if measure:
     result["accuracy_after"] = _accuracy(run_)
+    if config.task.measure_kl and config.init_from:
+      result["kl_to_start"] = _kl_to_start(run_)
   if jax.process_index() == 0 and measure:
     before = result.get("accuracy_before")
     print(f"exact-match accuracy on {config.task.accuracy_problems} held-out problems: "
-          + (f"{before:.3f} before, " if before is not None else "") + f"{result['accuracy_after']:.3f} after")
+          + (f"{before:.3f} before, " if before is not None else "") + f"{result['accuracy_after']:.3f} after"
+          + (f"; KL to the starting policy {result['kl_to_start']:.3f} nats" if "kl_to_start" in result else ""))
   result["run"] = run_
   return result

@@ -110,7 +110,7 @@ def test_masked_targets_and_padding_carry_no_gradient(sft_run):
 
 def test_bad_align_config_keys_are_named(tokenizer_path, tmp_path):
   with pytest.raises(Exception, match="config.method"):
-    align_run.run(_config(tokenizer_path, method="ppo"), tmp_path)
+    align_run.run(_config(tokenizer_path, method="kto"), tmp_path)
   with pytest.raises(Exception, match="config.task.name"):
     align_run.run(_config(tokenizer_path, **{"task.name": "chess"}), tmp_path)
   with pytest.raises(Exception, match="config.dpo.loss_type"):

@@ -17,6 +17,7 @@ import re
 
 ANSWER_PREFIX = "Answer:"
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
+_PROMPT = re.compile(r"Question: What is (\d+) ([+-]) (\d+)\?")
 MAX_DIFFICULTY = 6
 
 
@@ -33,6 +34,11 @@ class Problem:
   @property
   def prompt(self) -> str:
     return f"Question: What is {self.a} {self.op} {self.b}?\nSolution:"
+
+  @property
+  def hinted_prompt(self) -> str:
+    """The prompt with the answer given as a hint (STaR's rationalization)."""
+    return f"Question: What is {self.a} {self.op} {self.b}? (Hint: the answer is {self.answer}.)\nSolution:"
 
   def solution(self, *, drop_carry_at: int | None = None) -> str:
     """The worked solution and answer line (the completion); drop_carry_at makes a wrong one."""
@@ -113,9 +119,33 @@ def extract_answer(text: str) -> int | None:
   return int(found[-1]) if found else None
 
 
+def parse_prompt(prompt: str) -> Problem:
+  """The problem a prompt (plain or hinted) asks."""
+  found = _PROMPT.search(prompt)
+  if found is None:
+    raise ValueError(f"not an arithmetic prompt: {prompt!r:.80}")
+  return Problem(int(found[1]), int(found[3]), found[2])
+
+
 def reward(completion: str, problem: Problem) -> float:
   """Exact match of the final answer: 1.0 or 0.0."""
   return float(extract_answer(completion) == problem.answer)
+
+
+def digit_reward(completion: str, problem: Problem) -> float:
+  """Partial credit: the share of the answer's characters (sign and digits, aligned from the right)
+  that the final answer gets right; 1.0 exactly when the answer is right, 0.0 without an answer.
+  A graded reward for methods that filter by a threshold (ReST)."""
+  got = extract_answer(completion)
+  if got is None:
+    return 0.0
+  want, have = str(problem.answer), str(got)
+  width = max(len(want), len(have))
+  want, have = want.rjust(width), have.rjust(width)
+  return sum(a == b for a, b in zip(want, have)) / width
+
+
+REWARDS = {"exact": reward, "digits": digit_reward}
 
 
 def sft_examples(n: int, *, difficulty: int, seed: int) -> list[dict[str, str]]:

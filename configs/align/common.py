@@ -6,7 +6,7 @@ import ml_collections
 
 from configs import common
 
-METHODS = ("sft", "dpo", "reward")
+METHODS = ("sft", "dpo", "reward", "ppo", "grpo", "rest", "distill")
 
 
 def task_config() -> ml_collections.ConfigDict:
@@ -19,6 +19,7 @@ def task_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.accuracy_problems = 0  # >0: exact-match accuracy of greedy answers on that many held-out problems
   c.accuracy_tokens = 64  # the generation budget for those answers
+  c.measure_kl = False  # also report KL(policy || the init_from policy) on those problems' prompts
   return c
 
 
@@ -36,7 +37,7 @@ def dpo_config() -> ml_collections.ConfigDict:
   c.train_path = ""  # JSONL: {"prompt", "chosen", "rejected", "margin" (optional)}
   c.eval_path = ""
   c.on_error = "raise"
-  c.loss_type = "sigmoid"  # sigmoid (DPO; cDPO with label_smoothing), robust, ipo, hinge, simpo
+  c.loss_type = "sigmoid"  # sigmoid (DPO; cDPO with label_smoothing), robust, ipo, hinge, simpo, orpo
   c.beta = 0.1
   c.label_smoothing = 0.0
   c.gamma = 0.5  # SimPO's target margin
@@ -54,6 +55,72 @@ def reward_config() -> ml_collections.ConfigDict:
   return c
 
 
+def rl_config() -> ml_collections.ConfigDict:
+  """What every method that learns from its own samples shares (align/online.py)."""
+  c = ml_collections.ConfigDict()
+  c.prompts_path = ""  # JSONL {"prompt"} when config.task.name is ''
+  c.on_error = "raise"
+  c.prompts_per_iteration = 32  # prompts sampled per iteration (a PPO rollout batch, a ReST Grow)
+  c.samples_per_prompt = 1  # G of GRPO/RLOO, N of ReST / best-of-N
+  c.max_new_tokens = 64
+  c.temperature = 1.0  # sampling temperature; the losses' log-probs use the same one
+  c.reward = "exact"  # 'exact' or 'digits' (the task's verifiers) or 'model' (rl.reward_model)
+  c.reward_model = ""  # a reward-model run's workdir, for reward='model'
+  c.missing_eos_penalty = 0.0  # subtracted from the score of a sample that never ended
+  c.epochs = 1  # passes over each iteration's samples (PPO's epochs of minibatches)
+  return c
+
+
+def ppo_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.value = "head"  # 'head': a scalar head on the policy's features; 'model': a separate decoder with a head
+  c.value_init = ""  # value='model': '' (a copy of the starting policy) or a reward-model run (InstructGPT)
+  c.gamma = 1.0
+  c.lam = 0.95
+  c.clip = 0.2  # the ratio's clip range
+  c.value_clip = 0.2
+  c.vf_coef = 0.1
+  c.kl_coef = 0.05  # per-token KL penalty in the reward
+  c.kl_estimator = "k1"  # 'k1' or 'k3'
+  c.adaptive_kl = False  # Ziegler et al.'s controller toward target_kl over kl_horizon samples
+  c.target_kl = 6.0
+  c.kl_horizon = 10_000
+  return c
+
+
+def grpo_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.advantage = "grpo"  # 'grpo' (group-normalized) or 'rloo' (leave-one-out baseline)
+  c.normalize = "std"  # grpo: 'std' or 'none' (Dr. GRPO)
+  c.clip_low = 0.2
+  c.clip_high = 0.2  # > clip_low: DAPO's clip-higher
+  c.kl_coef = 0.0  # > 0: + kl_coef * k3 KL to the frozen reference, per token
+  c.aggregation = "sequence_mean"  # 'sequence_mean', 'token_mean' or 'fixed_length'
+  return c
+
+
+def rest_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "rest"  # 'rest', 'raft', 'rejection_sampling' or 'star'
+  c.thresholds = (0.5, 0.8, 1.0)  # rest: one Improve step per threshold, rising
+  c.improve_steps = 10  # trainer steps per Improve step (rest) or per iteration (the others)
+  c.keep_fraction = 0.25  # raft: the top fraction of each iteration's samples
+  c.min_reward = 1.0  # raft / rejection_sampling / star: a kept sample scores at least this
+  return c
+
+
+def distill_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.teacher = ""  # the teacher's run workdir or Hugging Face directory (same tokenizer)
+  c.kind = "forward_kl"  # forward_kl, reverse_kl, jsd, sequence, step_by_step
+  c.temperature = 1.0  # token-level: the softening temperature (the loss is scaled by its square)
+  c.teacher_temperature = 0.0  # sequence / step_by_step: how the teacher generates (0: greedy)
+  c.beta = 0.5  # jsd's mixture weight
+  c.on_policy_fraction = 0.0  # token-level: the share of iterations on the student's own samples
+  c.rationale_weight = 1.0  # step_by_step: the rationale task's weight
+  return c
+
+
 def align_config(method: str, **overrides: Any) -> ml_collections.ConfigDict:
   config = common.train_config(**overrides)
   config.method = method
@@ -61,4 +128,9 @@ def align_config(method: str, **overrides: Any) -> ml_collections.ConfigDict:
   config.sft = sft_config()
   config.dpo = dpo_config()
   config.reward = reward_config()
+  config.rl = rl_config()
+  config.ppo = ppo_config()
+  config.grpo = grpo_config()
+  config.rest = rest_config()
+  config.distill = distill_config()
   return config

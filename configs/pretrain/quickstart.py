@@ -6,15 +6,23 @@ Runs on a 2-core laptop CPU in under 10 minutes; the loss falls from ~8.3 (unifo
 vocabulary) and the run ends by printing held-out perplexity, where the checkpoint is, and a
 short greedy sample from the model (`--config.sample_prompt=''` turns it off). Generate more with
 `python -m infer --config=configs/infer/generate.py --config.checkpoint=runs/quickstart --config.prompt="..."`.
-Variants: `:steps=50` for a smoke test; on your own text, add
+Variants: `:steps=50` for a smoke test; `:size=small` for a quarter-width, 2-layer model (the
+student of configs/align/distill_arithmetic.py); on your own text, add
 `--config.data.source=text --config.data.paths='my/corpus/*.txt'`.
 """
 
 from configs import common
 
+SIZES = {
+    "base": dict(embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=768),
+    "small": dict(embed_dim=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64, mlp_dim=384),
+}
+
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=450)
+  arg = common.parse_arg(arg, steps=450, size="base")
+  if arg.size not in SIZES:
+    raise ValueError(f"config arg size={arg.size!r} is not one of {sorted(SIZES)}")
   config = common.train_config()
   config.total_steps = arg.steps
   config.batch_size = 16
@@ -25,8 +33,7 @@ def get_config(arg: str | None = None):
   config.checkpoint_every = 200
   config.sample_prompt = "Return the"  # the corpus is the standard library's docstrings
   config.model = common.model_config(
-      "tiny", embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=768,
-      tie_embeddings=True,
+      "tiny", **SIZES[arg.size], tie_embeddings=True,
       dtype="float32",  # CPUs have no bf16 matrix units: XLA would emulate bf16 there, slower
   )
   config.tokenizer.vocab_size = 4096

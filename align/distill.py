@@ -1,0 +1,175 @@
+"""Distillation of a teacher into a student that shares its tokenizer (the teacher may be larger and
+of another configuration). config.distill.kind picks what the student learns from:
+
+  forward_kl | reverse_kl | jsd   token-level: the teacher's next-token distributions (align/
+        distill_losses.py; temperature, GKD's beta). Each iteration's sequences are, with probability
+        distill.on_policy_fraction, the student's own samples (on-policy, GKD: Agarwal et al. 2024),
+        else the task's reference completions.
+  sequence       sequence-level (Kim & Rush 2016): fine-tune on the teacher's generations.
+  step_by_step   distilling step-by-step (Hsieh et al. 2023): the teacher's generation is split into
+        its rationale and its answer, and the student learns both as two tasks told apart by a prefix
+        of the prompt, loss = answer loss + distill.rationale_weight * rationale loss; at test time
+        the student is asked with the answer prefix only (no rationale to generate).
+
+The trained module is `Distiller`: the student (`decoder`) and the teacher under `frozen` (not
+trained, not saved: reloaded from distill.teacher when a run resumes).
+"""
+
+import functools
+import logging
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from align import data, distill_losses, online, rollout
+from align.tasks import arithmetic
+from train import losses as train_losses
+
+KINDS = distill_losses.DISTILLATION_KINDS + ("sequence", "step_by_step")
+ANSWER_PREFIX = "[answer] "  # step_by_step's two tasks
+RATIONALE_PREFIX = "[rationale] "
+
+
+class Distiller(nnx.Module):
+  """`model(tokens) -> the student's logits`; the teacher rides along, frozen."""
+
+  def __init__(self, decoder, teacher):
+    self.decoder = decoder
+    self.config = decoder.config
+    self.frozen = teacher
+
+  def __call__(self, tokens, **kwargs):
+    return self.decoder(tokens, **kwargs)
+
+
+def wrap(decoder, *, mesh, rules, seed: int, config: ml_collections.ConfigDict, load) -> Distiller:
+  del mesh, rules, seed
+  teacher = load(config.distill.teacher, overrides={})  # the teacher's own architecture, as saved
+  if teacher.config.vocab_size != decoder.config.vocab_size:
+    raise ValueError(f"the teacher's vocab_size={teacher.config.vocab_size} ({config.distill.teacher}) differs from "
+                     f"the student's {decoder.config.vocab_size}: distillation needs one tokenizer for both")
+  return Distiller(decoder, teacher)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  c = config.distill
+  if c.kind not in KINDS:
+    raise ValueError(f"config.distill.kind={c.kind!r} is not one of {KINDS}")
+  if not c.teacher:
+    raise ValueError("config.distill.teacher is empty: give the teacher's run workdir or Hugging Face directory")
+  if not 0 <= c.on_policy_fraction <= 1:
+    raise ValueError(f"config.distill.on_policy_fraction={c.on_policy_fraction} must be in [0, 1]")
+  if c.kind == "step_by_step" and config.task.name != "arithmetic":
+    raise ValueError("config.distill.kind='step_by_step' splits rationale from answer by the task's answer line "
+                     "(config.task.name='arithmetic')")
+
+
+def eval_prompt(config: ml_collections.ConfigDict, problem: arithmetic.Problem) -> str:
+  """How the trained student is asked (step_by_step: with the answer task's prefix)."""
+  return (ANSWER_PREFIX if config.distill.kind == "step_by_step" else "") + problem.prompt
+
+
+def split_rationale(text: str) -> tuple[str, str] | None:
+  """A generation ' steps...\\nAnswer: 42' -> (' steps...', ' Answer: 42'); None without an answer line."""
+  cut = text.rfind("\n" + arithmetic.ANSWER_PREFIX)
+  if cut < 0 or arithmetic.extract_answer(text[cut:]) is None:
+    return None
+  return text[:cut], " " + text[cut + 1:].strip()
+
+
+def _reference_rows(records: list[dict], iteration: int, size: int, tokenizer, *, seed: int, seq_len: int):
+  """Iteration i's slice of the task's (prompt, completion) records as rows with completion masks."""
+  picked = online.prompt_batch(list(range(len(records))), iteration, size, seed=seed)
+  encoded = [data.tokenize_pieces(data.pieces_of(records[i], "plain"), tokenizer) for i in picked]
+  prompts = [ids[: int(np.argmax(trainable))] for ids, trainable in encoded]  # up to the first trained token
+  completions = [ids[len(p):] for p, (ids, _) in zip(prompts, encoded)]
+  return rollout.token_rows(prompts, completions, seq_len=seq_len)
+
+
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, model=None, workdir=None,
+                 live=None, rules=None, mesh=None):
+  del model, mesh
+  if split != "train":
+    raise ValueError("distillation runs are measured by generation; set config.eval_every=0")
+  c, rl = config.distill, config.rl
+  size = rl.prompts_per_iteration
+  pool = online.prompts(config)
+  student = online.Sampler(lambda: live().decoder, tokenizer, config, rules)
+  teacher = online.Sampler(lambda: live().frozen, tokenizer, config, rules)
+  records = None
+  if c.kind in distill_losses.DISTILLATION_KINDS and c.on_policy_fraction < 1:
+    from align import sft  # noqa: PLC0415 (sft's records: the task's or the JSONL's reference completions)
+    records = sft.records(config, "train")
+
+  def schedule(num_rows, iteration):
+    return rollout.epoch_schedule(num_rows, config.batch_size, epochs=rl.epochs,
+                                  seed=config.seed * 1_000_003 + iteration)
+
+  def collect(iteration: int, state: dict):
+    prompts = online.prompt_batch(pool, iteration, size, seed=config.seed)
+    if c.kind in distill_losses.DISTILLATION_KINDS:
+      on_policy = np.random.default_rng([config.seed, iteration]).random() < c.on_policy_fraction
+      if on_policy:
+        samples = student(prompts, iteration, n=1)
+        rows = rollout.token_rows(samples.prompt_ids, samples.completion_ids, seq_len=config.seq_len)
+      else:
+        rows = _reference_rows(records, iteration, size, tokenizer, seed=config.seed, seq_len=config.seq_len)
+      state["on_policy_iterations"] = state.get("on_policy_iterations", 0) + int(on_policy)
+      return rollout.Experience(rows, schedule(size, iteration)), state
+    samples = teacher(prompts, iteration, n=1, temperature=c.teacher_temperature)
+    if c.kind == "sequence":
+      rows = rollout.sft_rows(samples.prompt_ids, samples.completion_ids, seq_len=config.seq_len)
+      return rollout.Experience(rows, schedule(size, iteration)), state
+    answer, rationale = [], []  # step_by_step: two tasks per teacher generation that has an answer
+    for prompt, text in zip(prompts, samples.texts):
+      parts = split_rationale(text)
+      if parts is not None:
+        answer.append((ANSWER_PREFIX + prompt, parts[1]))
+        rationale.append((RATIONALE_PREFIX + prompt, parts[0]))
+    if len(answer) < config.batch_size:
+      raise RuntimeError(f"step_by_step: only {len(answer)} of the teacher's {len(prompts)} generations end in an "
+                         f"answer line, fewer than a batch ({config.batch_size}); is distill.teacher trained on the task?")
+    logging.info("step_by_step iteration %d: %d of %d teacher generations used", iteration, len(answer), len(prompts))
+    rows = {}
+    for name, pairs in (("answer", answer), ("rationale", rationale)):
+      prompt_ids = [rollout.encode_prompt(tokenizer, p) for p, _ in pairs]
+      completion_ids = [[*tokenizer.encode(t), tokenizer.eos_id] for _, t in pairs]
+      rows.update({f"{name}_{k}": v for k, v in
+                   rollout.sft_rows(prompt_ids, completion_ids, seq_len=config.seq_len).items()})
+    return rollout.Experience(rows, schedule(len(answer), iteration)), state
+
+  return rollout.ExperienceSource(collect, workdir=workdir, batch_size=config.batch_size)
+
+
+def token_loss_fn(model: Distiller, batch, rng, *, kind: str, temperature: float, beta: float):
+  """The student's divergence from the teacher on the batch's completion tokens."""
+  del rng
+  student = model.decoder(batch["tokens"])
+  teacher = model.frozen(batch["tokens"])
+  return distill_losses.distillation_loss(student, teacher, batch["mask"], kind=kind, temperature=temperature,
+                                          beta=beta)
+
+
+def step_by_step_loss_fn(model: Distiller, batch, rng, *, rationale_weight: float, z_loss: float):
+  """answer loss + rationale_weight * rationale loss, each a token mean over its own rows."""
+  def task(prefix):
+    return train_losses.next_token_loss(model.decoder, {k[len(prefix):]: v for k, v in batch.items()
+                                                        if k.startswith(prefix)}, rng, z_loss=z_loss)
+
+  answer, _ = task("answer_")
+  rationale, _ = task("rationale_")
+  return answer + rationale_weight * rationale, {
+      "distill/answer_loss": answer, "distill/rationale_loss": rationale,
+      "weight": jnp.asarray(batch["answer_tokens"].shape[0], jnp.float32),
+  }
+
+
+def loss_fn(config: ml_collections.ConfigDict):
+  c = config.distill
+  if c.kind in distill_losses.DISTILLATION_KINDS:
+    return functools.partial(token_loss_fn, kind=c.kind, temperature=c.temperature, beta=c.beta)
+  if c.kind == "step_by_step":
+    return functools.partial(step_by_step_loss_fn, rationale_weight=c.rationale_weight, z_loss=config.z_loss)
+  return functools.partial(train_losses.next_token_loss, z_loss=config.z_loss)

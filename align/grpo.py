@@ -1,0 +1,136 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath) and RLOO (Ahmadian et al. 2024): no value model; the
+baseline comes from the other samples of the same prompt.
+
+Per iteration: G = rl.samples_per_prompt samples for each of rl.prompts_per_iteration prompts from
+the live policy, scored; one advantage per sample, broadcast over its tokens:
+  grpo  (r - mean of its group) / (std of its group + eps)  (grpo.normalize='none': Dr. GRPO's r - mean)
+  rloo  r - mean of the *other* G - 1 samples of its group
+The loss is PPO's clipped surrogate with separate low/high epsilons (DAPO's clip-higher), plus
+grpo.kl_coef times the k3 estimate of KL(policy || reference) per token when kl_coef > 0 (the
+reference is then kept frozen beside the policy), aggregated per grpo.aggregation:
+'sequence_mean' (GRPO's), 'token_mean' (DAPO) or 'fixed_length' (Dr. GRPO). rl.epochs > 1 reuses
+each iteration's samples, with the rollout policy's log-probs as the ratio's denominator.
+"""
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from align import online, rl_losses, rollout
+from train import losses as train_losses
+
+ADVANTAGES = ("grpo", "rloo")
+NORMALIZE = ("std", "none")
+AGGREGATIONS = ("sequence_mean", "token_mean", "fixed_length")
+
+
+class PolicyWithReference(nnx.Module):
+  """The policy (`decoder`, trained) and the frozen reference (under `frozen`, not trained)."""
+
+  def __init__(self, decoder, reference):
+    self.decoder = decoder
+    self.config = decoder.config
+    self.frozen = reference
+
+  def __call__(self, tokens):
+    return self.decoder(tokens)
+
+
+def wrap(decoder, *, mesh, rules, seed: int, config: ml_collections.ConfigDict, load):
+  """A frozen reference beside the policy only when the loss needs it (grpo.kl_coef > 0)."""
+  del mesh, rules, seed
+  if config.grpo.kl_coef <= 0:
+    return decoder
+  return PolicyWithReference(decoder, load(config.init_from))
+
+
+def policy_of(module):
+  return getattr(module, "decoder", module)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  c = config.grpo
+  if c.advantage not in ADVANTAGES:
+    raise ValueError(f"config.grpo.advantage={c.advantage!r} is not one of {ADVANTAGES}")
+  if c.normalize not in NORMALIZE:
+    raise ValueError(f"config.grpo.normalize={c.normalize!r} is not one of {NORMALIZE}")
+  if c.aggregation not in AGGREGATIONS:
+    raise ValueError(f"config.grpo.aggregation={c.aggregation!r} is not one of {AGGREGATIONS}")
+  if config.rl.samples_per_prompt < 2:
+    raise ValueError(f"config.rl.samples_per_prompt={config.rl.samples_per_prompt} must be >= 2: "
+                     "a group needs other samples for its baseline")
+  if c.kl_coef > 0 and not config.init_from:
+    raise ValueError(f"config.grpo.kl_coef={c.kl_coef} needs config.init_from (the reference policy)")
+
+
+def advantages(scores: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
+  """[R] per-sample advantages of rows grouped G at a time."""
+  c, group = config.grpo, config.rl.samples_per_prompt
+  if c.advantage == "rloo":
+    return np.asarray(rl_losses.rloo_advantages(jnp.asarray(scores, jnp.float32), group))
+  return np.asarray(rl_losses.group_advantages(jnp.asarray(scores, jnp.float32), group, normalize=c.normalize))
+
+
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, model=None, workdir=None,
+                 live=None, rules=None, mesh=None):
+  del model
+  if split != "train":
+    raise ValueError("GRPO has no held-out loss (set config.eval_every=0); it is measured by generation")
+  rl = config.rl
+  pool = online.prompts(config)
+  reward_fn = online.reward_fn(config, tokenizer, mesh=mesh, rules=rules)
+  sampler = online.Sampler(lambda: policy_of(live()), tokenizer, config, rules)
+  num_rows = rl.prompts_per_iteration * rl.samples_per_prompt
+
+  def collect(iteration: int, state: dict):
+    module = live()
+    _, rows, scores = online.scored_rollout(sampler, reward_fn, pool, iteration, config)
+    score = functools.partial(rollout.token_logprobs, tokens=rows["tokens"], targets=rows["targets"],
+                              temperature=rl.temperature, batch_size=config.batch_size)
+    rows["old_logprobs"] = score(policy_of(module))
+    if config.grpo.kl_coef > 0:
+      rows["ref_logprobs"] = score(module.frozen)
+    rows["advantages"] = advantages(scores, config).astype(np.float32)
+    rows["score"] = scores.astype(np.float32)
+    solved = scores.reshape(-1, rl.samples_per_prompt).std(axis=1) > 0
+    logging.info("%s iteration %d: reward %.3f, %.0f%% of groups with a learning signal", config.grpo.advantage,
+                 iteration, scores.mean(), 100 * solved.mean())
+    schedule = rollout.epoch_schedule(num_rows, config.batch_size, epochs=rl.epochs,
+                                      seed=config.seed * 1_000_003 + iteration)
+    return rollout.Experience(rows, schedule), state
+
+  return rollout.ExperienceSource(collect, workdir=workdir, batch_size=config.batch_size)
+
+
+def grpo_loss_fn(model, batch, rng, *, temperature: float, clip_low: float, clip_high: float, kl_coef: float,
+                 aggregation: str, max_length: int):
+  del rng
+  mask = batch["mask"].astype(jnp.float32)
+  logits = policy_of(model)(batch["tokens"]) / temperature
+  nll, _ = train_losses.token_cross_entropy(logits, batch["targets"])
+  logprobs = -nll
+  advantages = jnp.broadcast_to(batch["advantages"][:, None], mask.shape)
+  per_token, metrics = rl_losses.clipped_surrogate(logprobs, batch["old_logprobs"], advantages, mask,
+                                                   clip_low=clip_low, clip_high=clip_high)
+  if kl_coef > 0:  # DeepSeekMath eq. 4: the k3 estimate in the loss, not in the reward
+    kl = rl_losses.kl_penalty(logprobs, batch["ref_logprobs"], "k3", mask=mask)
+    per_token = per_token + kl_coef * kl
+    metrics["kl/reference"] = rl_losses.masked_mean(kl, mask)
+  loss = rl_losses.aggregate(per_token, mask, aggregation, max_length=max_length)
+  metrics.update({
+      "policy/entropy": rl_losses.masked_mean(rl_losses.entropy_from_logits(jax.lax.stop_gradient(logits)), mask),
+      "reward/mean": jnp.mean(batch["score"]), "weight": jnp.sum(mask),
+  })
+  return loss, metrics
+
+
+def loss_fn(config: ml_collections.ConfigDict):
+  c = config.grpo
+  return functools.partial(grpo_loss_fn, temperature=config.rl.temperature, clip_low=c.clip_low,
+                           clip_high=c.clip_high, kl_coef=c.kl_coef, aggregation=c.aggregation,
+                           max_length=config.rl.max_new_tokens)

@@ -1,0 +1,88 @@
+"""What the online methods share: their prompts, their reward, and sampling from the live policy.
+
+`config.rl` (configs/align/common.py) holds these settings for every method that learns from its own
+samples (PPO, GRPO/RLOO, ReST, RAFT, rejection sampling, STaR, on-policy distillation).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+import infer
+from align import data, rewards, rollout
+from align.tasks import arithmetic
+
+
+def prompts(config: ml_collections.ConfigDict, split: str = "train") -> list[str]:
+  """The prompts to sample for: the task's problems (train: task.train_size at task.seed; eval:
+  task.eval_size at task.seed + 1) or the JSONL file config.rl.prompts_path ({"prompt": ...})."""
+  task = config.task
+  if task.name == "arithmetic":
+    n, seed = (task.train_size, task.seed) if split == "train" else (task.eval_size, task.seed + 1)
+    return [p.prompt for p in arithmetic.problems(n, difficulty=task.difficulty, seed=seed)]
+  if not config.rl.prompts_path:
+    raise ValueError("config.rl.prompts_path is empty and config.task.name is ''")
+  return [r["prompt"] for r in data.read_jsonl(config.rl.prompts_path, "prompt", on_error=config.rl.on_error)]
+
+
+def prompt_batch(pool: list[str], iteration: int, size: int, *, seed: int) -> list[str]:
+  """Iteration i's `size` prompts: consecutive slices of a permutation of the pool, reshuffled per pass."""
+  if not pool:
+    raise ValueError("there are no prompts to sample for")
+  out, start = [], iteration * size
+  while len(out) < size:
+    epoch, offset = divmod(start + len(out), len(pool))
+    order = np.random.default_rng([seed, epoch]).permutation(len(pool))
+    out += [pool[i] for i in order[offset: offset + size - len(out)]]
+  return out
+
+
+def reward_fn(config: ml_collections.ConfigDict, tokenizer, *, mesh=None, rules=None) -> rewards.RewardFn:
+  c = config.rl
+  if c.reward == "model":
+    from align import reward_model  # noqa: PLC0415
+
+    if not c.reward_model:
+      raise ValueError("config.rl.reward='model' needs config.rl.reward_model (a reward-model run's workdir)")
+    module = reward_model.load(c.reward_model, mesh=mesh, rules=rules)
+    return rewards.model_reward(module, tokenizer, seq_len=config.seq_len)
+  if config.task.name != "arithmetic":
+    raise ValueError(f"config.rl.reward={c.reward!r} is a verifier of the arithmetic task, but config.task.name "
+                     f"is {config.task.name!r}; use reward='model'")
+  return rewards.task_reward(c.reward)
+
+
+@dataclasses.dataclass
+class Sampler:
+  """Samples of iteration i from whatever policy `policy()` returns at that moment."""
+
+  policy: Callable[[], Any]
+  tokenizer: Any
+  config: ml_collections.ConfigDict
+  rules: Any = None
+
+  def __call__(self, prompts: list[str], iteration: int, *, n: int | None = None,
+               temperature: float | None = None) -> rollout.Samples:
+    c = self.config.rl
+    temperature = c.temperature if temperature is None else temperature
+    return rollout.sample(
+        self.policy(), self.tokenizer, prompts, n=c.samples_per_prompt if n is None else n,
+        max_new_tokens=c.max_new_tokens, sampling=infer.Sampling(temperature=temperature),
+        seed=self.config.seed * 7919 + iteration, rules=self.rules,
+    )
+
+
+def scored_rollout(sampler: Sampler, reward: rewards.RewardFn, pool: list[str], iteration: int,
+                   config: ml_collections.ConfigDict) -> tuple[rollout.Samples, dict[str, np.ndarray], np.ndarray]:
+  """Iteration i's samples from the live policy, as trainer rows (tokens/targets/mask [R, T]), and
+  their scores [R]: the reward minus rl.missing_eos_penalty for each sample that never ended."""
+  rl = config.rl
+  prompts = prompt_batch(pool, iteration, rl.prompts_per_iteration, seed=config.seed)
+  samples = sampler(prompts, iteration)
+  rows = rollout.token_rows(samples.prompt_ids, samples.completion_ids, seq_len=config.seq_len)
+  repeated = [p for p in prompts for _ in range(rl.samples_per_prompt)]
+  scores = np.asarray(reward(repeated, samples.texts), np.float32) - rl.missing_eos_penalty * ~samples.finished
+  return samples, rows, scores

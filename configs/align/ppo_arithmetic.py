@@ -1,0 +1,26 @@
+"""PPO RLHF on the arithmetic task from part 1's SFT checkpoint (exact-match reward, value head,
+k1 KL penalty in the reward, GAE, 2 epochs of minibatches per rollout batch):
+
+  python -m align --config=configs/align/ppo_arithmetic.py --workdir=runs/ppo
+
+Variants: `:steps=N`, `:init=DIR`, `:lr=X`, `:kl=C` (the KL coefficient), `:value=head|model`,
+`:adaptive=True` (Ziegler et al.'s controller toward ppo.target_kl), `:prompts=P` (rollout batch).
+"""
+
+from configs import common
+from configs.align.rl_common import online_config
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, steps=200, init="runs/sft", lr=1e-5, difficulty=2, prompts=64, kl=0.05, value="head",
+                         adaptive=False)
+  config = online_config("ppo", arg)
+  config.rl.epochs = 2
+  config.rl.missing_eos_penalty = 1.0
+  config.ppo.kl_coef = arg.kl
+  config.ppo.value = arg.value
+  config.ppo.adaptive_kl = arg.adaptive
+  config.ppo.target_kl = 1.0
+  config.ppo.kl_horizon = 2000
+  config.ppo.vf_coef = 0.1
+  return config

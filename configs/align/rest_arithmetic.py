@@ -1,0 +1,30 @@
+"""Sample, filter, fine-tune on the arithmetic task from part 1's SFT checkpoint:
+
+  python -m align --config=configs/align/rest_arithmetic.py --workdir=runs/rest
+  python -m align --config=configs/align/rest_arithmetic.py:mode=raft --workdir=runs/raft
+  python -m align --config=configs/align/rest_arithmetic.py:mode=rejection_sampling --workdir=runs/rs
+  python -m align --config=configs/align/rest_arithmetic.py:mode=star --workdir=runs/star
+
+ReST grows 4 samples per prompt scored by the graded 'digits' reward and improves on thresholds
+0.5, 0.8, 1.0 in turn; RAFT keeps the top quarter of each grow by exact match; rejection sampling
+keeps each prompt's best of 4 when it is right; STaR keeps right rationales and rationalizes
+failures with the answer as a hint.
+Variants: `:steps=N`, `:init=DIR`, `:lr=X`, `:samples=N`, `:improve=S` (steps per Improve step).
+"""
+
+from configs import common
+from configs.align.rl_common import online_config
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, steps=200, init="runs/sft", lr=2e-5, difficulty=2, prompts=64, mode="rest", samples=4,
+                         improve=10)
+  config = online_config("rest", arg)
+  config.rest.mode = arg.mode
+  config.rest.improve_steps = arg.improve
+  config.rl.samples_per_prompt = 1 if arg.mode == "star" else arg.samples
+  config.rl.reward = "digits" if arg.mode == "rest" else "exact"
+  config.rest.thresholds = (0.5, 0.8, 1.0)
+  config.rest.keep_fraction = 0.25
+  config.rest.min_reward = 1.0
+  return config

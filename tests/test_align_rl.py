@@ -1,0 +1,228 @@
+"""The online methods on the shared trainer, 8 fake devices, a tiny model on single-digit addition:
+each raises the mean reward on a fixed prompt set; prompt and padding positions change no loss or
+gradient; a PPO run stopped mid-iteration resumes on the same samples; distillation raises a weak
+student's reward toward its teacher's."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import infer
+from align import online, rewards, rollout
+from align import run as align_run
+from align.tasks import arithmetic
+from configs import common, validation
+from configs.align.common import align_config
+from model import sharding
+from train import tokenizer as tokenizer_lib
+from train import trainer
+
+VOCAB = 320
+
+
+def _config(method, tokenizer_path, **overrides):
+  c = align_config(method)
+  c.batch_size = 16
+  c.seq_len = 48
+  c.log_every = 8
+  c.eval_every = 0
+  c.checkpoint_every = 0
+  c.model = common.model_config("tiny", num_layers=2, vocab_size=VOCAB, embed_dim=64, num_heads=2, num_kv_heads=1,
+                                head_dim=32, mlp_dim=128)
+  c.tokenizer.path = str(tokenizer_path)
+  c.task.name = "arithmetic"
+  c.task.difficulty = 1
+  c.task.train_size = 512
+  c.task.accuracy_problems = 0
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.warmup_steps = 0
+  c.optimizer.schedule = "constant"
+  c.mesh.data = 8
+  c.rl.max_new_tokens = 32
+  c.rl.prompts_per_iteration = 16
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+  """(tokenizer path, the SFT policy every method starts from, a weaker SFT student for distillation)."""
+  root = tmp_path_factory.mktemp("rl")
+  texts = [r["prompt"] + r["completion"] for r in arithmetic.sft_examples(400, difficulty=1, seed=9)]
+  tokenizer_path = root / "tokenizer.model"
+  tokenizer_lib.train_tokenizer(texts, tokenizer_path, vocab_size=VOCAB)
+  for name, steps in (("sft", 200), ("weak", 90)):
+    config = _config("sft", tokenizer_path, total_steps=steps, log_every=steps, **{"optimizer.learning_rate": 3e-3})
+    align_run.run(config, root / name)
+  return tokenizer_path, root / "sft", root / "weak"
+
+
+def _fixed_prompt_reward(policy, tokenizer, config, n=16) -> float:
+  """Mean exact-match reward of n temperature-1 samples per training prompt (one fixed seed)."""
+  prompts = online.prompts(config)
+  samples = rollout.sample(policy, tokenizer, prompts, n=n, max_new_tokens=config.rl.max_new_tokens,
+                           sampling=infer.Sampling(temperature=1.0), seed=123)
+  return float(np.mean(rewards.task_reward("exact")([p for p in prompts for _ in range(n)], samples.texts)))
+
+
+def _train(method, config, workdir):
+  m = align_run.METHODS[method]
+  align_run.validate(config)
+  return trainer.setup(config, workdir, loss_fn=m.loss_fn(config), make_dataset=m.make_dataset,
+                       reference=align_config(method), wrap_model=getattr(m, "wrap", None))
+
+
+# A small fixed prompt set (16 problems) that every iteration samples from: a few iterations move it.
+METHOD_CASES = {
+    "ppo": ("ppo", 32, {"rl.prompts_per_iteration": 64, "rl.epochs": 2}),
+    "grpo": ("grpo", 32, {"rl.samples_per_prompt": 8}),
+    "rloo": ("grpo", 32, {"rl.samples_per_prompt": 8, "grpo.advantage": "rloo", "grpo.aggregation": "token_mean"}),
+    "rest": ("rest", 30, {"rl.samples_per_prompt": 4, "rest.thresholds": (0.5, 1.0), "rest.improve_steps": 10}),
+    "raft": ("rest", 30, {"rl.samples_per_prompt": 4, "rest.mode": "raft", "rest.improve_steps": 10}),
+    "rejection_sampling": ("rest", 30, {"rl.samples_per_prompt": 4, "rest.mode": "rejection_sampling",
+                                        "rest.improve_steps": 10}),
+    "star": ("rest", 30, {"rest.mode": "star", "rest.improve_steps": 10}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(METHOD_CASES))
+def test_method_raises_the_reward_on_a_fixed_prompt_set(start, tmp_path, case):
+  tokenizer_path, sft_dir, _ = start
+  method, steps, overrides = METHOD_CASES[case]
+  config = _config(method, tokenizer_path, init_from=str(sft_dir), total_steps=steps,
+                   **{"task.train_size": 16, **overrides})
+  run = _train(method, config, tmp_path)
+  before = _fixed_prompt_reward(run.policy(), run.tokenizer, config)
+  result = trainer.train_loop(run)
+  after = _fixed_prompt_reward(run.policy(), run.tokenizer, config)
+  assert np.isfinite(result["loss"])
+  assert after >= before + 0.05, f"{case}: mean reward {before:.3f} -> {after:.3f}"
+
+
+def test_distillation_raises_a_weak_student_toward_its_teacher(start, tmp_path):
+  tokenizer_path, teacher_dir, weak_dir = start
+  config = _config("distill", tokenizer_path, init_from=str(weak_dir), total_steps=60,
+                   **{"task.train_size": 16, "distill.teacher": str(teacher_dir), "distill.on_policy_fraction": 0.5,
+                      "optimizer.learning_rate": 1e-3})
+  run = _train("distill", config, tmp_path)
+  teacher = _fixed_prompt_reward(run.model().frozen, run.tokenizer, config)
+  before = _fixed_prompt_reward(run.policy(), run.tokenizer, config)
+  trainer.train_loop(run)
+  after = _fixed_prompt_reward(run.policy(), run.tokenizer, config)
+  assert teacher > before + 0.05, (teacher, before)
+  assert after >= before + 0.05, f"student {before:.3f} -> {after:.3f} (teacher {teacher:.3f})"
+
+
+def _loss_and_grads(run, batch):
+  def loss(params, rest):  # rest differentiated too (and dropped), as train/step.py does for nnx's sake
+    return run.loss_fn(nnx.merge(run.graphdef, params, rest), batch, jax.random.key(0))[0]
+
+  with sharding.axis_rules(run.mesh, run.rules):
+    value, (grads, _) = jax.value_and_grad(loss, argnums=(0, 1))(run.state["params"], run.rest)
+  return value, grads
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo", "distill"])
+def test_prompt_and_padding_change_no_loss_or_gradient(start, tmp_path, method):
+  tokenizer_path, sft_dir, _ = start
+  overrides = {"ppo": {}, "grpo": {"rl.samples_per_prompt": 4, "grpo.kl_coef": 0.1},
+               "distill": {"distill.teacher": str(sft_dir), "distill.on_policy_fraction": 1.0}}[method]
+  config = _config(method, tokenizer_path, init_from=str(sft_dir), total_steps=1, **overrides)
+  run = _train(method, config, tmp_path)
+  local = next(run.train_iter)
+  batch = {k: jnp.asarray(v) for k, v in local.items()}
+  loss, grads = _loss_and_grads(run, batch)
+  mask = np.asarray(local["mask"]) > 0
+  # Scramble everything outside the completions: padding tokens after each row's end, and every
+  # per-token input of the loss where the mask is 0 (prompt positions included).
+  rng = np.random.default_rng(0)
+  scrambled = dict(local)
+  end = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)  # one past each row's last completion target
+  after_end = np.arange(mask.shape[1])[None, :] >= end[:, None] + 1
+  scrambled["tokens"] = np.where(after_end, rng.integers(0, VOCAB, mask.shape), local["tokens"]).astype(np.int32)
+  for key in ("old_logprobs", "ref_logprobs", "old_values", "advantages", "returns"):
+    if key in local and local[key].shape == mask.shape:
+      scrambled[key] = np.where(mask, local[key], rng.normal(size=mask.shape) * 1e3).astype(np.float32)
+  loss2, grads2 = _loss_and_grads(run, {k: jnp.asarray(v) for k, v in scrambled.items()})
+  np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-5, atol=1e-6)
+  for g, g2 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2)):
+    np.testing.assert_allclose(np.asarray(g2), np.asarray(g), rtol=1e-4, atol=1e-6)
+
+
+def test_distilling_into_the_teacher_itself_costs_nothing(start, tmp_path):
+  tokenizer_path, sft_dir, _ = start
+  config = _config("distill", tokenizer_path, init_from=str(sft_dir), total_steps=1,
+                   **{"distill.teacher": str(sft_dir)})
+  run = _train("distill", config, tmp_path)
+  loss, metrics = run.loss_fn(run.model(), {k: jnp.asarray(v) for k, v in next(run.train_iter).items()}, None)
+  assert abs(float(loss)) < 1e-5 and float(metrics["distill/teacher_student_agreement"]) == 1.0
+
+
+def test_ppo_resumes_mid_iteration_on_the_same_samples(start, tmp_path):
+  """Stopped after 3 of an iteration's 4 steps, then resumed: the same losses as one straight run,
+  and the adaptive KL coefficient carried through the data iterator's state."""
+  tokenizer_path, sft_dir, _ = start
+  def config(total):
+    return _config("ppo", tokenizer_path, init_from=str(sft_dir), total_steps=total, log_every=1,
+                   **{"rl.prompts_per_iteration": 32, "ppo.adaptive_kl": True, "ppo.target_kl": 0.01,
+                      "ppo.kl_horizon": 100})
+  straight = _train("ppo", config(6), tmp_path / "straight")
+  trainer.train_loop(straight)
+  stopped = _train("ppo", config(6), tmp_path / "resumed")
+  trainer.train_loop(stopped, stop_at=3)
+  resumed = _train("ppo", config(6), tmp_path / "resumed")
+  assert int(resumed.state["step"]) == 3
+  trainer.train_loop(resumed)
+
+  def losses(workdir):
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: (m["loss"], m["kl/coef"]) for m in lines if "loss" in m}
+
+  a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+  for step in (4, 5, 6):
+    np.testing.assert_allclose(b[step], a[step], rtol=1e-5)
+  assert a[6][1] != a[1][1]  # the coefficient moved (iteration 1 uses the adapted one)
+
+
+def test_bad_online_configs_name_the_key(start, tmp_path):
+  tokenizer_path, sft_dir, _ = start
+  cases = [
+      ("grpo", {"rl.samples_per_prompt": 1}, "config.rl.samples_per_prompt=1"),
+      ("grpo", {"grpo.aggregation": "sum"}, "config.grpo.aggregation='sum'"),
+      ("ppo", {"ppo.kl_estimator": "k9"}, "config.ppo.kl_estimator='k9'"),
+      ("rest", {"rest.thresholds": (1.0, 0.5)}, "config.rest.thresholds"),
+      ("distill", {"distill.kind": "soft"}, "config.distill.kind='soft'"),
+      ("ppo", {"rl.temperature": 0.0}, "config.rl.temperature=0.0"),
+  ]
+  for method, overrides, message in cases:
+    config = _config(method, tokenizer_path, init_from=str(sft_dir), **overrides)
+    with pytest.raises(validation.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+      align_run.validate(config)
+
+
+def test_ppo_with_a_reward_model_as_reward_and_value_init(start, tmp_path):
+  """A reward model (trained a few steps on the task's pairs) scores PPO's samples and initializes a
+  separate value model (InstructGPT's recipe); the plumbing runs and PPO's values start from it."""
+  tokenizer_path, sft_dir, _ = start
+  rm = _config("reward", tokenizer_path, init_from=str(sft_dir), total_steps=4, **{"optimizer.learning_rate": 1e-3})
+  align_run.run(rm, tmp_path / "rm")
+  config = _config("ppo", tokenizer_path, init_from=str(sft_dir), total_steps=2,
+                   **{"rl.reward": "model", "rl.reward_model": str(tmp_path / "rm"), "ppo.value": "model",
+                      "ppo.value_init": str(tmp_path / "rm")})
+  run = _train("ppo", config, tmp_path / "ppo")
+  from align import reward_model
+  rm_module = reward_model.load(tmp_path / "rm", mesh=run.mesh, rules=run.rules)
+  np.testing.assert_array_equal(np.asarray(run.model().value_head[...]), np.asarray(rm_module.head[...]))
+  batch = next(run.train_iter)
+  assert np.std(batch["score"]) > 0  # real-valued rewards from the model, not a 0/1 verifier
+  result = trainer.train_loop(run)
+  assert np.isfinite(result["loss"]) and "value/explained_variance" in result
