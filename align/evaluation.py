@@ -11,20 +11,28 @@ from align import rollout
 from align.tasks import arithmetic
 
 
-def task_accuracy(model, tokenizer, problems: Sequence[arithmetic.Problem], *, max_new_tokens: int = 64,
-                  batch_size: int = 64, rules=None,
-                  prompt_of: Callable[[arithmetic.Problem], str] = lambda p: p.prompt) -> float:
-  """Share of `problems` whose greedy completion of prompt_of(problem) ends in the right 'Answer:' line."""
+def task_scores(model, tokenizer, problems: Sequence[arithmetic.Problem], *, max_new_tokens: int = 64,
+                batch_size: int = 64, rules=None,
+                prompt_of: Callable[[arithmetic.Problem], str] = lambda p: p.prompt) -> dict[str, float]:
+  """Greedy completions of prompt_of(problem), scored by each of the task's rewards: 'exact' (the
+  share whose 'Answer:' line is right) and 'digits' (the mean share of the answer's characters right)."""
   if not problems:
-    raise ValueError("task_accuracy needs at least one problem")
-  correct = 0
+    raise ValueError("task_scores needs at least one problem")
+  totals = dict.fromkeys(arithmetic.REWARDS, 0.0)
   for start in range(0, len(problems), batch_size):
     chunk = problems[start: start + batch_size]
     prompts = [rollout.encode_prompt(tokenizer, prompt_of(p)) for p in chunk]
     out = infer.generate(model, prompts, max_new_tokens=max_new_tokens, stop_tokens=[tokenizer.eos_id], rules=rules)
     for problem, prompt, tokens in zip(chunk, prompts, out.tokens):
-      correct += arithmetic.reward(rollout.completion_text(tokenizer, prompt, tokens), problem)
-  return correct / len(problems)
+      text = rollout.completion_text(tokenizer, prompt, tokens)
+      for name, reward in arithmetic.REWARDS.items():
+        totals[name] += reward(text, problem)
+  return {name: total / len(problems) for name, total in totals.items()}
+
+
+def task_accuracy(model, tokenizer, problems: Sequence[arithmetic.Problem], **kwargs) -> float:
+  """Share of `problems` whose greedy completion ends in the right 'Answer:' line (see task_scores)."""
+  return task_scores(model, tokenizer, problems, **kwargs)["exact"]
 
 
 def kl_to_reference(policy, reference, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, seed: int = 0,

@@ -56,12 +56,12 @@ def _problems(config):
   return arithmetic.problems(config.task.accuracy_problems, difficulty=config.task.difficulty, seed=config.task.seed + 1)
 
 
-def _accuracy(run: trainer.Run) -> float:
+def _scores(run: trainer.Run) -> dict[str, float]:
   c = run.config
   method = METHODS[c.method]
   prompt_of = (lambda p: method.eval_prompt(c, p)) if hasattr(method, "eval_prompt") else (lambda p: p.prompt)
-  return evaluation.task_accuracy(run.policy(), run.tokenizer, _problems(c), max_new_tokens=c.task.accuracy_tokens,
-                                  rules=run.rules, prompt_of=prompt_of)
+  return evaluation.task_scores(run.policy(), run.tokenizer, _problems(c), max_new_tokens=c.task.accuracy_tokens,
+                                rules=run.rules, prompt_of=prompt_of)
 
 
 def _kl_to_start(run: trainer.Run) -> float:
@@ -74,7 +74,9 @@ def _kl_to_start(run: trainer.Run) -> float:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config.method` in `workdir`; returns the trainer's result plus accuracy before/after."""
+  """Trains `config.method` in `workdir`; returns the trainer's result plus, on the task, exact-match
+  accuracy (accuracy_before/after), the mean share of answer digits right (digits_before/after) and
+  the KL to the starting policy (kl_to_start, when task.measure_kl)."""
   validate(config)
   method = METHODS[config.method]
   run_ = trainer.setup(config, workdir, loss_fn=method.loss_fn(config), make_dataset=method.make_dataset,
@@ -83,16 +85,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   measure = config.task.accuracy_problems > 0 and config.task.name == "arithmetic" and config.method != "reward"
   result = {}
   if measure and int(run_.state["step"]) == 0:
-    result["accuracy_before"] = _accuracy(run_)
+    scores = _scores(run_)
+    result.update(accuracy_before=scores["exact"], digits_before=scores["digits"])
   result.update(trainer.train_loop(run_))
   if measure:
-    result["accuracy_after"] = _accuracy(run_)
+    scores = _scores(run_)
+    result.update(accuracy_after=scores["exact"], digits_after=scores["digits"])
     if config.task.measure_kl and config.init_from:
       result["kl_to_start"] = _kl_to_start(run_)
   if jax.process_index() == 0 and measure:
     before = result.get("accuracy_before")
     print(f"exact-match accuracy on {config.task.accuracy_problems} held-out problems: "
           + (f"{before:.3f} before, " if before is not None else "") + f"{result['accuracy_after']:.3f} after"
+          + "; answer digits right: " + (f"{result['digits_before']:.3f} before, " if before is not None else "")
+          + f"{result['digits_after']:.3f} after"
           + (f"; KL to the starting policy {result['kl_to_start']:.3f} nats" if "kl_to_start" in result else ""))
   result["run"] = run_
   return result

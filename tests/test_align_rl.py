@@ -127,7 +127,7 @@ def _loss_and_grads(run, batch):
     return run.loss_fn(nnx.merge(run.graphdef, params, rest), batch, jax.random.key(0))[0]
 
   with sharding.axis_rules(run.mesh, run.rules):
-    value, (grads, _) = jax.value_and_grad(loss, argnums=(0, 1))(run.state["params"], run.rest)
+    value, (grads, _) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(run.state["params"], run.rest)
   return value, grads
 
 

@@ -87,6 +87,7 @@ def test_masked_targets_and_padding_carry_no_gradient(sft_run):
   assert (local["segment_ids"] == 0).any() and (local["loss_mask"] == 0).any()
   batch = {k: jnp.asarray(v) for k, v in local.items()}
 
+  @jax.jit
   def grads(batch):
     def loss_of(params):
       return losses.next_token_loss(nnx.merge(run.graphdef, params, run.rest), batch, None)[0]

@@ -51,3 +51,29 @@ def test_data_formats():
   assert set(sft[0]) == {"prompt", "completion"}
   pairs = arithmetic.preference_pairs(3, difficulty=2, seed=0)
   assert all(p["chosen"] != p["rejected"] for p in pairs)
+
+
+def test_task_scores_grade_the_generated_answers(tmp_path, monkeypatch):
+  """task_scores on scripted generations: one right answer, one with a wrong tens digit, one with no
+  answer line; exact = 1/3, digits = (1 + 1/2 + 0) / 3 by hand."""
+  import types
+
+  import infer
+  from align import evaluation
+  from train import tokenizer as tokenizer_lib
+
+  problems = [arithmetic.Problem(12, 30, "+"), arithmetic.Problem(45, 3, "+"), arithmetic.Problem(9, 1, "-")]
+  texts = [r["prompt"] + r["completion"] for r in arithmetic.sft_examples(200, difficulty=2, seed=3)]
+  tokenizer_lib.train_tokenizer(texts, tmp_path / "tok.model", vocab_size=320)
+  tokenizer = tokenizer_lib.load_tokenizer(tmp_path / "tok.model")
+  completions = [" 2 + 0 = 2, write 2.\nAnswer: 42", " 5 + 3 = 8, write 8.\nAnswer: 58", " I do not know."]
+
+  def scripted_generate(model, prompts, **kwargs):
+    assert len(prompts) == len(problems)
+    return types.SimpleNamespace(tokens=[[*tokenizer.encode(c), tokenizer.eos_id] for c in completions])
+
+  monkeypatch.setattr(infer, "generate", scripted_generate)
+  scores = evaluation.task_scores(None, tokenizer, problems)
+  assert scores["exact"] == pytest.approx(1 / 3)
+  assert scores["digits"] == pytest.approx((1 + 0.5 + 0) / 3)
+  assert evaluation.task_accuracy(None, tokenizer, problems) == pytest.approx(1 / 3)

@@ -13,7 +13,7 @@ from configs.align.rl_common import online_config
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=200, init="runs/sft", lr=1e-5, difficulty=2, prompts=16, group=8,
+  arg = common.parse_arg(arg, steps=200, init="runs/sft", lr=3e-5, difficulty=2, prompts=16, group=8,
                          advantage="grpo", kl=0.0, aggregation="sequence_mean", clip_high=0.2)
   config = online_config("grpo", arg)
   config.rl.samples_per_prompt = arg.group

@@ -12,7 +12,7 @@ from configs.align.rl_common import online_config
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=200, init="runs/sft", lr=1e-5, difficulty=2, prompts=64, kl=0.05, value="head",
+  arg = common.parse_arg(arg, steps=200, init="runs/sft", lr=3e-5, difficulty=2, prompts=64, kl=0.05, value="head",
                          adaptive=False)
   config = online_config("ppo", arg)
   config.rl.epochs = 2

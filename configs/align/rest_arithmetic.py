@@ -6,9 +6,11 @@
   python -m align --config=configs/align/rest_arithmetic.py:mode=star --workdir=runs/star
 
 ReST grows 4 samples per prompt scored by the graded 'digits' reward and improves on thresholds
-0.5, 0.8, 1.0 in turn; RAFT keeps the top quarter of each grow by exact match; rejection sampling
-keeps each prompt's best of 4 when it is right; STaR keeps right rationales and rationalizes
-failures with the answer as a hint.
+0.5 then 1.0 (one Improve step of 8 trainer steps each); RAFT keeps the top quarter of each grow
+by exact match; rejection sampling keeps each prompt's best of 4 when it is right; STaR keeps right
+rationales and rationalizes failures with the answer as a hint. A small learning rate and few steps
+per grow: the kept samples are few (~10% of a grow), and more passes over them overfit (at lr 1e-4
+and 10 steps per Improve step ReST fell from 0.205 to 0.095 held-out accuracy).
 Variants: `:steps=N`, `:init=DIR`, `:lr=X`, `:samples=N`, `:improve=S` (steps per Improve step).
 """
 
@@ -17,14 +19,14 @@ from configs.align.rl_common import online_config
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=200, init="runs/sft", lr=2e-5, difficulty=2, prompts=64, mode="rest", samples=4,
-                         improve=10)
+  arg = common.parse_arg(arg, steps=96, init="runs/sft", lr=3e-5, difficulty=2, prompts=64, mode="rest", samples=4,
+                         improve=8)
   config = online_config("rest", arg)
   config.rest.mode = arg.mode
   config.rest.improve_steps = arg.improve
   config.rl.samples_per_prompt = 1 if arg.mode == "star" else arg.samples
   config.rl.reward = "digits" if arg.mode == "rest" else "exact"
-  config.rest.thresholds = (0.5, 0.8, 1.0)
+  config.rest.thresholds = (0.5, 1.0)
   config.rest.keep_fraction = 0.25
   config.rest.min_reward = 1.0
   return config
