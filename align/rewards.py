@@ -18,7 +18,7 @@ KINDS = tuple(arithmetic.REWARDS) + ("model",)
 
 
 def task_reward(kind: str) -> RewardFn:
-  """The arithmetic task's verifier of `kind` ('exact' or 'digits'), applied to each (prompt, completion)."""
+  """The arithmetic task's verifier of `kind` ('exact', 'digits' or 'solution'), applied to each (prompt, completion)."""
   if kind not in arithmetic.REWARDS:
     raise ValueError(f"reward {kind!r} is not one of {tuple(arithmetic.REWARDS)}")
   score = arithmetic.REWARDS[kind]

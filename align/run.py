@@ -37,8 +37,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise validation.ConfigError(f"config.dpo.pairs={config.dpo.pairs!r} must be 'data' or 'ai_feedback'")
   if config.dpo.beta <= 0:
     raise validation.ConfigError(f"config.dpo.beta={config.dpo.beta} must be > 0")
-  if config.rl.reward not in ("exact", "digits", "model"):
-    raise validation.ConfigError(f"config.rl.reward={config.rl.reward!r} must be 'exact', 'digits' or 'model'")
+  if config.rl.reward not in (*arithmetic.REWARDS, "model"):
+    raise validation.ConfigError(f"config.rl.reward={config.rl.reward!r} must be one of {(*arithmetic.REWARDS, 'model')}")
   for key in ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs"):
     if config.rl[key] < 1:
       raise validation.ConfigError(f"config.rl.{key}={config.rl[key]} must be >= 1")
@@ -86,11 +86,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = {}
   if measure and int(run_.state["step"]) == 0:
     scores = _scores(run_)
-    result.update(accuracy_before=scores["exact"], digits_before=scores["digits"])
+    result.update(accuracy_before=scores["exact"], digits_before=scores["digits"], solution_before=scores["solution"])
   result.update(trainer.train_loop(run_))
   if measure:
     scores = _scores(run_)
-    result.update(accuracy_after=scores["exact"], digits_after=scores["digits"])
+    result.update(accuracy_after=scores["exact"], digits_after=scores["digits"], solution_after=scores["solution"])
     if config.task.measure_kl and config.init_from:
       result["kl_to_start"] = _kl_to_start(run_)
   if jax.process_index() == 0 and measure:
@@ -99,6 +99,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           + (f"{before:.3f} before, " if before is not None else "") + f"{result['accuracy_after']:.3f} after"
           + "; answer digits right: " + (f"{result['digits_before']:.3f} before, " if before is not None else "")
           + f"{result['digits_after']:.3f} after"
+          + "; worked solution right: " + (f"{result['solution_before']:.3f} before, " if before is not None else "")
+          + f"{result['solution_after']:.3f} after"
           + (f"; KL to the starting policy {result['kl_to_start']:.3f} nats" if "kl_to_start" in result else ""))
   result["run"] = run_
   return result

@@ -77,3 +77,19 @@ def test_task_scores_grade_the_generated_answers(tmp_path, monkeypatch):
   assert scores["exact"] == pytest.approx(1 / 3)
   assert scores["digits"] == pytest.approx((1 + 0.5 + 0) / 3)
   assert evaluation.task_accuracy(None, tokenizer, problems) == pytest.approx(1 / 3)
+
+
+def test_solution_reward_grades_the_working_not_only_the_answer():
+  p = arithmetic.Problem(82, 26, "+")  # 4 parts: two column steps, the carry, the answer line
+  gold = p.solution()
+  assert gold == " 2 + 6 = 8, write 8. 8 + 2 = 10, write 0 carry 1. Write the carry 1.\nAnswer: 108"
+  assert arithmetic.solution_reward(gold, p) == 1.0
+  lucky = gold.replace("2 + 6 = 8, write 8.", "2 + 6 = 7, write 7.")  # wrong working, right answer
+  assert arithmetic.reward(lucky, p) == 1.0 and arithmetic.solution_reward(lucky, p) == 0.75
+  extra = gold.replace("Write the carry 1.", "Write the carry 1. Write the carry 1.")  # 5 parts vs 4
+  assert arithmetic.solution_reward(extra, p) == pytest.approx(3 / 5)
+  assert arithmetic.solution_reward(" 2 + 6 = 8, write 8.", p) == 0.25  # stopped early, no answer line
+  assert arithmetic.solution_reward("", p) == 0.0
+  negative = arithmetic.Problem(29, 58, "-")
+  assert arithmetic.solution_reward(negative.solution(), negative) == 1.0
+  assert arithmetic.solution_reward(negative.solution().replace("-29", "29"), negative) == 0.75

@@ -145,7 +145,27 @@ def digit_reward(completion: str, problem: Problem) -> float:
   return sum(a == b for a, b in zip(want, have)) / width
 
 
-REWARDS = {"exact": reward, "digits": digit_reward}
+_STEP_END = re.compile(r"(?<=\.)\s+")
+
+
+def _solution_parts(text: str) -> list[str]:
+  """A completion's worked steps (sentences ending in '.') and its answer line, whitespace-trimmed."""
+  body, sep, answer = text.partition(f"\n{ANSWER_PREFIX}")
+  parts = [p.strip() for p in _STEP_END.split(body.strip()) if p.strip()]
+  return parts + ([f"{ANSWER_PREFIX}{answer}".strip()] if sep else [])
+
+
+def solution_reward(completion: str, problem: Problem) -> float:
+  """Process credit: the share of the worked solution's parts (each column step, the carry or sign
+  note, the answer line) that the completion writes right, in place; extra or missing parts count
+  as wrong. 1.0 exactly when the whole worked solution is right. Unlike the answer-only rewards it
+  gives no credit for a right answer reached by wrong working, which the model's own samples often
+  are (a sample that writes '2 + 6 = 7' and still ends in the right answer)."""
+  want, got = _solution_parts(problem.solution()), _solution_parts(completion)
+  return sum(a == b for a, b in zip(want, got)) / max(len(want), len(got))
+
+
+REWARDS = {"exact": reward, "digits": digit_reward, "solution": solution_reward}
 
 
 def sft_examples(n: int, *, difficulty: int, seed: int) -> list[dict[str, str]]:

@@ -1,5 +1,5 @@
 """GRPO (or RLOO) on the arithmetic task from part 1's SFT checkpoint: 8 samples per prompt,
-group-relative advantages from the exact-match reward, no value model:
+group-relative advantages from the task's process reward 'solution', no value model:
 
   python -m align --config=configs/align/grpo_arithmetic.py --workdir=runs/grpo
   python -m align --config=configs/align/grpo_arithmetic.py:advantage=rloo --workdir=runs/rloo

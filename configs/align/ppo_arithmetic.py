@@ -1,4 +1,4 @@
-"""PPO RLHF on the arithmetic task from part 1's SFT checkpoint (exact-match reward, value head,
+"""PPO RLHF on the arithmetic task from part 1's SFT checkpoint (the task's process reward 'solution', value head,
 k1 KL penalty in the reward, GAE, 2 epochs of minibatches per rollout batch):
 
   python -m align --config=configs/align/ppo_arithmetic.py --workdir=runs/ppo

@@ -22,6 +22,7 @@ def online_config(method: str, arg) -> "ml_collections.ConfigDict":  # noqa: F82
   config.task.measure_kl = True
   config.rl.prompts_per_iteration = arg.prompts
   config.rl.max_new_tokens = 64
+  config.rl.reward = "solution"  # process credit: right answers from wrong working earn none (rest_arithmetic.py)
   config.model = common.model_config("tiny")  # placeholders only: the architecture comes from init_from
   config.optimizer.learning_rate = arg.lr
   config.optimizer.schedule = "constant"
