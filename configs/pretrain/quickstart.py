@@ -6,7 +6,7 @@ Runs on a 2-core laptop CPU in under 10 minutes; the loss falls from ~8.3 (unifo
 vocabulary) and the run ends by printing held-out perplexity, where the checkpoint is, and a
 short greedy sample from the model (`--config.sample_prompt=''` turns it off). Generate more with
 `python -m infer --config=configs/infer/generate.py --config.checkpoint=runs/quickstart --config.prompt="..."`.
-Variants: `:steps=50` for a smoke test; `:size=small` for a quarter-width, 2-layer model (the
+Variants: `:steps=50` for a smoke test; `:size=small` for a half-width, 2-layer model (0.9 M parameters) (the
 student of configs/align/distill_arithmetic.py); on your own text, add
 `--config.data.source=text --config.data.paths='my/corpus/*.txt'`.
 """
