@@ -5,10 +5,11 @@ rl.samples_per_prompt samples, scored by the reward), keeps some by the method's
 fine-tunes on them with the SFT loss (completion tokens only), one trainer step per minibatch:
 
   rest   ReST (Gulcehre et al. 2023): Grow, then one Improve step per threshold in rest.thresholds
-         (rising): Improve step k fine-tunes rest.improve_steps steps on the samples whose reward is
-         >= thresholds[k]; iterations of Grow and Improve.
+         (rising): Improve step k fine-tunes rest.improve_steps steps (or rest.improve_epochs
+         passes) on the samples whose reward is >= thresholds[k]; iterations of Grow and Improve.
   raft   RAFT (Dong et al. 2023): keep the top rest.keep_fraction of the iteration's samples by
-         reward (a sample below rest.min_reward never), fine-tune rest.improve_steps steps.
+         reward (a sample below rest.min_reward never), fine-tune rest.improve_steps steps (or
+         rest.improve_epochs passes over what was kept, as for the modes below).
   rejection_sampling   best-of-N per prompt (kept when its reward >= rest.min_reward), then SFT.
   star   STaR (Zelikman et al. 2022): keep the rationales that reach the right answer; for each
          prompt that failed, sample again with the answer given as a hint (rationalization) and keep
@@ -50,13 +51,18 @@ def select_best_of_n(scores: np.ndarray, n: int, min_reward: float) -> np.ndarra
   return best[scores[best] >= min_reward]
 
 
-def improve_schedule(phase_sizes: list[int], batch_size: int, *, steps: int, seed: int) -> np.ndarray:
-  """[S, batch_size] row indices: `steps` minibatches per non-empty phase, in phase order, each drawn
-  from that phase's rows (the rows are laid out phase after phase). ReST's Improve steps, rising."""
+def improve_schedule(phase_sizes: list[int], batch_size: int, *, steps: int, seed: int,
+                     epochs: float = 0.0) -> np.ndarray:
+  """[S, batch_size] row indices: per non-empty phase, in phase order, minibatches drawn from that
+  phase's rows (the rows are laid out phase after phase). ReST's Improve steps, rising.
+
+  epochs = 0: `steps` minibatches per phase; epochs > 0: ceil(epochs * size / batch_size) of them,
+  so a phase that kept few samples is not passed over many times (which overfits them)."""
   schedule, start = [], 0
   for k, size in enumerate(phase_sizes):
     if size:
-      schedule.append(rollout.cycle_schedule(np.arange(start, start + size), batch_size, steps=steps, seed=seed * 31 + k))
+      n = max(1, int(np.ceil(epochs * size / batch_size))) if epochs > 0 else steps
+      schedule.append(rollout.cycle_schedule(np.arange(start, start + size), batch_size, steps=n, seed=seed * 31 + k))
     start += size
   return np.concatenate(schedule)
 
@@ -72,6 +78,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.rest.keep_fraction={c.keep_fraction} must be in (0, 1]")
   if c.improve_steps < 1:
     raise ValueError(f"config.rest.improve_steps={c.improve_steps} must be >= 1")
+  if c.improve_epochs < 0:
+    raise ValueError(f"config.rest.improve_epochs={c.improve_epochs} must be >= 0 (0: improve_steps per Improve step)")
   if c.mode == "star" and config.task.name != "arithmetic":
     raise ValueError("config.rest.mode='star' needs a task that can give its answer as a hint "
                      "(config.task.name='arithmetic')")
@@ -139,6 +147,7 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, mo
     pairs = [p for phase in phases for p in phase]
     rows = rollout.sft_rows([p for p, _ in pairs], [q for _, q in pairs], seq_len=config.seq_len)
     schedule = improve_schedule([len(phase) for phase in phases], config.batch_size, steps=c.improve_steps,
+                                epochs=c.improve_epochs,
                                 seed=config.seed * 1_000_003 + grown)
     return rollout.Experience(rows, schedule), {**state, "grown": grown}
 

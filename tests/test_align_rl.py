@@ -201,6 +201,7 @@ def test_bad_online_configs_name_the_key(start, tmp_path):
       ("ppo", {"ppo.kl_estimator": "k9"}, "config.ppo.kl_estimator='k9'"),
       ("rest", {"rest.thresholds": (1.0, 0.5)}, "config.rest.thresholds"),
       ("distill", {"distill.kind": "soft"}, "config.distill.kind='soft'"),
+      ("rest", {"rest.improve_epochs": -1.0}, "config.rest.improve_epochs=-1.0"),
       ("ppo", {"rl.temperature": 0.0}, "config.rl.temperature=0.0"),
   ]
   for method, overrides, message in cases:

@@ -173,3 +173,12 @@ def test_rest_improve_steps_train_on_their_own_thresholds_rows_in_order():
     assert np.all(scores[block] >= threshold) and set(block.ravel()) == set(phases[k])
   only = rest.improve_schedule([0, 2], 2, steps=1, seed=0)  # an empty phase trains nothing
   assert only.shape == (1, 2) and sorted(only[0]) == [0, 1]
+
+
+def test_improve_epochs_size_each_improve_step_to_what_it_kept():
+  """improve_epochs=E: ceil(E * kept / batch) minibatches per phase (at least one), each phase's own rows."""
+  schedule = rest.improve_schedule([5, 0, 12], 4, steps=99, seed=0, epochs=2.0)
+  assert schedule.shape == (3 + 6, 4)  # ceil(2 * 5 / 4) = 3 for the first phase, ceil(2 * 12 / 4) = 6 for the last
+  assert np.all(schedule[:3] < 5) and np.all(schedule[3:] >= 5)
+  assert np.bincount(schedule[:3].ravel(), minlength=5).min() >= 2  # every kept sample seen about E times
+  assert rest.improve_schedule([1], 4, steps=99, seed=0, epochs=0.5).shape == (1, 4)

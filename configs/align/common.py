@@ -104,6 +104,7 @@ def rest_config() -> ml_collections.ConfigDict:
   c.mode = "rest"  # 'rest', 'raft', 'rejection_sampling' or 'star'
   c.thresholds = (0.5, 0.8, 1.0)  # rest: one Improve step per threshold, rising
   c.improve_steps = 10  # trainer steps per Improve step (rest) or per iteration (the others)
+  c.improve_epochs = 0.0  # > 0: instead, this many passes over the samples each Improve step kept
   c.keep_fraction = 0.25  # raft: the top fraction of each iteration's samples
   c.min_reward = 1.0  # raft / rejection_sampling / star: a kept sample scores at least this
   return c

@@ -15,7 +15,8 @@ each prompt's best of 4; STaR keeps right rationales and rationalizes failures w
 a hint; all keep only fully right solutions (min_reward 1.0) except ReST's first Improve step.
 A small learning rate and few steps per grow: the kept samples are few (~10% of a grow), and more
 passes over them overfit (at lr 1e-4 and 10 steps per Improve step ReST fell from 0.205 to 0.095).
-Variants: `:steps=N`, `:init=DIR`, `:lr=X`, `:samples=N`, `:improve=S` (steps per Improve step).
+Variants: `:steps=N`, `:init=DIR`, `:lr=X`, `:samples=N`, `:improve=S` (steps per Improve step),
+`:epochs=E` (instead, E passes over what each Improve step kept).
 """
 
 from configs import common
@@ -24,10 +25,11 @@ from configs.align.rl_common import online_config
 
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, steps=96, init="runs/sft", lr=3e-5, difficulty=2, prompts=64, mode="rest", samples=4,
-                         improve=8)
+                         improve=8, epochs=0.0)
   config = online_config("rest", arg)
   config.rest.mode = arg.mode
   config.rest.improve_steps = arg.improve
+  config.rest.improve_epochs = arg.epochs
   config.rl.samples_per_prompt = 1 if arg.mode == "star" else arg.samples
   config.rest.thresholds = (0.7, 1.0)
   config.rest.keep_fraction = 0.25
