@@ -100,6 +100,14 @@ def read_jsonl(path: str | Path, kind: str, *, on_error: str = "raise") -> list[
   return records
 
 
+def save_npz_atomic(path: str | Path, **arrays) -> None:
+  """np.savez to a temp file renamed into place: a crash never leaves a half-written file."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp.npz")
+  np.savez(tmp, **arrays)
+  tmp.replace(path)
+
+
 def write_jsonl(path: str | Path, records: Sequence[dict]) -> None:
   """Writes records atomically (a temp file renamed into place)."""
   path = Path(path)

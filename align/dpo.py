@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from align import chat, data, losses
+from align import chat, data, losses, rollout
 from align.tasks import arithmetic
 from infer.sampling import Sampling
 from train import losses as train_losses
@@ -103,25 +103,15 @@ def reference_logps(model, features: list[dict], *, batch_size: int) -> dict[str
   def score(state, tokens, targets, mask):
     return completion_logps(nnx.merge(graphdef, state), tokens, targets, mask)[0]
 
-  out = {"chosen": [], "rejected": []}
-  for start in range(0, len(features), batch_size):
-    chunk = features[start: start + batch_size]
-    pad = batch_size - len(chunk)
-    for side in out:
-      arrays = [np.stack([f[f"{side}_{k}"] for f in chunk] + [np.zeros_like(chunk[0][f"{side}_{k}"])] * pad)
-                for k in ("tokens", "targets", "mask")]
-      out[side].append(np.asarray(score(state, *arrays))[: len(chunk)])
-  return {side: np.concatenate(values).astype(np.float32) for side, values in out.items()}
+  def side_logps(side):
+    arrays = [np.stack([f[f"{side}_{k}"] for f in features]) for k in ("tokens", "targets", "mask")]
+    return rollout.in_chunks(functools.partial(score, state), *arrays, batch_size=batch_size).astype(np.float32)
+
+  return {side: side_logps(side) for side in ("chosen", "rejected")}
 
 
 def _reference_path(workdir, split: str) -> Path:
   return Path(workdir) / f"reference_logps_{split}.npz"
-
-
-def _save_npz_atomic(path: Path, **arrays) -> None:
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, **arrays)
-  tmp.replace(path)
 
 
 def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, model=None, workdir=None, **context):
@@ -138,7 +128,7 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, mo
     for s, feats in features.items():  # the eval pairs are scored now too: by the same reference
       ref = reference_logps(model, feats, batch_size=config.batch_size)
       if jax.process_index() == 0:
-        _save_npz_atomic(_reference_path(workdir, s), **ref)
+        data.save_npz_atomic(_reference_path(workdir, s), **ref)
       logging.info("reference log-probs of %d %s pairs: chosen %.2f, rejected %.2f (mean)", len(feats), s,
                    ref["chosen"].mean(), ref["rejected"].mean())
   path = _reference_path(workdir, split)

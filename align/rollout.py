@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 import infer
+from align import data
 from train import losses as train_losses
 
 ROLLOUT_DIR = "rollouts"
@@ -110,16 +111,17 @@ def _score(graphdef, state, tokens, targets, *, temperature: float):
   return -nll
 
 
-def in_chunks(fn, tokens: np.ndarray, targets: np.ndarray, *, batch_size: int):
-  """fn(tokens [b, T], targets [b, T]) -> arrays [b, ...] (or a tuple of them), called on batch_size rows
-  at a time, the last chunk padded so one compiled shape serves every call; outputs concatenated."""
+def in_chunks(fn, *arrays: np.ndarray, batch_size: int):
+  """fn(*chunks) -> arrays [b, ...] (or a tuple of them), called on batch_size rows of each [R, ...]
+  array at a time, the last chunk zero-padded so one compiled shape serves every call; outputs
+  concatenated."""
   outs = []
-  for start in range(0, len(tokens), batch_size):
-    t, y = tokens[start: start + batch_size], targets[start: start + batch_size]
-    n = len(t)
+  for start in range(0, len(arrays[0]), batch_size):
+    chunks = [a[start: start + batch_size] for a in arrays]
+    n = len(chunks[0])
     if n < batch_size:
-      t, y = (np.concatenate([a, np.zeros((batch_size - n, a.shape[1]), a.dtype)]) for a in (t, y))
-    out = fn(jnp.asarray(t), jnp.asarray(y))
+      chunks = [np.concatenate([a, np.zeros((batch_size - n, *a.shape[1:]), a.dtype)]) for a in chunks]
+    out = fn(*(jnp.asarray(a) for a in chunks))
     outs.append(tuple(np.asarray(o)[:n] for o in (out if isinstance(out, tuple) else (out,))))
   merged = tuple(np.concatenate(parts) for parts in zip(*outs))
   return merged if len(merged) > 1 else merged[0]
@@ -213,10 +215,9 @@ class _ExperienceIterator(grain.DatasetIterator):
     self._experience, self._loaded = experience, self._iteration
     if jax.process_index() == 0:
       self._dir.mkdir(parents=True, exist_ok=True)
-      tmp = self._dir / f".{self._iteration}.tmp.npz"
-      np.savez(tmp, schedule=experience.schedule, state_out=json.dumps(self._state_out),
-               **{f"row/{k}": v for k, v in experience.rows.items()})
-      tmp.replace(self._path(self._iteration))
+      data.save_npz_atomic(self._path(self._iteration), schedule=experience.schedule,
+                           state_out=json.dumps(self._state_out),
+                           **{f"row/{k}": v for k, v in experience.rows.items()})
       for old in self._dir.glob("*.npz"):
         if old.stem.isdigit() and int(old.stem) <= self._iteration - KEEP_EXPERIENCE:
           old.unlink(missing_ok=True)

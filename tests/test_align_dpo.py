@@ -45,12 +45,7 @@ def _config(tokenizer_path, **overrides):
   config.optimizer.warmup_steps = 0
   config.optimizer.schedule = "constant"
   config.mesh.data = 8
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)  # dotted keys: {"optimizer.learning_rate": 1e-3}
   return config
 
 

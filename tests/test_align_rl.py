@@ -44,12 +44,7 @@ def _config(method, tokenizer_path, **overrides):
   c.mesh.data = 8
   c.rl.max_new_tokens = 32
   c.rl.prompts_per_iteration = 16
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  c.update_from_flattened_dict(overrides)  # dotted keys: {"optimizer.learning_rate": 1e-3}
   return c
 
 

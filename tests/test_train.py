@@ -48,12 +48,7 @@ def _config(root, tokenizer_path, **overrides):
   config.data.paths = str(root / "*.txt")
   config.optimizer.warmup_steps = 2
   config.optimizer.learning_rate = 1e-2
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)  # dotted keys: {"optimizer.learning_rate": 1e-3}
   return config
 
 
