@@ -16,6 +16,7 @@ import numpy as np
 import infer
 from align import reward_model as reward_model_lib
 from align import rollout
+from model import sharding
 
 Judge = Callable[[str, list[str]], Sequence[float]]
 
@@ -49,7 +50,7 @@ def log_prob_judge(model, tokenizer, *, template: str = JUDGE_TEMPLATE, choices:
       for first, second in ((i, j), (j, i)):
         text = template.format(prompt=prompt, a=completions[first], b=completions[second])
         tokens = [tokenizer.bos_id, *tokenizer.encode(text)] if tokenizer.bos_id >= 0 else tokenizer.encode(text)
-        logits = np.asarray(model(np.asarray([tokens], np.int32))[0, -1], np.float64)
+        logits = sharding.to_host(model(np.asarray([tokens], np.int32))[0, -1]).astype(np.float64)
         logprobs = logits - np.logaddexp.reduce(logits)
         log_odds = logprobs[a_id] - logprobs[b_id]  # for `first`
         scores[first] += log_odds

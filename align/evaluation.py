@@ -30,6 +30,26 @@ def task_scores(model, tokenizer, problems: Sequence[arithmetic.Problem], *, max
   return {name: total / len(problems) for name, total in totals.items()}
 
 
+def sampled_scores(model, tokenizer, problems: Sequence[arithmetic.Problem], *, samples: int, temperature: float = 1.0,
+                   max_new_tokens: int = 64, seed: int = 0, rules=None,
+                   prompt_of: Callable[[arithmetic.Problem], str] = lambda p: p.prompt) -> dict[str, float]:
+  """What the online methods optimize, measured on held-out problems: `samples` completions per
+  problem at `temperature`, scored by each of the task's rewards (the mean over all samples: the
+  expected reward of one sample, 'mean@k'), plus 'pass@k' (the share of problems with at least one
+  exactly right answer among its samples). Greedy accuracy (task_scores) reads only the mode of the
+  policy; RL mostly moves the rest of its distribution first."""
+  if not problems:
+    raise ValueError("sampled_scores needs at least one problem")
+  out = rollout.sample(model, tokenizer, [prompt_of(p) for p in problems], n=samples, max_new_tokens=max_new_tokens,
+                       sampling=infer.Sampling(temperature=temperature), seed=seed, rules=rules)
+  repeated = [p for p in problems for _ in range(samples)]
+  scores = {name: np.asarray([reward(t, p) for t, p in zip(out.texts, repeated)]) for name, reward in
+            arithmetic.REWARDS.items()}
+  result = {name: float(s.mean()) for name, s in scores.items()}
+  result["pass@k"] = float(np.mean(scores["exact"].reshape(len(problems), samples).max(axis=1)))
+  return result
+
+
 def task_accuracy(model, tokenizer, problems: Sequence[arithmetic.Problem], **kwargs) -> float:
   """Share of `problems` whose greedy completion ends in the right 'Answer:' line (see task_scores)."""
   return task_scores(model, tokenizer, problems, **kwargs)["exact"]

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from align import online, rl_losses, rollout
+from model import sharding
 from train import losses as train_losses
 
 ADVANTAGES = ("grpo", "rloo")
@@ -72,8 +73,8 @@ def advantages(scores: np.ndarray, config: ml_collections.ConfigDict) -> np.ndar
   """[R] per-sample advantages of rows grouped G at a time."""
   c, group = config.grpo, config.rl.samples_per_prompt
   if c.advantage == "rloo":
-    return np.asarray(rl_losses.rloo_advantages(jnp.asarray(scores, jnp.float32), group))
-  return np.asarray(rl_losses.group_advantages(jnp.asarray(scores, jnp.float32), group, normalize=c.normalize))
+    return sharding.to_host(rl_losses.rloo_advantages(jnp.asarray(scores, jnp.float32), group))
+  return sharding.to_host(rl_losses.group_advantages(jnp.asarray(scores, jnp.float32), group, normalize=c.normalize))
 
 
 def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, model=None, workdir=None,

@@ -78,11 +78,14 @@ class Sampler:
 def scored_rollout(sampler: Sampler, reward: rewards.RewardFn, pool: list[str], iteration: int,
                    config: ml_collections.ConfigDict) -> tuple[rollout.Samples, dict[str, np.ndarray], np.ndarray]:
   """Iteration i's samples from the live policy, as trainer rows (tokens/targets/mask [R, T]), and
-  their scores [R]: the reward minus rl.missing_eos_penalty for each sample that never ended."""
+  their scores [R]: the reward minus rl.missing_eos_penalty for each sample that never ended
+  (with rl.shuffle_rewards, permuted across the iteration's samples: no signal, same statistics)."""
   rl = config.rl
   prompts = prompt_batch(pool, iteration, rl.prompts_per_iteration, seed=config.seed)
   samples = sampler(prompts, iteration)
   rows = rollout.token_rows(samples.prompt_ids, samples.completion_ids, seq_len=config.seq_len)
   repeated = [p for p in prompts for _ in range(rl.samples_per_prompt)]
   scores = np.asarray(reward(repeated, samples.texts), np.float32) - rl.missing_eos_penalty * ~samples.finished
+  if rl.shuffle_rewards:  # a control: the same reward values, dealt to the samples at random
+    scores = np.random.default_rng([config.seed, iteration, 1]).permutation(scores)
   return samples, rows, scores

@@ -132,14 +132,14 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, mo
     kl_coef = float(state.get("kl_coef", c.kl_coef))
     advantages, returns, kl = _advantages(old_logprobs, ref_logprobs, values, jnp.asarray(scores, jnp.float32),
                                           rows["mask"], kl_coef, estimator=c.kl_estimator, gamma=c.gamma, lam=c.lam)
-    kl = np.asarray(kl)
+    advantages, returns, kl = (sharding.to_host(x) for x in (advantages, returns, kl))
     if c.adaptive_kl:
       state["kl_coef"] = float(rl_losses.adaptive_kl_coef(kl_coef, float(kl.mean()), rows_per_iteration,
                                                           target=c.target_kl, horizon=c.kl_horizon))
     logging.info("PPO iteration %d: reward %.3f, KL %.3f, kl_coef %.4f, finished %.2f", iteration, scores.mean(),
                  kl.mean(), kl_coef, samples.finished.mean())
-    rows.update(old_logprobs=old_logprobs, old_values=values, advantages=np.asarray(advantages),
-                returns=np.asarray(returns), score=scores.astype(np.float32), kl=kl.astype(np.float32),
+    rows.update(old_logprobs=old_logprobs, old_values=values, advantages=advantages, returns=returns,
+                score=scores.astype(np.float32), kl=kl.astype(np.float32),
                 kl_coef=np.full(rows_per_iteration, kl_coef, np.float32))
     schedule = rollout.epoch_schedule(rows_per_iteration, config.batch_size, epochs=rl.epochs,
                                       seed=config.seed * 1_000_003 + iteration)

@@ -13,7 +13,11 @@ fine-tunes on them with the SFT loss (completion tokens only), one trainer step 
   rejection_sampling   best-of-N per prompt (kept when its reward >= rest.min_reward), then SFT.
   star   STaR (Zelikman et al. 2022): keep the rationales that reach the right answer; for each
          prompt that failed, sample again with the answer given as a hint (rationalization) and keep
-         those that reach it, trained *without* the hint; fine-tune; repeat.
+         those that reach it, trained *without* the hint; fine-tune; repeat. One difference from
+         the paper: it restarts fine-tuning from the base model at every outer iteration (on that
+         iteration's rationales, with a growing number of steps), which bounds how far the model
+         drifts; here, as in ReST, fine-tuning continues from the live policy, and
+         rest.improve_epochs (a few passes over what each grow kept) is what bounds overfitting.
 
 An iteration whose filter keeps nothing grows again on the next prompts (a warning says so).
 """

@@ -89,7 +89,7 @@ def score(model: RewardModel, tokenizer, prompts: list[str], completions: list[s
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
     tokens = jnp.asarray(np.stack([r["chosen_tokens"] for r in chunk]))
     last = last_index(jnp.asarray(np.stack([r["chosen_mask"] for r in chunk])))
-    out.append(np.asarray(_rewards(graphdef, state, tokens, last))[: len(rows) - start])
+    out.append(sharding.to_host(_rewards(graphdef, state, tokens, last))[: len(rows) - start])
   return np.concatenate(out)
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 
 import infer
 from align import data
+from model import sharding
 from train import losses as train_losses
 
 ROLLOUT_DIR = "rollouts"
@@ -122,7 +123,7 @@ def in_chunks(fn, *arrays: np.ndarray, batch_size: int):
     if n < batch_size:
       chunks = [np.concatenate([a, np.zeros((batch_size - n, *a.shape[1:]), a.dtype)]) for a in chunks]
     out = fn(*(jnp.asarray(a) for a in chunks))
-    outs.append(tuple(np.asarray(o)[:n] for o in (out if isinstance(out, tuple) else (out,))))
+    outs.append(tuple(sharding.to_host(o)[:n] for o in (out if isinstance(out, tuple) else (out,))))
   merged = tuple(np.concatenate(parts) for parts in zip(*outs))
   return merged if len(merged) > 1 else merged[0]
 

@@ -42,6 +42,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs"):
     if config.rl[key] < 1:
       raise validation.ConfigError(f"config.rl.{key}={config.rl[key]} must be >= 1")
+  if config.task.sampled_samples < 0 or config.task.sampled_temperature <= 0:
+    raise validation.ConfigError(f"config.task.sampled_samples={config.task.sampled_samples} must be >= 0 and "
+                                 f"config.task.sampled_temperature={config.task.sampled_temperature} > 0")
   if config.rl.temperature <= 0:
     raise validation.ConfigError(f"config.rl.temperature={config.rl.temperature} must be > 0 (the losses divide by it)")
   method = METHODS[config.method]
@@ -57,11 +60,38 @@ def _problems(config):
 
 
 def _scores(run: trainer.Run) -> dict[str, float]:
+  """Greedy scores (accuracy = exact match, digits, solution) and, with task.sampled_samples, the
+  sampled ones (sampled_exact, sampled_digits, sampled_solution, pass_at_k)."""
   c = run.config
   method = METHODS[c.method]
   prompt_of = (lambda p: method.eval_prompt(c, p)) if hasattr(method, "eval_prompt") else (lambda p: p.prompt)
-  return evaluation.task_scores(run.policy(), run.tokenizer, _problems(c), max_new_tokens=c.task.accuracy_tokens,
-                                rules=run.rules, prompt_of=prompt_of)
+  problems = _problems(c)
+  scores = evaluation.task_scores(run.policy(), run.tokenizer, problems, max_new_tokens=c.task.accuracy_tokens,
+                                  rules=run.rules, prompt_of=prompt_of)
+  scores["accuracy"] = scores.pop("exact")
+  if c.task.sampled_samples > 0:
+    sampled = evaluation.sampled_scores(run.policy(), run.tokenizer, problems, samples=c.task.sampled_samples,
+                                        temperature=c.task.sampled_temperature, max_new_tokens=c.task.accuracy_tokens,
+                                        seed=c.seed + 1, rules=run.rules, prompt_of=prompt_of)
+    scores.update({f"sampled_{k}": v for k, v in sampled.items() if k != "pass@k"}, pass_at_k=sampled["pass@k"])
+  return scores
+
+
+def _report(config, result: dict) -> None:
+  """One line per score: before -> after, and the KL to the starting policy."""
+  t = config.task
+  names = {"accuracy": "exact-match accuracy (greedy)", "digits": "answer digits right (greedy)",
+           "solution": "worked solution right (greedy)",
+           "sampled_exact": f"exact match of one sample at T={t.sampled_temperature}",
+           "sampled_solution": f"worked solution right, one sample at T={t.sampled_temperature}",
+           "pass_at_k": f"pass@{t.sampled_samples} (exact) at T={t.sampled_temperature}"}
+  print(f"on {t.accuracy_problems} held-out problems:")
+  for key, name in names.items():
+    if f"{key}_after" in result:
+      before = result.get(f"{key}_before")
+      print(f"  {name}: " + (f"{before:.3f} before, " if before is not None else "") + f"{result[key + '_after']:.3f} after")
+  if "kl_to_start" in result:
+    print(f"  KL to the starting policy: {result['kl_to_start']:.3f} nats per completion")
 
 
 def _kl_to_start(run: trainer.Run) -> float:
@@ -74,9 +104,10 @@ def _kl_to_start(run: trainer.Run) -> float:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config.method` in `workdir`; returns the trainer's result plus, on the task, exact-match
-  accuracy (accuracy_before/after), the mean share of answer digits right (digits_before/after) and
-  the KL to the starting policy (kl_to_start, when task.measure_kl)."""
+  """Trains `config.method` in `workdir`; returns the trainer's result plus, on the task, each score
+  of _scores before and after (accuracy_before/after: greedy exact match; digits_*, solution_*,
+  and with task.sampled_samples sampled_exact_*, sampled_solution_*, pass_at_k_*) and the KL to
+  the starting policy (kl_to_start, when task.measure_kl)."""
   validate(config)
   method = METHODS[config.method]
   run_ = trainer.setup(config, workdir, loss_fn=method.loss_fn(config), make_dataset=method.make_dataset,
@@ -85,22 +116,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   measure = config.task.accuracy_problems > 0 and config.task.name == "arithmetic" and config.method != "reward"
   result = {}
   if measure and int(run_.state["step"]) == 0:
-    scores = _scores(run_)
-    result.update(accuracy_before=scores["exact"], digits_before=scores["digits"], solution_before=scores["solution"])
+    result.update({f"{key}_before": value for key, value in _scores(run_).items()})
   result.update(trainer.train_loop(run_))
   if measure:
-    scores = _scores(run_)
-    result.update(accuracy_after=scores["exact"], digits_after=scores["digits"], solution_after=scores["solution"])
+    result.update({f"{key}_after": value for key, value in _scores(run_).items()})
     if config.task.measure_kl and config.init_from:
       result["kl_to_start"] = _kl_to_start(run_)
   if jax.process_index() == 0 and measure:
-    before = result.get("accuracy_before")
-    print(f"exact-match accuracy on {config.task.accuracy_problems} held-out problems: "
-          + (f"{before:.3f} before, " if before is not None else "") + f"{result['accuracy_after']:.3f} after"
-          + "; answer digits right: " + (f"{result['digits_before']:.3f} before, " if before is not None else "")
-          + f"{result['digits_after']:.3f} after"
-          + "; worked solution right: " + (f"{result['solution_before']:.3f} before, " if before is not None else "")
-          + f"{result['solution_after']:.3f} after"
-          + (f"; KL to the starting policy {result['kl_to_start']:.3f} nats" if "kl_to_start" in result else ""))
+    _report(config, result)
   result["run"] = run_
   return result

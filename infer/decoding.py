@@ -229,10 +229,8 @@ def decode(graphdef, params, state: DecodeState, max_new_tokens, until_step, *, 
 
 
 def to_generation(state: DecodeState) -> Generation:
-  lengths = np.asarray(state.lengths)
-  tokens = np.asarray(state.tokens)
-  statistics = {k: np.asarray(v) for k, v in state.statistics.items()}
-  stopped = np.asarray(state.stopped)
+  lengths, tokens, stopped = (sharding.to_host(x) for x in (state.lengths, state.tokens, state.stopped))
+  statistics = {k: sharding.to_host(v) for k, v in state.statistics.items()}
   return Generation(
       tokens=[tokens[b, :n].tolist() for b, n in enumerate(lengths)],
       **{k: [statistics[k][b, :n] for b, n in enumerate(lengths)] for k in STATISTICS},
@@ -289,6 +287,8 @@ def generate(
   rng: None (seed 0), an int seed, one key, or per-row seeds / [B] keys (a row's samples then depend
   only on its own seed). Generation runs on the mesh the parameters are sharded on (or `mesh`),
   with activations and the cache placed by `rules` (default: model.sharding.DEFAULT_RULES).
+  On a mesh that spans processes every process calls this with the same prompts and gets every
+  row back (the outputs are gathered from all of them).
   """
   job, state = _start(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, rng=rng,
                       stop_tokens=stop_tokens, controller=controller, mesh=mesh, rules=rules)
@@ -318,11 +318,10 @@ class stream:
     job, state = self._job, self._state
     shown = np.zeros(self._rows, np.int64)
     while True:
-      lengths = np.asarray(state.lengths)
-      tokens = np.asarray(state.tokens)
+      lengths, tokens = sharding.to_host(state.lengths), sharding.to_host(state.tokens)
       yield [tokens[b, shown[b]: lengths[b]].tolist() for b in range(self._rows)]
       shown = lengths
-      if bool(np.all(np.asarray(state.done))):
+      if bool(np.all(sharding.to_host(state.done))):
         self.generation = to_generation(state)
         return
       state = decode(job.graphdef, job.params, state, job.max_new_tokens, int(state.step) + self._chunk, **job.static)

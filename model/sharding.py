@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -196,3 +196,12 @@ def create_sharded(make_module, mesh: Mesh, rules: Rules = DEFAULT_RULES):
   with axis_rules(mesh, rules):
     state = init()
   return nnx.merge(graphdef, state)
+
+
+def to_host(x) -> np.ndarray:
+  """x as a numpy array, whole on every process: an array whose shards live on other processes
+  (a batch sharded over a multi-host mesh) is gathered from all of them, a collective that every
+  process must reach in the same order."""
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

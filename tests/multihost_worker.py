@@ -1,21 +1,54 @@
-"""One process of the two-process test (tests/test_multihost.py); not a test module itself.
+"""One process of the two-process tests (tests/test_multihost.py); not a test module itself.
 
-usage: python -m tests.multihost_worker CORPUS_DIR TOKENIZER WORKDIR PORT PROCESS_ID NUM_PROCESSES
+usage: python -m tests.multihost_worker {train,ppo} CORPUS_DIR TOKENIZER INIT_FROM WORKDIR PORT PROCESS_ID NUM_PROCESSES
 """
 
 import sys
+from pathlib import Path
 
 from tests import test_train  # the same small run the single-process tests train
 from train import trainer
 
 
-def main(corpus_dir, tokenizer, workdir, port, process_id, num_processes):
-  config = test_train._config(__import__("pathlib").Path(corpus_dir), tokenizer, **{"mesh.data": -1})
+def pretrain_config(corpus_dir, tokenizer):
+  config = test_train._config(Path(corpus_dir), tokenizer, **{"mesh.data": -1})
   config.total_steps = 5
+  return config
+
+
+def ppo_config(tokenizer, init_from):
+  """Two PPO iterations (2 epochs of one minibatch each) from a pre-trained tiny run, its parameters
+  sharded over all 8 devices (fsdp): sampling, scoring and learning on a mesh that spans processes."""
+  from configs.align.common import align_config  # noqa: PLC0415
+
+  c = align_config("ppo")
+  c.init_from = str(init_from)
+  c.tokenizer.path = str(tokenizer)
+  c.total_steps, c.batch_size, c.seq_len = 4, 8, 64
+  c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 0
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  c.task.name, c.task.difficulty, c.task.train_size = "arithmetic", 1, 16
+  c.rl.prompts_per_iteration, c.rl.max_new_tokens, c.rl.epochs = 8, 12, 2
+  c.rl.missing_eos_penalty = 1.0  # the tiny model rarely stops: scores (and advantages) differ by row
+  c.optimizer.warmup_steps = 0
+  c.optimizer.learning_rate = 1e-3
+  return c
+
+
+def main(mode, corpus_dir, tokenizer, init_from, workdir, port, process_id, num_processes):
+  if mode == "train":
+    config = pretrain_config(corpus_dir, tokenizer)
+  else:
+    config = ppo_config(tokenizer, init_from)
   config.distributed.coordinator_address = f"127.0.0.1:{port}"
   config.distributed.num_processes = int(num_processes)
   config.distributed.process_id = int(process_id)
-  trainer.train(config, workdir)
+  if mode == "train":
+    trainer.train(config, workdir)
+  else:
+    from align import run as align_run  # noqa: PLC0415
+
+    align_run.run(config, workdir)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,25 @@ def test_task_scores_grade_the_generated_answers(tmp_path, monkeypatch):
   assert scores["digits"] == pytest.approx((1 + 0.5 + 0) / 3)
   assert evaluation.task_accuracy(None, tokenizer, problems) == pytest.approx(1 / 3)
 
+  # Sampled: 3 samples per problem (problem-major); problems 0 and 2 right twice each, 1 never.
+  completions = [" 2 + 0 = 2, write 2.\nAnswer: 42", " x\nAnswer: 41", " 2 + 0 = 2, write 2. 1 + 3 = 4, write 4.\nAnswer: 42",
+                 " x\nAnswer: 58", " no", " x\nAnswer: 47",
+                 " x\nAnswer: 8", " x\nAnswer: 10", " 9 - 1 = 8, write 8.\nAnswer: 8"]
+
+  def scripted_samples(model, prompts, **kwargs):
+    assert kwargs["sampling"].temperature == 0.7 and len(prompts) == 9
+    return types.SimpleNamespace(tokens=[[*tokenizer.encode(c), tokenizer.eos_id] for c in completions],
+                                 finish_reasons=["stop"] * 9)
+
+  monkeypatch.setattr(infer, "generate", scripted_samples)
+  sampled = evaluation.sampled_scores(None, tokenizer, problems, samples=3, temperature=0.7)
+  assert sampled["exact"] == pytest.approx(4 / 9)
+  assert sampled["pass@k"] == pytest.approx(2 / 3)
+  # solution, by hand: problem 0's gold has 3 parts (2 steps, the answer line): samples score 1/3
+  # (first step right, answer out of place), 0, 1; problem 1: 0, 0, 0; problem 2's gold has 2 parts:
+  # 1/2 (the answer line in place), 0, 1.
+  assert sampled["solution"] == pytest.approx((1 / 3 + 0 + 1 + 0 + 0 + 0 + 1 / 2 + 0 + 1) / 9)
+
 
 def test_solution_reward_grades_the_working_not_only_the_answer():
   p = arithmetic.Problem(82, 26, "+")  # 4 parts: two column steps, the carry, the answer line

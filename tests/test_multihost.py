@@ -1,5 +1,6 @@
 """Two processes on 127.0.0.1 with 4 fake CPU devices each (gloo collectives) form one 8-device mesh
-and train to the same losses as one process with 8 devices."""
+and train to the same losses as one process with 8 devices: pre-training, and PPO, whose rollouts
+sample from parameters sharded across both processes."""
 
 import json
 import os
@@ -9,8 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from tests.test_train import _config, _losses, corpus  # noqa: F401 (corpus is a fixture)
+from align import run as align_run
+from tests import multihost_worker
+from tests.test_train import _losses, corpus  # noqa: F401 (corpus is a fixture)
 from train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,19 +26,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(corpus, tmp_path):  # noqa: F811
-  root, tokenizer = corpus
-  single = tmp_path / "single"
-  config = _config(root, tokenizer, **{"mesh.data": -1})
-  config.total_steps = 5
-  trainer.train(config, single)
-
-  multi, port = tmp_path / "multi", _free_port()
+def _run_two_processes(mode, corpus_dir, tokenizer, init_from, workdir):
+  port = _free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": str(ROOT)}
   procs = [
       subprocess.Popen(
-          [sys.executable, "-m", "tests.multihost_worker", str(root), str(tokenizer), str(multi), str(port), str(i), "2"],
+          [sys.executable, "-m", "tests.multihost_worker", mode, str(corpus_dir), str(tokenizer), str(init_from),
+           str(workdir), str(port), str(i), "2"],
           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       )
       for i in range(2)
@@ -49,9 +48,44 @@ def test_two_processes_train_like_one(corpus, tmp_path):  # noqa: F811
       raise
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
-  expected, got = _losses(single), _losses(multi)
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus, tmp_path_factory):  # noqa: F811
+  """The 5-step pre-training run, in one process with 8 devices."""
+  root, tokenizer = corpus
+  single = tmp_path_factory.mktemp("single")
+  trainer.train(multihost_worker.pretrain_config(root, tokenizer), single)
+  return single
+
+
+def test_two_processes_train_like_one(corpus, pretrained, tmp_path):  # noqa: F811
+  root, tokenizer = corpus
+  multi = tmp_path / "multi"
+  _run_two_processes("train", root, tokenizer, "", multi)
+  expected, got = _losses(pretrained), _losses(multi)
   assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5]
   np.testing.assert_allclose([got[s] for s in range(1, 6)], [expected[s] for s in range(1, 6)], rtol=1e-5)
   saved = json.loads((multi / "config.json").read_text())
   assert saved["distributed"]["num_processes"] == 2
   assert (multi / "checkpoints" / "5").is_dir()
+
+
+def test_two_processes_sample_and_learn_like_one(corpus, pretrained, tmp_path):  # noqa: F811
+  """PPO's two iterations: the same samples (tokens, scores, log-probs, values, advantages) and the
+  same losses whether the fsdp-sharded policy spans one process or two."""
+  root, tokenizer = corpus
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  align_run.run(multihost_worker.ppo_config(tokenizer, pretrained), single)
+  _run_two_processes("ppo", root, tokenizer, pretrained, multi)
+  expected, got = _losses(single), _losses(multi)
+  assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)], rtol=1e-4,
+                             atol=1e-4)  # the losses are ~1e-2: cross-process sums add in another order
+  for iteration in (0, 1):
+    with np.load(single / "rollouts" / f"{iteration}.npz") as a, np.load(multi / "rollouts" / f"{iteration}.npz") as b:
+      assert sorted(a.files) == sorted(b.files)
+      np.testing.assert_array_equal(a["row/tokens"], b["row/tokens"])
+      for key in a.files:
+        if a[key].dtype.kind == "f":
+          np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)

@@ -182,3 +182,29 @@ def test_improve_epochs_size_each_improve_step_to_what_it_kept():
   assert np.all(schedule[:3] < 5) and np.all(schedule[3:] >= 5)
   assert np.bincount(schedule[:3].ravel(), minlength=5).min() >= 2  # every kept sample seen about E times
   assert rest.improve_schedule([1], 4, steps=99, seed=0, epochs=0.5).shape == (1, 4)
+
+
+def test_scored_rollout_scores_penalizes_unfinished_and_shuffles_as_a_control():
+  problems = arithmetic.problems(4, difficulty=1, seed=0)
+  pool = [p.prompt for p in problems]
+  right = {p.prompt: p.solution() for p in problems}
+
+  def sampler(prompts, iteration):  # 2 samples per prompt: the right solution, then a wrong one
+    texts = [t for p in prompts for t in (right[p], " no\nAnswer: -1")]
+    finished = np.array([True, True] * (len(prompts) - 1) + [False, True])  # the last prompt's right one was cut
+    return rollout.Samples([[1, 5]] * len(texts), [[7, 8]] * len(texts), finished, texts)
+
+  from configs.align.common import align_config
+
+  config = align_config("grpo")
+  config.task.name = "arithmetic"
+  config.rl.prompts_per_iteration, config.rl.samples_per_prompt, config.seq_len = 4, 2, 8
+  config.rl.missing_eos_penalty = 0.5
+  _, rows, scores = online.scored_rollout(sampler, rewards.task_reward("exact"), pool, 0, config)
+  np.testing.assert_allclose(scores, [1, 0, 1, 0, 1, 0, 0.5, 0])
+  assert rows["tokens"].shape == (8, 8)
+  config.rl.shuffle_rewards = True
+  _, _, shuffled = online.scored_rollout(sampler, rewards.task_reward("exact"), pool, 0, config)
+  assert sorted(shuffled) == sorted(scores) and not np.array_equal(shuffled, scores)
+  _, _, again = online.scored_rollout(sampler, rewards.task_reward("exact"), pool, 0, config)
+  np.testing.assert_array_equal(again, shuffled)  # a pure function of (seed, iteration)

@@ -292,12 +292,13 @@ def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]
   out = {}
   for key, value in local.items():
     value = np.asarray(value)
+    shape = (run.config.batch_size, *value.shape[1:])  # global: this process holds 1 / process_count of the rows
     if value.ndim == 2:
       placement = run.batch_sharding
     else:  # per-example values [B] (DPO's reference log-probs) or wider rows: batch axis only
       axes = ("activation_batch",) + (None,) * (value.ndim - 1)
-      placement = NamedSharding(run.mesh, sharding.logical_to_spec(axes, value.shape, run.mesh, run.rules))
-    out[key] = jax.make_array_from_process_local_data(placement, value, (run.config.batch_size, *value.shape[1:]))
+      placement = NamedSharding(run.mesh, sharding.logical_to_spec(axes, shape, run.mesh, run.rules))
+    out[key] = jax.make_array_from_process_local_data(placement, value, shape)
   return out
 
 

@@ -19,6 +19,8 @@ def task_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.accuracy_problems = 0  # >0: exact-match accuracy of greedy answers on that many held-out problems
   c.accuracy_tokens = 64  # the generation budget for those answers
+  c.sampled_samples = 0  # >0: also score that many temperature-`sampled_temperature` samples per problem
+  c.sampled_temperature = 1.0  #   (mean reward of one sample, and pass@k: what the online methods optimize)
   c.measure_kl = False  # also report KL(policy || the init_from policy) on those problems' prompts
   return c
 
@@ -68,6 +70,7 @@ def rl_config() -> ml_collections.ConfigDict:
   c.reward_model = ""  # a reward-model run's workdir, for reward='model'
   c.missing_eos_penalty = 0.0  # subtracted from the score of a sample that never ended
   c.epochs = 1  # passes over each iteration's samples (PPO's epochs of minibatches)
+  c.shuffle_rewards = False  # a control (PPO, GRPO/RLOO): permute the scores across each iteration's samples
   return c
 
 

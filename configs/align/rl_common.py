@@ -20,6 +20,7 @@ def online_config(method: str, arg) -> "ml_collections.ConfigDict":  # noqa: F82
   config.task.train_size = 2000
   config.task.accuracy_problems = 200
   config.task.measure_kl = True
+  config.task.sampled_samples = 4  # also what the methods optimize: one temperature-1 sample's reward, pass@4
   config.rl.prompts_per_iteration = arg.prompts
   config.rl.max_new_tokens = 64
   config.rl.reward = "solution"  # process credit: right answers from wrong working earn none (rest_arithmetic.py)

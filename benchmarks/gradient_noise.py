@@ -1,0 +1,110 @@
+"""How much of an online method's minibatch gradient is signal: the gradient noise scale of GRPO's
+loss against SFT's, at the same parameters (not a speed benchmark: a diagnostic that explains
+measured training curves, printed as a ratio against a peer measured in the same run).
+
+    python benchmarks/gradient_noise.py --init=runs/sft                  # about 2 minutes on 2 CPU cores
+    python benchmarks/gradient_noise.py --init=runs/sft --reward=solution --minibatches=32
+
+The simple noise scale B_noise = tr(Sigma) / |G|^2 (train/noise_scale.py; McCandlish et al. 2018),
+with G the true gradient and Sigma the per-example gradient covariance: a minibatch of B examples
+is mostly noise when B << B_noise, and Adam, which normalizes the update's size, then takes
+full-sized steps in noise directions. Both terms are estimated without bias from K disjoint
+minibatches of b rows (|g_b|^2 averaged over them, and |g_Kb|^2 of their mean); the mean cosine
+between two minibatch gradients is printed too.
+
+The GRPO side is one rollout of the policy (`--prompts` prompts x `--group` samples at temperature
+1, group-normalized advantages, the exact-match or process reward), cut into minibatches of the
+GRPO config's batch size; it is exactly on-policy, so the clipped objective's gradient is the
+policy gradient. The SFT side is the gold worked solutions of as many training problems, the
+next-token loss on their completion tokens, in minibatches of the same size.
+"""
+
+import argparse
+import functools
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from align import grpo, rollout
+from align import run as align_run
+from align.tasks import arithmetic
+from configs.align import grpo_arithmetic
+from configs.align.common import align_config
+from train import losses as train_losses
+from train import trainer
+from train.noise_scale import noise_scale
+
+
+def _flat_grad(graphdef, rest, loss_fn):
+  def loss_of(params, batch):
+    return loss_fn(nnx.merge(graphdef, params, rest), batch, jax.random.key(0))[0]
+
+  @jax.jit
+  def grad(params, batch):
+    g = jax.grad(loss_of)(params, batch)
+    return jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in jax.tree.leaves(g)])
+
+  return grad
+
+
+def _measure(grad, params, batches) -> dict[str, float]:
+  grads = [np.asarray(grad(params, {k: jnp.asarray(v) for k, v in b.items()}), np.float64) for b in batches]
+  sq = np.array([g @ g for g in grads])
+  mean = np.mean(grads, axis=0)
+  out = noise_scale(sq, float(mean @ mean), len(next(iter(batches[0].values()))))
+  unit = [g / np.linalg.norm(g) for g in grads]
+  out["cosine"] = float(np.mean([unit[i] @ unit[j] for i in range(len(unit)) for j in range(i)]))
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--init", default="runs/sft", help="the SFT run (or HF directory) both sides start from")
+  parser.add_argument("--reward", default="exact", choices=sorted(arithmetic.REWARDS))
+  parser.add_argument("--group", type=int, default=8)
+  parser.add_argument("--minibatches", type=int, default=32, help="K disjoint minibatches per side")
+  args = parser.parse_args()
+
+  config = grpo_arithmetic.get_config(f"init={args.init},group={args.group}")
+  config.rl.reward = args.reward
+  b = config.batch_size
+  config.rl.prompts_per_iteration = args.minibatches * b // args.group  # one rollout = K minibatches
+  with tempfile.TemporaryDirectory() as workdir:
+    align_run.validate(config)
+    run = trainer.setup(config, workdir, loss_fn=grpo.loss_fn(config), make_dataset=grpo.make_dataset,
+                        reference=align_config("grpo"), wrap_model=grpo.wrap)
+    t = time.perf_counter()
+    grpo_batches = [next(run.train_iter) for _ in range(args.minibatches)]  # the first rollout's minibatches
+    sample_seconds = time.perf_counter() - t
+    params = run.state["params"]
+    rl_side = _measure(_flat_grad(run.graphdef, run.rest, grpo.loss_fn(config)), params, grpo_batches)
+
+    problems = arithmetic.problems(args.minibatches * b, difficulty=config.task.difficulty, seed=config.task.seed)
+    tok = run.tokenizer
+    prompts = [rollout.encode_prompt(tok, p.prompt) for p in problems]
+    completions = [rollout.encode_prompt(tok, p.prompt + p.solution())[len(ids):] + [tok.eos_id]
+                   for p, ids in zip(problems, prompts)]
+    rows = rollout.sft_rows(prompts, completions, seq_len=config.seq_len)
+    sft_batches = [{k: v[i * b: (i + 1) * b] for k, v in rows.items()} for i in range(args.minibatches)]
+    sft_loss = functools.partial(train_losses.next_token_loss, z_loss=0.0)
+    sft_side = _measure(_flat_grad(run.graphdef, run.rest, sft_loss), params, sft_batches)
+
+  rewards = np.concatenate([x["score"] for x in grpo_batches])
+  print(f"start: {args.init}; GRPO rollout: {config.rl.prompts_per_iteration} prompts x {args.group} samples, "
+        f"reward {args.reward!r} mean {rewards.mean():.3f} ({sample_seconds:.0f} s); "
+        f"K={args.minibatches} minibatches of b={b} rows per side")
+  print(f"{'':6s} {'|G|^2':>11s} {'tr(Sigma)':>11s} {'B_noise':>10s} {'|g_b|^2/|G|^2':>14s} {'cos(g_i,g_j)':>13s}")
+  for name, r in (("SFT", sft_side), ("GRPO", rl_side)):
+    print(f"{name:6s} {r['|G|^2']:11.3e} {r['tr(Sigma)']:11.3e} {r['B_noise']:10.1f} "
+          f"{r['|g_b|^2'] / r['|G|^2']:14.1f} {r['cosine']:13.3f}")
+  print(f"GRPO / SFT noise scale: {rl_side['B_noise'] / sft_side['B_noise']:.1f}x; at b={b}, the fraction of a "
+        f"minibatch gradient's squared norm that is signal: SFT {sft_side['|G|^2'] / sft_side['|g_b|^2']:.2f}, "
+        f"GRPO {rl_side['|G|^2'] / rl_side['|g_b|^2']:.2f}")
+
+
+if __name__ == "__main__":
+  main()
