@@ -9,17 +9,20 @@ kv head n // G, so K and V are never repeated. The backward pass is a custom_vjp
 
 Status: forward and backward are tested in Pallas interpret mode and under TPU (Mosaic) interpret
 mode (`pltpu.force_tpu_interpret_mode()`, 128-lane blocks) on CPU; neither has run on a real chip
-yet, and BlockSizes are not tuned. On TPU this layout keeps a head's whole K/V rows in VMEM; a
-grid over kv blocks with scratch accumulators is the next step for long sequences there.
+yet, and BlockSizes are not tuned. On TPU this layout would keep a head's whole K/V rows in VMEM,
+so TPU (and TPU interpret mode, `interpret=pltpu.InterpretParams()`) takes the layout of
+flash_attention_tpu.py instead: key blocks as a grid dimension, the softmax state in VMEM scratch.
 """
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite: exp(_MASKED - _MASKED) is not NaN
 
@@ -67,6 +70,17 @@ def _kv_range(i, *, block_q, block_kv, num_kv_blocks, offset, causal, window):
   lo = 0
   if window:
     lo = jnp.maximum(0, (i * block_q + offset - window + 1) // block_kv)
+  return lo, hi
+
+
+def _q_range(j, *, block_q, block_kv, num_q_blocks, offset, causal, window):
+  """Query blocks [lo, hi) that can see key block j at all."""
+  lo = 0
+  if causal:
+    lo = jnp.maximum(0, (j * block_kv - offset) // block_q)
+  hi = num_q_blocks
+  if window:
+    hi = jnp.minimum(num_q_blocks, pl.cdiv((j + 1) * block_kv - 1 + window - offset, block_q))
   return lo, hi
 
 
@@ -139,13 +153,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta
   k, v = k_ref[...], v_ref[...]
   kv_idx = j * block_kv + jnp.arange(block_kv)
   kv_seg = kvseg_ref[...]
-  # Query blocks that can see this key block.
-  lo = 0
-  if causal:
-    lo = jnp.maximum(0, (j * block_kv - offset) // block_q)
-  hi = num_q_blocks
-  if window:
-    hi = jnp.minimum(num_q_blocks, pl.cdiv((j + 1) * block_kv - 1 + window - offset, block_q))
+  lo, hi = _q_range(j, block_q=block_q, block_kv=block_kv, num_q_blocks=num_q_blocks, offset=offset, causal=causal,
+                    window=window)
 
   def body(i, carry):
     dk, dv = carry
@@ -183,7 +192,8 @@ class _Static:
   block_q: int
   block_kv: int
   offset: int  # S - T: queries are the last T positions
-  interpret: bool
+  interpret: Any  # bool, or pltpu.InterpretParams (TPU interpret mode)
+  kv_grid: bool  # the TPU layout (flash_attention_tpu.py): key blocks as a grid dimension
 
 
 def _query_block_specs(block_q, kv_len, head_dim, group):
@@ -264,19 +274,28 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
   return dq, dk, dv
 
 
+def _layout(st: _Static):
+  """(forward, backward) of the layout st asks for."""
+  if st.kv_grid:
+    from pallas_kernels import flash_attention_tpu  # noqa: PLC0415 (it imports this module's helpers)
+
+    return flash_attention_tpu.forward, flash_attention_tpu.backward
+  return _forward, _backward
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_seg, kv_seg, st):
-  return _forward(q, k, v, q_seg, kv_seg, st)[0]
+  return _layout(st)[0](q, k, v, q_seg, kv_seg, st)[0]
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, st):
-  o, lse = _forward(q, k, v, q_seg, kv_seg, st)
+  o, lse = _layout(st)[0](q, k, v, q_seg, kv_seg, st)
   return o, (q, k, v, q_seg, kv_seg, o, lse)
 
 
 def _flash_bwd(st, residuals, do):
   q, k, v, q_seg, kv_seg, o, lse = residuals
-  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, o, lse, do, st)
+  dq, dk, dv = _layout(st)[1](q, k, v, q_seg, kv_seg, o, lse, do, st)
   return dq, dk, dv, None, None
 
 
@@ -306,9 +325,14 @@ def flash_attention(
     logit_softcap: float | None = None,
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None,
+    interpret: "bool | pltpu.InterpretParams | None" = None,
 ) -> jax.Array:
-  """Attention without the T x S matrix; returns [B, T, N, H] in q's dtype. See `reference_attention`."""
+  """Attention without the T x S matrix; returns [B, T, N, H] in q's dtype. See `reference_attention`.
+
+  interpret: None runs the kernels in Pallas interpret mode on CPU and compiled elsewhere; a
+  `pltpu.InterpretParams()` runs the TPU layout in TPU interpret mode (Mosaic semantics simulated
+  on CPU). On TPU, and in TPU interpret mode, the key blocks are a grid dimension
+  (flash_attention_tpu.py); elsewhere each program loops over them."""
   batch, q_len, heads, head_dim = q.shape
   if k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
     raise ValueError(f"k and v must be [B, S, K, H] matching q [B, T, N, H]; got {q.shape=}, {k.shape=}, {v.shape=}")
@@ -335,6 +359,7 @@ def flash_attention(
       causal=causal, window=int(sliding_window or 0), softcap=float(logit_softcap or 0.0),
       scale=float(head_dim**-0.5 if scale is None else scale), block_q=block_q, block_kv=block_kv,
       offset=kv_len - q_len, interpret=jax.default_backend() == "cpu" if interpret is None else interpret,
+      kv_grid=jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams),
   )
   # Padding: padded keys get segment -1 (seen by no query); padded queries are sliced away.
   qt = _pad(jnp.swapaxes(q, 1, 2), 2, block_q)  # [B, N, Tp, H]

@@ -117,3 +117,26 @@ def test_runs_under_tpu_interpret_mode():
   expected = _float64_reference(q, k, v, cotangent, kwargs)
   for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "q_len,kv_len,heads,kv_heads,kwargs",
+    [(24, 40, 4, 1, dict(causal=True, sliding_window=9, logit_softcap=3.0, segments=True)),
+     (40, 40, 2, 2, dict(causal=False, segments=True))],
+    ids=["causal_T<S_window_softcap_gqa4_segments", "bidirectional_segments"],
+)
+def test_tpu_layout_under_tpu_interpret_mode(q_len, kv_len, heads, kv_heads, kwargs):
+  """The TPU layout (key blocks as a grid dimension, VMEM scratch; flash_attention_tpu.py), which
+  `interpret=pltpu.InterpretParams()` selects, against the float64 reference; blocks of 8 so the
+  hidden blocks that its clamped index maps skip are many."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+  kwargs = dict(kwargs)
+  if kwargs.pop("segments"):
+    kwargs["segment_ids"] = _segments(q_len, kv_len)
+  q, k, v, cotangent = _inputs(q_len, kv_len, heads, kv_heads, jnp.float32, seed=3)
+  out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, interpret=pltpu.InterpretParams(),
+                                                     **kwargs), q, k, v)
+  expected = _float64_reference(q, k, v, cotangent, kwargs)
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *vjp(cotangent)), expected):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, err_msg=name)

@@ -1,0 +1,253 @@
+"""The TPU (Mosaic) layout of flash attention: the key/value blocks are a grid dimension, not a loop.
+
+`flash_attention.py`'s first layout gives each program a query block and its kv head's whole K/V
+rows, walked with a `fori_loop`; on TPU those rows sit in VMEM, which caps the sequence length
+(16-32 MiB of VMEM against 4 MiB for K and V of one head at S = 8k, H = 128, bfloat16, double
+buffered). Here the grid is (batch, head, query block, key block) with the last dimension
+sequential ("arbitrary"): each step gets one [block_kv, H] tile of K and V (the pipeline DMAs the
+next while this one computes), the online-softmax state (m, l and the output accumulator) lives
+in VMEM scratch across the key steps, and the output is written at the last one. Blocks that
+causality or the window hide are skipped (`pl.when`), and their index maps are clamped to the
+visible range so that no DMA fetches them. The backward pass has the same shape: dQ over
+(b, n, i, j) with a dQ accumulator, dK/dV over (b, kv head, j, i) with the G query heads of the kv
+head in each query tile and dK/dV accumulators.
+
+Used on TPU, and on CPU in TPU interpret mode (`interpret=pltpu.InterpretParams()`), which is how
+the tests run it; it has not yet run on a real TPU, so Mosaic's layout rules for the [block_q, 1]
+scratch and the 1-D log-sum-exp blocks are untested.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.flash_attention import _MASKED, _kv_range, _logits, _mask, _q_range
+
+
+def _params():
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+def _clamped_kv(i, j, *, block_q, block_kv, num_kv_blocks, offset, causal, window):
+  """Key block j of query block i, moved into the visible range (a hidden step re-reads a visible tile)."""
+  lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
+                     causal=causal, window=window)
+  return jnp.clip(j, lo, jnp.maximum(hi - 1, lo))
+
+
+def _clamped_q(j, i, *, block_q, block_kv, num_q_blocks, offset, causal, window):
+  lo, hi = _q_range(j, block_q=block_q, block_kv=block_kv, num_q_blocks=num_q_blocks, offset=offset, causal=causal,
+                    window=window)
+  return jnp.clip(i, lo, jnp.maximum(hi - 1, lo))
+
+
+def _tile_mask(i, j, qseg_ref, kvseg_ref, *, block_q, block_kv, offset, causal, window):
+  """[bq, bk] visibility of key tile j to query tile i."""
+  q_idx = i * block_q + offset + jnp.arange(block_q)
+  kv_idx = j * block_kv + jnp.arange(block_kv)
+  return _mask(q_idx, kv_idx, qseg_ref[...], kvseg_ref[...], causal=causal, window=window)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, scale,
+                    causal, window, softcap, block_kv, num_kv_blocks, offset):
+  block_q = q_ref.shape[0]
+  i, j = pl.program_id(2), pl.program_id(3)
+  lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
+                     causal=causal, window=window)
+
+  @pl.when(j == 0)
+  def _init():
+    m_scr[...] = jnp.full(m_scr.shape, _MASKED, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+  @pl.when((j >= lo) & (j < hi))
+  def _step():
+    mask = _tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset, causal=causal,
+                      window=window)  # [bq, bk]
+    v = v_ref[...]
+    s, _ = _logits(q_ref[...], k_ref[...], scale=scale, softcap=softcap)
+    s = jnp.where(mask, s, _MASKED)
+    m = m_scr[...]  # [bq, 1]
+    m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m - m_new)
+    l_scr[...] = alpha * l_scr[...] + p.sum(axis=-1, keepdims=True)
+    acc_scr[...] = alpha * acc_scr[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    m_scr[...] = m_new
+
+  @pl.when(j == num_kv_blocks - 1)
+  def _finish():
+    l = l_scr[...]
+    seen = l > 0  # a fully masked row attends to nothing: output 0
+    safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = jnp.where(seen, acc_scr[...] / safe, 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(safe), jnp.inf)[:, 0]
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, *, scale, causal,
+               window, softcap, block_kv, num_kv_blocks, offset):
+  block_q = q_ref.shape[0]
+  i, j = pl.program_id(2), pl.program_id(3)
+  lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
+                     causal=causal, window=window)
+
+  @pl.when(j == 0)
+  def _init():
+    dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+
+  @pl.when((j >= lo) & (j < hi))
+  def _step():
+    mask = _tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset, causal=causal,
+                      window=window)
+    k, v = k_ref[...], v_ref[...]
+    s, dtanh = _logits(q_ref[...], k, scale=scale, softcap=softcap)
+    p = jnp.where(mask, jnp.exp(s - lse_ref[...][:, None]), 0.0)
+    dp = jax.lax.dot_general(do_ref[...], v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_ref[...][:, None])
+    if softcap:
+      ds = ds * dtanh
+    dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  @pl.when(j == num_kv_blocks - 1)
+  def _finish():
+    dq_ref[...] = (dq_scr[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr, *,
+                scale, causal, window, softcap, block_q, num_q_blocks, offset):
+  """Key block j of one kv head, query block i of its G query heads (the grid's last dimension)."""
+  block_kv = k_ref.shape[0]
+  group = q_ref.shape[0]
+  j, i = pl.program_id(2), pl.program_id(3)
+  lo, hi = _q_range(j, block_q=block_q, block_kv=block_kv, num_q_blocks=num_q_blocks, offset=offset, causal=causal,
+                    window=window)
+
+  @pl.when(i == 0)
+  def _init():
+    dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+    dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+  @pl.when((i >= lo) & (i < hi))
+  def _step():
+    mask = _tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset, causal=causal,
+                      window=window)
+    k, v = k_ref[...], v_ref[...]
+    dk, dv = dk_scr[...], dv_scr[...]
+    for g in range(group):  # static: the G query heads of this kv head
+      q, do = q_ref[g], do_ref[g]
+      s, dtanh = _logits(q, k, scale=scale, softcap=softcap)
+      p = jnp.where(mask, jnp.exp(s - lse_ref[g][:, None]), 0.0)  # [bq, bk]
+      dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+      dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+      ds = p * (dp - delta_ref[g][:, None])
+      if softcap:
+        ds = ds * dtanh
+      dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+    dk_scr[...], dv_scr[...] = dk, dv
+
+  @pl.when(i == num_q_blocks - 1)
+  def _finish():
+    dk_ref[...] = (dk_scr[...] * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _query_major_specs(st, head_dim, group, num_kv_blocks):
+  """(q, k, v, q_seg, kv_seg) on the grid (b, n, i, j): query tile i, key tile j (clamped)."""
+  kv = functools.partial(_clamped_kv, block_q=st.block_q, block_kv=st.block_kv, num_kv_blocks=num_kv_blocks,
+                         offset=st.offset, causal=st.causal, window=st.window)
+  return [
+      pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
+      pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, n, i, j: (b, n // group, kv(i, j), 0)),
+      pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, n, i, j: (b, n // group, kv(i, j), 0)),
+      pl.BlockSpec((None, st.block_q), lambda b, n, i, j: (b, i)),
+      pl.BlockSpec((None, st.block_kv), lambda b, n, i, j: (b, kv(i, j))),
+  ]
+
+
+def forward(q, k, v, q_seg, kv_seg, st):
+  """q [B, N, Tp, H], k/v [B, K, Sp, H] (padded to the blocks) -> (o [B, N, Tp, H], lse [B, N, Tp])."""
+  batch, heads, q_len, head_dim = q.shape
+  kv_heads, kv_len = k.shape[1], k.shape[2]
+  num_kv_blocks = kv_len // st.block_kv
+  kernel = functools.partial(_forward_kernel, scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap,
+                             block_kv=st.block_kv, num_kv_blocks=num_kv_blocks, offset=st.offset)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=0,
+          grid=(batch, heads, q_len // st.block_q, num_kv_blocks),
+          in_specs=_query_major_specs(st, head_dim, heads // kv_heads, num_kv_blocks),
+          out_specs=[
+              pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
+              pl.BlockSpec((None, None, st.block_q), lambda b, n, i, j: (b, n, i)),
+          ],
+          scratch_shapes=[pltpu.VMEM((st.block_q, 1), jnp.float32), pltpu.VMEM((st.block_q, 1), jnp.float32),
+                          pltpu.VMEM((st.block_q, head_dim), jnp.float32)],
+      ),
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
+      compiler_params=_params(),
+      interpret=st.interpret,
+      name="flash_attention_forward_tpu",
+  )(q, k, v, q_seg, kv_seg)
+
+
+def backward(q, k, v, q_seg, kv_seg, o, lse, do, st):
+  batch, heads, q_len, head_dim = q.shape
+  kv_heads, kv_len = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  num_q_blocks, num_kv_blocks = q_len // st.block_q, kv_len // st.block_kv
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, N, Tp]
+  common = dict(scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap, offset=st.offset)
+  row = lambda b, n, i, j: (b, n, i)  # noqa: E731
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, block_kv=st.block_kv, num_kv_blocks=num_kv_blocks, **common),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=0,
+          grid=(batch, heads, num_q_blocks, num_kv_blocks),
+          in_specs=[
+              *_query_major_specs(st, head_dim, group, num_kv_blocks),
+              pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
+              pl.BlockSpec((None, None, st.block_q), row),
+              pl.BlockSpec((None, None, st.block_q), row),
+          ],
+          out_specs=pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
+          scratch_shapes=[pltpu.VMEM((st.block_q, head_dim), jnp.float32)],
+      ),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_params(),
+      interpret=st.interpret,
+      name="flash_attention_dq_tpu",
+  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+
+  qi = functools.partial(_clamped_q, block_q=st.block_q, block_kv=st.block_kv, num_q_blocks=num_q_blocks,
+                         offset=st.offset, causal=st.causal, window=st.window)
+  heads_tile = pl.BlockSpec((None, group, st.block_q, head_dim), lambda b, h, j, i: (b, h, qi(j, i), 0))
+  heads_row = pl.BlockSpec((None, group, st.block_q), lambda b, h, j, i: (b, h, qi(j, i)))
+  kv_tile = pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, h, j, i: (b, h, j, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, block_q=st.block_q, num_q_blocks=num_q_blocks, **common),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=0,
+          grid=(batch, kv_heads, num_kv_blocks, num_q_blocks),
+          in_specs=[
+              heads_tile, kv_tile, kv_tile,
+              pl.BlockSpec((None, st.block_q), lambda b, h, j, i: (b, qi(j, i))),
+              pl.BlockSpec((None, st.block_kv), lambda b, h, j, i: (b, j)),
+              heads_tile, heads_row, heads_row,
+          ],
+          out_specs=[kv_tile, kv_tile],
+          scratch_shapes=[pltpu.VMEM((st.block_kv, head_dim), jnp.float32),
+                          pltpu.VMEM((st.block_kv, head_dim), jnp.float32)],
+      ),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_params(),
+      interpret=st.interpret,
+      name="flash_attention_dkv_tpu",
+  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+  return dq, dk, dv
