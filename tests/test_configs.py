@@ -1,10 +1,15 @@
 """Config helpers: arg parsing, model presets as config data, start-up validation with named keys."""
 
+import importlib
+from pathlib import Path
+
 import ml_collections
 import pytest
 
 import model
 from configs import common, validation
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_parse_arg_casts_to_the_default_types():
@@ -80,3 +85,22 @@ def test_sharding_rules_check():
   validation.check_sharding_rules(common.sharding_rules())
   with pytest.raises(validation.ConfigError, match=r"config.sharding_rules\[0\] \('embed'\) names unknown mesh axes"):
     validation.check_sharding_rules((("embed", ("model",)),))
+
+
+
+# The training experiments (configs/infer's generate.py needs a checkpoint: tests/test_infer_cli.py).
+CONFIG_FILES = sorted(str(p.relative_to(ROOT)) for d in ("align", "pretrain") for p in (ROOT / "configs" / d).glob("*.py")
+                      if p.name not in ("__init__.py", "common.py", "rl_common.py"))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES)
+def test_every_experiment_config_loads_and_validates(path):
+  """Each experiment file's defaults pass its entry point's validation (the keys and values, not the paths)."""
+  from align import run as align_run
+  from train import trainer
+
+  config = importlib.import_module(path[:-3].replace("/", ".")).get_config()
+  if "method" in config:
+    align_run.validate(config)
+  else:
+    trainer.validate(config)
