@@ -45,6 +45,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.task.sampled_samples < 0 or config.task.sampled_temperature <= 0:
     raise validation.ConfigError(f"config.task.sampled_samples={config.task.sampled_samples} must be >= 0 and "
                                  f"config.task.sampled_temperature={config.task.sampled_temperature} > 0")
+  if config.rl.shuffle_rewards and config.method not in ("ppo", "grpo"):
+    raise validation.ConfigError(f"config.rl.shuffle_rewards is a control of the policy-gradient methods "
+                                 f"(ppo, grpo); config.method={config.method!r} does not use it")
   if config.rl.temperature <= 0:
     raise validation.ConfigError(f"config.rl.temperature={config.rl.temperature} must be > 0 (the losses divide by it)")
   method = METHODS[config.method]

@@ -12,9 +12,12 @@ visible range so that no DMA fetches them. The backward pass has the same shape:
 (b, n, i, j) with a dQ accumulator, dK/dV over (b, kv head, j, i) with the G query heads of the kv
 head in each query tile and dK/dV accumulators.
 
-Used on TPU, and on CPU in TPU interpret mode (`interpret=pltpu.InterpretParams()`), which is how
-the tests run it; it has not yet run on a real TPU, so Mosaic's layout rules for the [block_q, 1]
-scratch and the 1-D log-sum-exp blocks are untested.
+Every block's last two dimensions are Mosaic-tileable: the tiles of q, k, v, o and the gradients
+are [block, H]; the per-row log-sum-exp and delta are [B, N, T, 1] arrays read in [block_q, 1]
+tiles (the 1 is the whole dimension), and segment ids [B, T, 1] and [B, 1, S]; on TPU block_q
+should be a multiple of 8 and block_kv of 128. Used on TPU, and on CPU in TPU interpret mode
+(`interpret=pltpu.InterpretParams()`), which is how the tests run it; it has not yet run on a real
+TPU.
 """
 
 import functools
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention import _MASKED, _kv_range, _logits, _mask, _q_range
+from pallas_kernels.flash_attention import _MASKED, _kv_range, _logits, _q_range
 
 
 def _params():
@@ -45,10 +48,17 @@ def _clamped_q(j, i, *, block_q, block_kv, num_q_blocks, offset, causal, window)
 
 
 def _tile_mask(i, j, qseg_ref, kvseg_ref, *, block_q, block_kv, offset, causal, window):
-  """[bq, bk] visibility of key tile j to query tile i."""
-  q_idx = i * block_q + offset + jnp.arange(block_q)
-  kv_idx = j * block_kv + jnp.arange(block_kv)
-  return _mask(q_idx, kv_idx, qseg_ref[...], kvseg_ref[...], causal=causal, window=window)
+  """[bq, bk] visibility of key tile j to query tile i, from 2-D iotas and the segment tiles
+  qseg [bq, 1] and kvseg [1, bk] (no 1-D vectors: Mosaic tiles the last two dimensions)."""
+  shape = (block_q, block_kv)
+  q_idx = i * block_q + offset + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  kv_idx = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  mask = qseg_ref[...] == kvseg_ref[...]
+  if causal:
+    mask &= kv_idx <= q_idx
+  if window:
+    mask &= q_idx - kv_idx < window
+  return mask
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, scale,
@@ -85,7 +95,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_
     seen = l > 0  # a fully masked row attends to nothing: output 0
     safe = jnp.where(seen, l, 1.0)
     o_ref[...] = jnp.where(seen, acc_scr[...] / safe, 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(safe), jnp.inf)[:, 0]
+    lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(safe), jnp.inf)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, *, scale, causal,
@@ -105,9 +115,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_
                       window=window)
     k, v = k_ref[...], v_ref[...]
     s, dtanh = _logits(q_ref[...], k, scale=scale, softcap=softcap)
-    p = jnp.where(mask, jnp.exp(s - lse_ref[...][:, None]), 0.0)
+    p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)  # lse, delta: [bq, 1]
     dp = jax.lax.dot_general(do_ref[...], v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_ref[...][:, None])
+    ds = p * (dp - delta_ref[...])
     if softcap:
       ds = ds * dtanh
     dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
@@ -140,11 +150,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta
     for g in range(group):  # static: the G query heads of this kv head
       q, do = q_ref[g], do_ref[g]
       s, dtanh = _logits(q, k, scale=scale, softcap=softcap)
-      p = jnp.where(mask, jnp.exp(s - lse_ref[g][:, None]), 0.0)  # [bq, bk]
+      p = jnp.where(mask, jnp.exp(s - lse_ref[g]), 0.0)  # [bq, bk]; lse, delta: [bq, 1]
       dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                     preferred_element_type=jnp.float32)
       dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-      ds = p * (dp - delta_ref[g][:, None])
+      ds = p * (dp - delta_ref[g])
       if softcap:
         ds = ds * dtanh
       dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
@@ -165,13 +175,19 @@ def _query_major_specs(st, head_dim, group, num_kv_blocks):
       pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
       pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, n, i, j: (b, n // group, kv(i, j), 0)),
       pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, n, i, j: (b, n // group, kv(i, j), 0)),
-      pl.BlockSpec((None, st.block_q), lambda b, n, i, j: (b, i)),
-      pl.BlockSpec((None, st.block_kv), lambda b, n, i, j: (b, kv(i, j))),
+      pl.BlockSpec((None, st.block_q, 1), lambda b, n, i, j: (b, i, 0)),
+      pl.BlockSpec((None, 1, st.block_kv), lambda b, n, i, j: (b, 0, kv(i, j))),
   ]
 
 
+def _segment_columns(q_seg, kv_seg):
+  """[B, Tp] and [B, Sp] -> [B, Tp, 1] and [B, 1, Sp]: blocks whose last two dimensions Mosaic can tile."""
+  return q_seg[:, :, None], kv_seg[:, None, :]
+
+
 def forward(q, k, v, q_seg, kv_seg, st):
-  """q [B, N, Tp, H], k/v [B, K, Sp, H] (padded to the blocks) -> (o [B, N, Tp, H], lse [B, N, Tp])."""
+  """q [B, N, Tp, H], k/v [B, K, Sp, H] (padded to the blocks), segment ids [B, Tp] / [B, Sp]
+  -> (o [B, N, Tp, H], lse [B, N, Tp, 1])."""
   batch, heads, q_len, head_dim = q.shape
   kv_heads, kv_len = k.shape[1], k.shape[2]
   num_kv_blocks = kv_len // st.block_kv
@@ -185,16 +201,16 @@ def forward(q, k, v, q_seg, kv_seg, st):
           in_specs=_query_major_specs(st, head_dim, heads // kv_heads, num_kv_blocks),
           out_specs=[
               pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
-              pl.BlockSpec((None, None, st.block_q), lambda b, n, i, j: (b, n, i)),
+              pl.BlockSpec((None, None, st.block_q, 1), lambda b, n, i, j: (b, n, i, 0)),
           ],
           scratch_shapes=[pltpu.VMEM((st.block_q, 1), jnp.float32), pltpu.VMEM((st.block_q, 1), jnp.float32),
                           pltpu.VMEM((st.block_q, head_dim), jnp.float32)],
       ),
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len, 1), jnp.float32)],
       compiler_params=_params(),
       interpret=st.interpret,
       name="flash_attention_forward_tpu",
-  )(q, k, v, q_seg, kv_seg)
+  )(q, k, v, *_segment_columns(q_seg, kv_seg))
 
 
 def backward(q, k, v, q_seg, kv_seg, o, lse, do, st):
@@ -202,9 +218,10 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, st):
   kv_heads, kv_len = k.shape[1], k.shape[2]
   group = heads // kv_heads
   num_q_blocks, num_kv_blocks = q_len // st.block_q, kv_len // st.block_kv
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, N, Tp]
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)  # [B, N, Tp, 1]
+  q_seg, kv_seg = _segment_columns(q_seg, kv_seg)
   common = dict(scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap, offset=st.offset)
-  row = lambda b, n, i, j: (b, n, i)  # noqa: E731
+  row = lambda b, n, i, j: (b, n, i, 0)  # noqa: E731
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block_kv=st.block_kv, num_kv_blocks=num_kv_blocks, **common),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -213,8 +230,8 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, st):
           in_specs=[
               *_query_major_specs(st, head_dim, group, num_kv_blocks),
               pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
-              pl.BlockSpec((None, None, st.block_q), row),
-              pl.BlockSpec((None, None, st.block_q), row),
+              pl.BlockSpec((None, None, st.block_q, 1), row),
+              pl.BlockSpec((None, None, st.block_q, 1), row),
           ],
           out_specs=pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
           scratch_shapes=[pltpu.VMEM((st.block_q, head_dim), jnp.float32)],
@@ -228,7 +245,7 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, st):
   qi = functools.partial(_clamped_q, block_q=st.block_q, block_kv=st.block_kv, num_q_blocks=num_q_blocks,
                          offset=st.offset, causal=st.causal, window=st.window)
   heads_tile = pl.BlockSpec((None, group, st.block_q, head_dim), lambda b, h, j, i: (b, h, qi(j, i), 0))
-  heads_row = pl.BlockSpec((None, group, st.block_q), lambda b, h, j, i: (b, h, qi(j, i)))
+  heads_row = pl.BlockSpec((None, group, st.block_q, 1), lambda b, h, j, i: (b, h, qi(j, i), 0))
   kv_tile = pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, h, j, i: (b, h, j, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, block_q=st.block_q, num_q_blocks=num_q_blocks, **common),
@@ -237,8 +254,8 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, st):
           grid=(batch, kv_heads, num_kv_blocks, num_q_blocks),
           in_specs=[
               heads_tile, kv_tile, kv_tile,
-              pl.BlockSpec((None, st.block_q), lambda b, h, j, i: (b, qi(j, i))),
-              pl.BlockSpec((None, st.block_kv), lambda b, h, j, i: (b, j)),
+              pl.BlockSpec((None, st.block_q, 1), lambda b, h, j, i: (b, qi(j, i), 0)),
+              pl.BlockSpec((None, 1, st.block_kv), lambda b, h, j, i: (b, 0, j)),
               heads_tile, heads_row, heads_row,
           ],
           out_specs=[kv_tile, kv_tile],

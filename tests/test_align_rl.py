@@ -198,6 +198,8 @@ def test_bad_online_configs_name_the_key(start, tmp_path):
       ("distill", {"distill.kind": "soft"}, "config.distill.kind='soft'"),
       ("rest", {"rest.improve_epochs": -1.0}, "config.rest.improve_epochs=-1.0"),
       ("ppo", {"rl.temperature": 0.0}, "config.rl.temperature=0.0"),
+      ("rest", {"rl.shuffle_rewards": True}, "config.rl.shuffle_rewards"),
+      ("grpo", {"task.sampled_samples": -1}, "config.task.sampled_samples=-1"),
   ]
   for method, overrides, message in cases:
     config = _config(method, tokenizer_path, init_from=str(sft_dir), **overrides)

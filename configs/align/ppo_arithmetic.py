@@ -5,8 +5,9 @@ k1 KL penalty in the reward, GAE, 2 epochs of minibatches per rollout batch):
 
 At these defaults PPO ends below its start (0.205 -> 0.145 held-out accuracy), as far as the same
 run with its rewards shuffled (`--config.rl.shuffle_rewards=True`: 0.165): minibatches of 16
-single samples are far below the policy gradient's noise scale (~2000 samples here,
-`benchmarks/gradient_noise.py`), so the updates are mostly noise (README, alignment results).
+single samples are far below what the policy gradient needs to be signal (GRPO's noise scale at
+this checkpoint is 5,000-20,000 samples, `benchmarks/gradient_noise.py`), so the updates are
+mostly noise (README, alignment results).
 
 Variants: `:steps=N`, `:init=DIR`, `:lr=X`, `:kl=C` (the KL coefficient), `:value=head|model`,
 `:adaptive=True` (Ziegler et al.'s controller toward ppo.target_kl), `:prompts=P` (rollout batch).
