@@ -141,6 +141,14 @@ def tokenize_pieces(pieces: Sequence[tuple[str, bool]], tokenizer, *, add_bos: b
   return np.asarray(ids, np.int32), np.asarray(trainable, bool)
 
 
+def prompt_completion_ids(record: dict, tokenizer, *, template: str = "plain") -> tuple[list[int], list[int]]:
+  """A record's ids as the SFT data tokenizes them (bos, pieces, eos), cut before the first trained
+  token: (prompt ids, completion ids)."""
+  ids, trainable = tokenize_pieces(pieces_of(record, template), tokenizer)
+  cut = int(np.argmax(trainable))
+  return ids[:cut].tolist(), ids[cut:].tolist()
+
+
 def sft_features(record: dict, tokenizer, *, template: str, seq_len: int) -> dict[str, np.ndarray]:
   """inputs, targets, target_mask (1 where the target token is trained on), cut to seq_len."""
   ids, trainable = tokenize_pieces(pieces_of(record, template), tokenizer)

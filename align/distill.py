@@ -82,9 +82,7 @@ def split_rationale(text: str) -> tuple[str, str] | None:
 def _reference_rows(records: list[dict], iteration: int, size: int, tokenizer, *, seed: int, seq_len: int):
   """Iteration i's slice of the task's (prompt, completion) records as rows with completion masks."""
   picked = online.prompt_batch(list(range(len(records))), iteration, size, seed=seed)
-  encoded = [data.tokenize_pieces(data.pieces_of(records[i], "plain"), tokenizer) for i in picked]
-  prompts = [ids[: int(np.argmax(trainable))] for ids, trainable in encoded]  # up to the first trained token
-  completions = [ids[len(p):] for p, (ids, _) in zip(prompts, encoded)]
+  prompts, completions = zip(*(data.prompt_completion_ids(records[i], tokenizer) for i in picked))
   return rollout.token_rows(prompts, completions, seq_len=seq_len)
 
 

@@ -176,6 +176,19 @@ def cycle_schedule(row_ids: np.ndarray, batch_size: int, *, steps: int, seed: in
   return order[:need].reshape(steps, batch_size)
 
 
+def save_experience(path: Path, experience: Experience, state_out: dict[str, Any]) -> None:
+  """An iteration's experience and the method state after it, written atomically (npz)."""
+  data.save_npz_atomic(path, schedule=experience.schedule, state_out=json.dumps(state_out),
+                       **{f"row/{k}": v for k, v in experience.rows.items()})
+
+
+def load_experience(path: Path) -> tuple[Experience, dict[str, Any]]:
+  """What save_experience wrote: (the experience, the method state after it)."""
+  with np.load(path) as saved:
+    rows = {k[len("row/"):]: saved[k] for k in saved.files if k.startswith("row/")}
+    return Experience(rows, saved["schedule"]), json.loads(str(saved["state_out"]))
+
+
 Collect = Callable[[int, dict[str, Any]], tuple[Experience, dict[str, Any]]]
 
 
@@ -216,9 +229,7 @@ class _ExperienceIterator(grain.DatasetIterator):
     self._experience, self._loaded = experience, self._iteration
     if jax.process_index() == 0:
       self._dir.mkdir(parents=True, exist_ok=True)
-      data.save_npz_atomic(self._path(self._iteration), schedule=experience.schedule,
-                           state_out=json.dumps(self._state_out),
-                           **{f"row/{k}": v for k, v in experience.rows.items()})
+      save_experience(self._path(self._iteration), experience, self._state_out)
       for old in self._dir.glob("*.npz"):
         if old.stem.isdigit() and int(old.stem) <= self._iteration - KEEP_EXPERIENCE:
           old.unlink(missing_ok=True)
@@ -232,10 +243,7 @@ class _ExperienceIterator(grain.DatasetIterator):
                       self._iteration)
       self._collect_current()
       return
-    with np.load(path) as saved:
-      rows = {k[len("row/"):]: saved[k] for k in saved.files if k.startswith("row/")}
-      self._experience = Experience(rows, saved["schedule"])
-      self._state_out = json.loads(str(saved["state_out"]))
+    self._experience, self._state_out = load_experience(path)
     self._loaded = self._iteration
 
   def __next__(self) -> dict[str, np.ndarray]:

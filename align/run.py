@@ -68,12 +68,12 @@ def _scores(run: trainer.Run) -> dict[str, float]:
   c = run.config
   method = METHODS[c.method]
   prompt_of = (lambda p: method.eval_prompt(c, p)) if hasattr(method, "eval_prompt") else (lambda p: p.prompt)
-  problems = _problems(c)
-  scores = evaluation.task_scores(run.policy(), run.tokenizer, problems, max_new_tokens=c.task.accuracy_tokens,
+  problems, policy = _problems(c), run.policy()
+  scores = evaluation.task_scores(policy, run.tokenizer, problems, max_new_tokens=c.task.accuracy_tokens,
                                   rules=run.rules, prompt_of=prompt_of)
   scores["accuracy"] = scores.pop("exact")
   if c.task.sampled_samples > 0:
-    sampled = evaluation.sampled_scores(run.policy(), run.tokenizer, problems, samples=c.task.sampled_samples,
+    sampled = evaluation.sampled_scores(policy, run.tokenizer, problems, samples=c.task.sampled_samples,
                                         temperature=c.task.sampled_temperature, max_new_tokens=c.task.accuracy_tokens,
                                         seed=c.seed + 1, rules=run.rules, prompt_of=prompt_of)
     scores.update({f"sampled_{k}": v for k, v in sampled.items() if k != "pass@k"}, pass_at_k=sampled["pass@k"])

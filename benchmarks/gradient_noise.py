@@ -3,7 +3,7 @@ loss against SFT's, at the same parameters (not a speed benchmark: a diagnostic 
 measured training curves, printed as a ratio against a peer measured in the same run).
 
     python benchmarks/gradient_noise.py --init=runs/sft                  # about 3 minutes on 2 CPU cores
-    python benchmarks/gradient_noise.py --init=runs/sft --reward=solution --minibatches=32
+    python benchmarks/gradient_noise.py --init=runs/sft --minibatches=64 --reward=solution
 
 The simple noise scale B_noise = tr(Sigma) / |G|^2 (train/noise_scale.py; McCandlish et al. 2018),
 with G the true gradient and Sigma the per-example gradient covariance: a minibatch of B examples
@@ -16,8 +16,9 @@ The GRPO side is one rollout of the policy (K * b / `--group` prompts x `--group
 temperature 1, group-normalized advantages, the exact-match or process reward), cut into K
 minibatches of b = `--batch` rows made of whole groups (a group's advantages sum to zero, so its
 samples are correlated; the estimator counts groups as the independent units and reports B_noise
-in samples); it is exactly on-policy, so the clipped objective's gradient is the policy gradient. The SFT side is the gold worked solutions of as many training problems, the
-next-token loss on their completion tokens, in minibatches of the same size.
+in samples); it is exactly on-policy, so the clipped objective's gradient is the policy gradient.
+The SFT side is the gold worked solutions of as many training problems, tokenized as the SFT data
+is, the next-token loss on their completion tokens, in minibatches of the same size.
 """
 
 import argparse
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from align import grpo, rollout
+from align import data, grpo, rollout
 from align import run as align_run
 from align.tasks import arithmetic
 from configs.align import grpo_arithmetic
@@ -51,6 +52,11 @@ def _flat_grad(graphdef, rest, loss_fn):
     return jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in jax.tree.leaves(g)])
 
   return grad
+
+
+def _minibatches(rows: dict[str, np.ndarray], b: int, k: int) -> list[dict[str, np.ndarray]]:
+  """The first k consecutive minibatches of b rows."""
+  return [{name: v[i * b: (i + 1) * b] for name, v in rows.items()} for i in range(k)]
 
 
 def _measure(grad, params, batches, units: int, rows_per_unit: int = 1) -> dict[str, float]:
@@ -88,22 +94,17 @@ def main():
     t = time.perf_counter()
     next(run.train_iter)  # samples and scores the first rollout, saved prompt-major in the workdir
     sample_seconds = time.perf_counter() - t
-    with np.load(Path(workdir) / rollout.ROLLOUT_DIR / "0.npz") as saved:
-      rows = {k[len("row/"):]: saved[k] for k in saved.files if k.startswith("row/")}
+    experience, _ = rollout.load_experience(Path(workdir) / rollout.ROLLOUT_DIR / "0.npz")
     # Minibatches of whole groups: a group's advantages sum to zero, so its samples are not
     # independent; groups (different prompts, independent samples) are.
-    grpo_batches = [{k: v[i * b: (i + 1) * b] for k, v in rows.items()} for i in range(args.minibatches)]
+    grpo_batches = _minibatches(experience.rows, b, args.minibatches)
     params = run.state["params"]
     rl_side = _measure(_flat_grad(run.graphdef, run.rest, grpo.loss_fn(config)), params, grpo_batches,
                        b // args.group, rows_per_unit=args.group)
 
-    problems = arithmetic.problems(args.minibatches * b, difficulty=config.task.difficulty, seed=config.task.seed)
-    tok = run.tokenizer
-    prompts = [rollout.encode_prompt(tok, p.prompt) for p in problems]
-    completions = [rollout.encode_prompt(tok, p.prompt + p.solution())[len(ids):] + [tok.eos_id]
-                   for p, ids in zip(problems, prompts)]
-    rows = rollout.sft_rows(prompts, completions, seq_len=config.seq_len)
-    sft_batches = [{k: v[i * b: (i + 1) * b] for k, v in rows.items()} for i in range(args.minibatches)]
+    examples = arithmetic.sft_examples(args.minibatches * b, difficulty=config.task.difficulty, seed=config.task.seed)
+    prompts, completions = zip(*(data.prompt_completion_ids(r, run.tokenizer) for r in examples))
+    sft_batches = _minibatches(rollout.sft_rows(prompts, completions, seq_len=config.seq_len), b, args.minibatches)
     sft_loss = functools.partial(train_losses.next_token_loss, z_loss=0.0)
     sft_side = _measure(_flat_grad(run.graphdef, run.rest, sft_loss), params, sft_batches, b)
 

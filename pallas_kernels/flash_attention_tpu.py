@@ -61,12 +61,20 @@ def _tile_mask(i, j, qseg_ref, kvseg_ref, *, block_q, block_kv, offset, causal, 
   return mask
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, scale,
-                    causal, window, softcap, block_kv, num_kv_blocks, offset):
-  block_q = q_ref.shape[0]
+def _query_major_step(*, block_q, block_kv, num_kv_blocks, offset, causal, window):
+  """(i, j, visible) of a step on the grid (b, n, i, j): its query tile, its key tile, and whether
+  any key of tile j is visible to a query of tile i."""
   i, j = pl.program_id(2), pl.program_id(3)
   lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
                      causal=causal, window=window)
+  return i, j, (j >= lo) & (j < hi)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, scale,
+                    causal, window, softcap, block_kv, num_kv_blocks, offset):
+  block_q = q_ref.shape[0]
+  i, j, visible = _query_major_step(block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
+                                    causal=causal, window=window)
 
   @pl.when(j == 0)
   def _init():
@@ -74,7 +82,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-  @pl.when((j >= lo) & (j < hi))
+  @pl.when(visible)
   def _step():
     mask = _tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset, causal=causal,
                       window=window)  # [bq, bk]
@@ -101,15 +109,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_
 def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, *, scale, causal,
                window, softcap, block_kv, num_kv_blocks, offset):
   block_q = q_ref.shape[0]
-  i, j = pl.program_id(2), pl.program_id(3)
-  lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
-                     causal=causal, window=window)
+  i, j, visible = _query_major_step(block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
+                                    causal=causal, window=window)
 
   @pl.when(j == 0)
   def _init():
     dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
-  @pl.when((j >= lo) & (j < hi))
+  @pl.when(visible)
   def _step():
     mask = _tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset, causal=causal,
                       window=window)
