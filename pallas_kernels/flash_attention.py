@@ -1,17 +1,33 @@
 """Flash attention (Dao et al. 2022) in Pallas: tiled online softmax, the T x S matrix never stored.
 
 Layout of this first lowering: one program per (batch, query head, query block) that walks the
-key/value blocks it can see (blocks that causality or the window hide entirely are skipped), as
-jax's own GPU kernels are laid out; it runs in interpret mode on CPU (the tests) and is the
-structure the Triton and Mosaic GPU lowerings take. GQA is in the index maps: query head n reads
+key/value blocks it can see (blocks that causality or the window hide entirely are skipped), the
+FlashAttention-2 structure of jax's own GPU kernels. GQA is in the index maps: query head n reads
 kv head n // G, so K and V are never repeated. The backward pass is a custom_vjp with a dQ kernel
 (per query block) and a dK/dV kernel (per key block, over the G query heads of its kv head).
 
-Status: forward and backward are tested in Pallas interpret mode and under TPU (Mosaic) interpret
-mode (`pltpu.force_tpu_interpret_mode()`, 128-lane blocks) on CPU; neither has run on a real chip
-yet, and BlockSizes are not tuned. On TPU this layout would keep a head's whole K/V rows in VMEM,
-so TPU (and TPU interpret mode, `interpret=pltpu.InterpretParams()`) takes the layout of
-flash_attention_tpu.py instead: key blocks as a grid dimension, the softmax state in VMEM scratch.
+Where it runs: in Pallas interpret mode on CPU (the tests), and compiled on GPU. On TPU, and in
+TPU interpret mode (`interpret=pltpu.InterpretParams()` or inside `pltpu.force_tpu_interpret_mode()`),
+the layout of flash_attention_tpu.py is used instead (key blocks as a grid dimension, the softmax
+state in VMEM scratch), since this one would keep a head's whole K/V rows in VMEM.
+
+GPU lowering: Pallas's Triton backend, named by passing `pltriton.CompilerParams`. jax 0.11
+deprecates it in favour of Mosaic GPU, and since jax 0.10 a GPU pallas_call without compiler
+params lowers with Mosaic GPU, which rejects these kernels (seen by lowering them for CUDA on a
+CPU host: Mosaic GPU cannot lay out their iotas). Triton is chosen because (1) it is present and
+working in both jax 0.10.2 (our registry's newest) and 0.11.x (the GPU machines'), deprecated
+there but not removed; (2) it compiles the very kernel bodies that the interpret-mode tests check
+against the float64 reference, where a Mosaic GPU kernel is a different program (warpgroup
+matmuls, SMEM buffers and barriers written out by hand, Hopper-first) that no test here could run;
+(3) Triton pipelines the key loop itself (`num_stages`). The port to Mosaic GPU is due when Triton
+is removed from Pallas, or sooner if the benchmark shows Triton far from cuDNN. On GPU, blocks are
+at least 16 (Triton's dot) and the head dimension is padded to a power of two.
+
+Status: forward and backward are tested in Pallas interpret mode and the TPU layout in TPU
+interpret mode on CPU; the Triton lowering of all three kernels is checked by lowering for CUDA
+on CPU (tests/test_flash_attention.py), which does not run Triton's compiler or a chip. Nothing
+has run on a real GPU or TPU yet, and BlockSizes are not tuned; `bash benchmarks/gpu_check.sh` is
+the prepared check for when a GPU is lent.
 """
 
 import dataclasses
@@ -29,17 +45,34 @@ _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite: exp(_MASKED - _MASKE
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
+  """Tile sizes of the kernels (forward and backward alike) and, on GPU, Triton's launch parameters.
+
+  `get_default(backend, head_dim)` gives each backend's defaults; none has been tuned on a chip yet
+  (no TPU or GPU was available): TPU takes 128 x 128 tiles (the lane width), GPU the 128 x 64
+  tiles, 4-8 warps and 2 pipeline stages that public Triton flash-attention kernels use on A100/H100."""
+
   block_q: int = 128
   block_kv: int = 128
+  num_warps: int | None = None  # GPU (Triton) only; None lets Triton choose
+  num_stages: int | None = None  # GPU (Triton) only: software-pipelining depth of the key loop
 
   def __post_init__(self):
     for name in ("block_q", "block_kv"):
       value = getattr(self, name)
       if value <= 0 or value & (value - 1):
         raise ValueError(f"BlockSizes.{name}={value} must be a positive power of two")
+    for name in ("num_warps", "num_stages"):
+      value = getattr(self, name)
+      if value is not None and value <= 0:
+        raise ValueError(f"BlockSizes.{name}={value} must be positive")
 
   @classmethod
-  def get_default(cls) -> "BlockSizes":
+  def get_default(cls, backend: str | None = None, head_dim: int = 128) -> "BlockSizes":
+    backend = backend or jax.default_backend()
+    if backend in ("gpu", "cuda", "rocm"):
+      if head_dim > 128:  # smaller tiles keep the [block, H] float32 accumulators in registers
+        return cls(block_q=64, block_kv=32, num_warps=8, num_stages=2)
+      return cls(block_q=128, block_kv=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
     return cls()
 
 
@@ -194,6 +227,7 @@ class _Static:
   offset: int  # S - T: queries are the last T positions
   interpret: Any  # bool, or pltpu.InterpretParams (TPU interpret mode)
   kv_grid: bool  # the TPU layout (flash_attention_tpu.py): key blocks as a grid dimension
+  gpu_params: Any = None  # pltriton.CompilerParams when compiled for GPU: the Triton lowering, by name
 
 
 def _query_block_specs(block_q, kv_len, head_dim, group):
@@ -226,6 +260,7 @@ def _forward(q, k, v, q_seg, kv_seg, st: _Static):
       ],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
       interpret=st.interpret,
+      compiler_params=st.gpu_params,
       name="flash_attention_forward",
   )(q, k, v, q_seg, kv_seg)
 
@@ -248,6 +283,7 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
       out_specs=pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       interpret=st.interpret,
+      compiler_params=st.gpu_params,
       name="flash_attention_dq",
   )(q, k, v, q_seg, kv_seg, do, lse, delta)
   dk, dv = pl.pallas_call(
@@ -269,6 +305,7 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
       ],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       interpret=st.interpret,
+      compiler_params=st.gpu_params,
       name="flash_attention_dkv",
   )(q, k, v, q_seg, kv_seg, do, lse, delta)
   return dq, dk, dv
@@ -300,6 +337,26 @@ def _flash_bwd(st, residuals, do):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _tpu_interpret_forced() -> bool:
+  """Inside `pltpu.force_tpu_interpret_mode()`, where every pallas_call runs in TPU interpret mode."""
+  from jax._src import config  # noqa: PLC0415 (the flag has no public reader)
+
+  return getattr(config, "pallas_tpu_interpret_mode_context_manager", None) is not None and bool(
+      config.pallas_tpu_interpret_mode_context_manager.value)
+
+
+def _triton_params(blocks: BlockSizes):
+  """The GPU lowering, named explicitly: without compiler params, jax >= 0.10 lowers a GPU
+  pallas_call with Mosaic GPU, which these kernels (whole K/V rows per program, loads of
+  dynamic slices) are not written for."""
+  try:
+    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (deprecated in jax 0.11; kept out of TPU/CPU imports)
+  except ImportError as e:
+    raise NotImplementedError(
+        "this jax has no Pallas Triton backend, the GPU lowering of pallas_kernels.flash_attention") from e
+  return pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
 def _pad(x, axis, multiple, value=0):
@@ -351,23 +408,34 @@ def flash_attention(
     q_seg = kv_seg = segment_ids
   if q_seg.shape != (batch, q_len) or kv_seg.shape != (batch, kv_len):
     raise ValueError(f"segment ids must be [B, T] and [B, S]; got {q_seg.shape} and {kv_seg.shape}")
-  blocks = block_sizes or BlockSizes.get_default()
-  # Small inputs take small blocks (at least 8 rows, the sublane tile), not a block of padding.
-  block_q = min(blocks.block_q, max(8, pl.next_power_of_2(q_len)))
-  block_kv = min(blocks.block_kv, max(8, pl.next_power_of_2(kv_len)))
+  backend = jax.default_backend()
+  interpret = backend == "cpu" if interpret is None else interpret
+  kv_grid = backend == "tpu" or isinstance(interpret, pltpu.InterpretParams) or _tpu_interpret_forced()
+  triton = not kv_grid and not interpret  # compiled off TPU: the GPU lowering (see _triton_params)
+  blocks = block_sizes or BlockSizes.get_default("gpu" if triton else backend, head_dim)
+  # Small inputs take small blocks, not a block of padding: at least 8 rows (TPU's sublane tile),
+  # 16 on GPU (Triton's tl.dot needs M, N, K >= 16).
+  smallest = 16 if triton else 8
+  if triton and min(blocks.block_q, blocks.block_kv) < smallest:
+    raise ValueError(f"on GPU the blocks must be at least 16 (Triton's dot); got {blocks}")
+  block_q = min(blocks.block_q, max(smallest, pl.next_power_of_2(q_len)))
+  block_kv = min(blocks.block_kv, max(smallest, pl.next_power_of_2(kv_len)))
   st = _Static(
       causal=causal, window=int(sliding_window or 0), softcap=float(logit_softcap or 0.0),
       scale=float(head_dim**-0.5 if scale is None else scale), block_q=block_q, block_kv=block_kv,
-      offset=kv_len - q_len, interpret=jax.default_backend() == "cpu" if interpret is None else interpret,
-      kv_grid=jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams),
+      offset=kv_len - q_len, interpret=interpret, kv_grid=kv_grid,
+      gpu_params=_triton_params(blocks) if triton else None,
   )
-  # Padding: padded keys get segment -1 (seen by no query); padded queries are sliced away.
-  qt = _pad(jnp.swapaxes(q, 1, 2), 2, block_q)  # [B, N, Tp, H]
-  kt = _pad(jnp.swapaxes(k, 1, 2), 2, block_kv)  # [B, K, Sp, H]
-  vt = _pad(jnp.swapaxes(v, 1, 2), 2, block_kv)
+  # Padding: padded keys get segment -1 (seen by no query); padded queries are sliced away. On GPU
+  # the head dimension is padded to a power of two (Triton's arrays): zero columns of q and k leave
+  # the logits unchanged, zero columns of v give output columns that are sliced away.
+  padded_head_dim = max(16, pl.next_power_of_2(head_dim)) if triton else head_dim
+  qt = _pad(_pad(jnp.swapaxes(q, 1, 2), 2, block_q), 3, padded_head_dim)  # [B, N, Tp, Hp]
+  kt = _pad(_pad(jnp.swapaxes(k, 1, 2), 2, block_kv), 3, padded_head_dim)  # [B, K, Sp, Hp]
+  vt = _pad(_pad(jnp.swapaxes(v, 1, 2), 2, block_kv), 3, padded_head_dim)
   q_seg = _pad(q_seg.astype(jnp.int32), 1, block_q, value=-2)
   kv_seg = _pad(kv_seg.astype(jnp.int32), 1, block_kv, value=-1)
-  out = _flash(qt, kt, vt, q_seg, kv_seg, st)
+  out = _flash(qt, kt, vt, q_seg, kv_seg, st)[..., :head_dim]
   return jnp.swapaxes(out[:, :, :q_len], 1, 2)
 
 

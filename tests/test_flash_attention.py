@@ -2,15 +2,18 @@
 reference computed in float64, over causal/bidirectional, T == S and T < S, GQA ratios, windows,
 packed segments, soft-cap and lengths off the block size."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-
 from pallas_kernels import BlockSizes, flash_attention, reference_attention
 
-BLOCKS = BlockSizes(block_q=8, block_kv=8)  # small blocks: several per row, and ragged ends
+# Small blocks: several per row, and ragged ends (16 on a GPU, the least Triton's dot takes; these
+# tests then run the compiled kernels there: `python -m pytest tests/test_flash_attention.py`).
+BLOCKS = BlockSizes(block_q=16, block_kv=16) if jax.default_backend() == "gpu" else BlockSizes(block_q=8, block_kv=8)
 
 
 def _inputs(q_len, kv_len, heads, kv_heads, dtype, seed=0):
@@ -83,6 +86,9 @@ def test_bad_arguments_name_the_values():
     flash_attention(q, k, v)
   with pytest.raises(ValueError, match="block_q=12"):
     BlockSizes(block_q=12)
+  q, k, v, _ = _inputs(16, 16, 4, 2, jnp.float32)
+  with pytest.raises(ValueError, match="at least 16"):  # compiled off TPU: the GPU (Triton) lowering
+    flash_attention(q, k, v, block_sizes=BlockSizes(8, 8), interpret=False)
 
 
 def test_forward_backward_memory_grows_linearly_in_sequence_length():
@@ -140,3 +146,38 @@ def test_tpu_layout_under_tpu_interpret_mode(q_len, kv_len, heads, kv_heads, kwa
   expected = _float64_reference(q, k, v, cotangent, kwargs)
   for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *vjp(cotangent)), expected):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "q_len,kv_len,heads,kv_heads,head_dim,kwargs,warps",
+    [(256, 256, 4, 2, 64, dict(), 4),
+     (100, 300, 8, 2, 80, dict(sliding_window=33, logit_softcap=30.0, segments=True), 8),
+     (128, 128, 4, 1, 128, dict(causal=False), 8)],
+    ids=["causal_gqa2_h64", "T<S_window_softcap_segments_h80", "bidirectional_mqa_h128"],
+)
+def test_gpu_lowering_is_triton_and_lowers_without_a_gpu(q_len, kv_len, heads, kv_heads, head_dim, kwargs, warps):
+  """Compiled off TPU, the kernels take Pallas's Triton lowering, named explicitly (jax >= 0.10
+  otherwise lowers a GPU pallas_call with Mosaic GPU, which these kernels are not written for).
+  Lowering forward and backward for CUDA on this CPU machine runs that lowering for all three
+  kernels: an operation it lacks, an array whose size is not a power of two (head dim 80 is padded
+  to 128) or a fall-back to Mosaic GPU fails here. Triton's compilation to PTX and the chip are not
+  exercised: that needs a GPU."""
+  kwargs = dict(kwargs)
+  q = jax.ShapeDtypeStruct((2, q_len, heads, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, kv_len, kv_heads, head_dim), jnp.bfloat16)
+  segments = kwargs.pop("segments", False)
+  seg = (jax.ShapeDtypeStruct((2, q_len), jnp.int32), jax.ShapeDtypeStruct((2, kv_len), jnp.int32))
+
+  def loss(q, k, v, q_seg, kv_seg):
+    segment_ids = (q_seg, kv_seg) if segments else None
+    return flash_attention(q, k, v, segment_ids=segment_ids, interpret=False, **kwargs).astype(jnp.float32).sum()
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  text = grad.trace(q, kv, kv, *seg).lower(lowering_platforms=("cuda",)).as_text()
+  calls = [line for line in text.splitlines() if "custom_call @__gpu$xla.gpu.triton" in line]
+  names = sorted(re.search(r'name = "(\w+)"', line).group(1) for line in calls)
+  assert names == ["flash_attention_dkv", "flash_attention_dq", "flash_attention_forward"], names
+  for line in calls:  # BlockSizes.get_default("gpu", head_dim) reaches the launch
+    assert re.search(r"num_warps = (\d+)", line).group(1) == str(warps)
+    assert re.search(r"num_stages = (\d+)", line).group(1) == "2"
+  assert "mosaic" not in text.lower()
