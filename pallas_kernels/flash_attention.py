@@ -25,9 +25,10 @@ at least 16 (Triton's dot) and the head dimension is padded to a power of two.
 
 Status: forward and backward are tested in Pallas interpret mode and the TPU layout in TPU
 interpret mode on CPU; the Triton lowering of all three kernels is checked by lowering for CUDA
-on CPU (tests/test_flash_attention.py), which does not run Triton's compiler or a chip. Nothing
-has run on a real GPU or TPU yet, and BlockSizes are not tuned; `bash benchmarks/gpu_check.sh` is
-the prepared check for when a GPU is lent.
+on CPU (tests/test_flash_attention.py), and benchmarks/triton_resources.py compiles their Triton IR
+for sm_90a with the `triton` package (shared memory, registers, spills; the GPU BlockSizes come
+from it). Nothing has run on a real GPU or TPU yet and no block size is timed;
+`bash benchmarks/gpu_check.sh` is the prepared check for when a GPU is lent.
 """
 
 import dataclasses
@@ -45,34 +46,48 @@ _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite: exp(_MASKED - _MASKE
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes of the kernels (forward and backward alike) and, on GPU, Triton's launch parameters.
+  """Tile sizes of the kernels and, on GPU, Triton's launch parameters.
 
-  `get_default(backend, head_dim)` gives each backend's defaults; none has been tuned on a chip yet
-  (no TPU or GPU was available): TPU takes 128 x 128 tiles (the lane width), GPU the 128 x 64
-  tiles, 4-8 warps and 2 pipeline stages that public Triton flash-attention kernels use on A100/H100."""
+  block_q x block_kv tiles the forward pass; block_q_bwd x block_kv_bwd (None: the forward's) the dQ
+  and dK/dV kernels, which hold more per tile (dK and dV accumulators, P, dP and dS). Defaults per
+  backend from `get_default(backend, head_dim)`. None has been timed on a chip (none was lent): TPU
+  takes 128 x 128 tiles (the lane width); GPU takes the largest tiles whose three kernels compile
+  for sm_90a (H100/H200) without spilling registers, within shared memory, as measured by
+  benchmarks/triton_resources.py with Triton 3.9 (the figures are in benchmarks/RESULTS.md)."""
 
   block_q: int = 128
   block_kv: int = 128
-  num_warps: int | None = None  # GPU (Triton) only; None lets Triton choose
+  block_q_bwd: int | None = None
+  block_kv_bwd: int | None = None
+  num_warps: int | None = None  # GPU (Triton) only; None lets Pallas choose (4)
   num_stages: int | None = None  # GPU (Triton) only: software-pipelining depth of the key loop
 
   def __post_init__(self):
-    for name in ("block_q", "block_kv"):
+    for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
       value = getattr(self, name)
-      if value <= 0 or value & (value - 1):
+      if value is not None and (value <= 0 or value & (value - 1)):
         raise ValueError(f"BlockSizes.{name}={value} must be a positive power of two")
     for name in ("num_warps", "num_stages"):
       value = getattr(self, name)
       if value is not None and value <= 0:
         raise ValueError(f"BlockSizes.{name}={value} must be positive")
 
+  @property
+  def backward(self) -> tuple[int, int]:
+    """(block_q, block_kv) of the backward kernels."""
+    return self.block_q_bwd or self.block_q, self.block_kv_bwd or self.block_kv
+
   @classmethod
   def get_default(cls, backend: str | None = None, head_dim: int = 128) -> "BlockSizes":
     backend = backend or jax.default_backend()
     if backend in ("gpu", "cuda", "rocm"):
-      if head_dim > 128:  # smaller tiles keep the [block, H] float32 accumulators in registers
-        return cls(block_q=64, block_kv=32, num_warps=8, num_stages=2)
-      return cls(block_q=128, block_kv=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+      # Each the largest tiles with no register spills in any of the three kernels (with segments,
+      # window and soft-cap) on sm_90a, 8 warps, 2 stages: benchmarks/triton_resources.py.
+      if head_dim <= 64:
+        return cls(block_q=128, block_kv=128, block_q_bwd=128, block_kv_bwd=64, num_warps=8, num_stages=2)
+      if head_dim <= 128:
+        return cls(block_q=128, block_kv=64, block_q_bwd=128, block_kv_bwd=32, num_warps=8, num_stages=2)
+      return cls(block_q=64, block_kv=64, block_q_bwd=32, block_kv_bwd=32, num_warps=8, num_stages=2)
     return cls()
 
 
@@ -189,29 +204,29 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta
   lo, hi = _q_range(j, block_q=block_q, block_kv=block_kv, num_q_blocks=num_q_blocks, offset=offset, causal=causal,
                     window=window)
 
-  def body(i, carry):
+  def body(step, carry):
+    # One (query block, query head) pair per step, heads innermost: one q and one dO tile live at a
+    # time (a static loop over the G heads kept G of each, which overflowed a GPU's shared memory).
     dk, dv = carry
+    i, g = jax.lax.div(step, group), jax.lax.rem(step, group)  # step >= 0: no floor-division fix-ups
     q_idx = i * block_q + offset + jnp.arange(block_q)
     mask = _mask(q_idx, kv_idx, qseg_ref[pl.ds(i * block_q, block_q)], kv_seg, causal=causal, window=window)
-    for g in range(group):  # static: the G query heads of this kv head
-      q = q_ref[g, pl.ds(i * block_q, block_q), :]
-      do = do_ref[g, pl.ds(i * block_q, block_q), :]
-      lse = lse_ref[g, pl.ds(i * block_q, block_q)]
-      delta = delta_ref[g, pl.ds(i * block_q, block_q)]
-      s, dtanh = _logits(q, k, scale=scale, softcap=softcap)
-      p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)  # [bq, bk]
-      dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-      dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-      ds = p * (dp - delta[:, None])
-      if softcap:
-        ds = ds * dtanh
-      dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
+    q = q_ref[g, pl.ds(i * block_q, block_q), :]
+    do = do_ref[g, pl.ds(i * block_q, block_q), :]
+    lse = lse_ref[g, pl.ds(i * block_q, block_q)]
+    delta = delta_ref[g, pl.ds(i * block_q, block_q)]
+    s, dtanh = _logits(q, k, scale=scale, softcap=softcap)
+    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)  # [bq, bk]
+    dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[:, None])
+    if softcap:
+      ds = ds * dtanh
+    dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return dk, dv
 
   zeros = jnp.zeros(dk_ref.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(lo, hi, body, (zeros, zeros))
+  dk, dv = jax.lax.fori_loop(lo * group, hi * group, body, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -224,6 +239,8 @@ class _Static:
   scale: float
   block_q: int
   block_kv: int
+  block_q_bwd: int
+  block_kv_bwd: int
   offset: int  # S - T: queries are the last T positions
   interpret: Any  # bool, or pltpu.InterpretParams (TPU interpret mode)
   kv_grid: bool  # the TPU layout (flash_attention_tpu.py): key blocks as a grid dimension
@@ -332,7 +349,8 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, st):
 
 def _flash_bwd(st, residuals, do):
   q, k, v, q_seg, kv_seg, o, lse = residuals
-  dq, dk, dv = _layout(st)[1](q, k, v, q_seg, kv_seg, o, lse, do, st)
+  backward_st = dataclasses.replace(st, block_q=st.block_q_bwd, block_kv=st.block_kv_bwd)
+  dq, dk, dv = _layout(st)[1](q, k, v, q_seg, kv_seg, o, lse, do, backward_st)
   return dq, dk, dv, None, None
 
 
@@ -412,29 +430,34 @@ def flash_attention(
   interpret = backend == "cpu" if interpret is None else interpret
   kv_grid = backend == "tpu" or isinstance(interpret, pltpu.InterpretParams) or _tpu_interpret_forced()
   triton = not kv_grid and not interpret  # compiled off TPU: the GPU lowering (see _triton_params)
-  blocks = block_sizes or BlockSizes.get_default("gpu" if triton else backend, head_dim)
+  # On GPU the head dimension is padded to a power of two (Triton's arrays): zero columns of q and k
+  # leave the logits unchanged, zero columns of v give output columns that are sliced away.
+  padded_head_dim = max(16, pl.next_power_of_2(head_dim)) if triton else head_dim
+  blocks = block_sizes or BlockSizes.get_default("gpu" if triton else backend, padded_head_dim)
   # Small inputs take small blocks, not a block of padding: at least 8 rows (TPU's sublane tile),
   # 16 on GPU (Triton's tl.dot needs M, N, K >= 16).
   smallest = 16 if triton else 8
-  if triton and min(blocks.block_q, blocks.block_kv) < smallest:
+  if triton and min(blocks.block_q, blocks.block_kv, *blocks.backward) < smallest:
     raise ValueError(f"on GPU the blocks must be at least 16 (Triton's dot); got {blocks}")
-  block_q = min(blocks.block_q, max(smallest, pl.next_power_of_2(q_len)))
-  block_kv = min(blocks.block_kv, max(smallest, pl.next_power_of_2(kv_len)))
+  fit_q = lambda block: min(block, max(smallest, pl.next_power_of_2(q_len)))  # noqa: E731
+  fit_kv = lambda block: min(block, max(smallest, pl.next_power_of_2(kv_len)))  # noqa: E731
+  block_q, block_kv = fit_q(blocks.block_q), fit_kv(blocks.block_kv)
+  block_q_bwd, block_kv_bwd = fit_q(blocks.backward[0]), fit_kv(blocks.backward[1])
   st = _Static(
       causal=causal, window=int(sliding_window or 0), softcap=float(logit_softcap or 0.0),
       scale=float(head_dim**-0.5 if scale is None else scale), block_q=block_q, block_kv=block_kv,
+      block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd,
       offset=kv_len - q_len, interpret=interpret, kv_grid=kv_grid,
       gpu_params=_triton_params(blocks) if triton else None,
   )
-  # Padding: padded keys get segment -1 (seen by no query); padded queries are sliced away. On GPU
-  # the head dimension is padded to a power of two (Triton's arrays): zero columns of q and k leave
-  # the logits unchanged, zero columns of v give output columns that are sliced away.
-  padded_head_dim = max(16, pl.next_power_of_2(head_dim)) if triton else head_dim
-  qt = _pad(_pad(jnp.swapaxes(q, 1, 2), 2, block_q), 3, padded_head_dim)  # [B, N, Tp, Hp]
-  kt = _pad(_pad(jnp.swapaxes(k, 1, 2), 2, block_kv), 3, padded_head_dim)  # [B, K, Sp, Hp]
-  vt = _pad(_pad(jnp.swapaxes(v, 1, 2), 2, block_kv), 3, padded_head_dim)
-  q_seg = _pad(q_seg.astype(jnp.int32), 1, block_q, value=-2)
-  kv_seg = _pad(kv_seg.astype(jnp.int32), 1, block_kv, value=-1)
+  # Padding: padded keys get segment -1 (seen by no query); padded queries are sliced away.
+  # Lengths are padded to the larger of the forward and backward blocks (powers of two: a multiple of both).
+  q_multiple, kv_multiple = max(block_q, block_q_bwd), max(block_kv, block_kv_bwd)
+  qt = _pad(_pad(jnp.swapaxes(q, 1, 2), 2, q_multiple), 3, padded_head_dim)  # [B, N, Tp, Hp]
+  kt = _pad(_pad(jnp.swapaxes(k, 1, 2), 2, kv_multiple), 3, padded_head_dim)  # [B, K, Sp, Hp]
+  vt = _pad(_pad(jnp.swapaxes(v, 1, 2), 2, kv_multiple), 3, padded_head_dim)
+  q_seg = _pad(q_seg.astype(jnp.int32), 1, q_multiple, value=-2)
+  kv_seg = _pad(kv_seg.astype(jnp.int32), 1, kv_multiple, value=-1)
   out = _flash(qt, kt, vt, q_seg, kv_seg, st)[..., :head_dim]
   return jnp.swapaxes(out[:, :, :q_len], 1, 2)
 

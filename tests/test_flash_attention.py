@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from pallas_kernels import BlockSizes, flash_attention, reference_attention
 
@@ -69,6 +70,19 @@ def test_forward_and_gradients_match_float64(q_len, kv_len, heads, kv_heads, cau
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=atol * scale, err_msg=name)
 
 
+def test_backward_blocks_differ_from_the_forward_blocks():
+  """BlockSizes.block_q_bwd/block_kv_bwd tile dQ and dK/dV apart from the forward (lengths padded to
+  the larger of each pair): T < S, GQA 4, window, segments and soft-cap against float64."""
+  smallest = 16 if jax.default_backend() == "gpu" else 8
+  blocks = BlockSizes(smallest, 2 * smallest, block_q_bwd=2 * smallest, block_kv_bwd=smallest)
+  q, k, v, cotangent = _inputs(20, 44, 4, 1, jnp.float32, seed=5)
+  kwargs = dict(sliding_window=13, logit_softcap=5.0, segment_ids=_segments(20, 44))
+  out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=blocks, **kwargs), q, k, v)
+  expected = _float64_reference(q, k, v, cotangent, kwargs)
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *vjp(cotangent)), expected):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-5, err_msg=name)
+
+
 def test_fully_masked_rows_are_zero_with_finite_gradients():
   q, k, v, cotangent = _inputs(16, 16, 4, 2, jnp.float32)
   segments = (jnp.ones((2, 16), jnp.int32), jnp.full((2, 16), 2, jnp.int32))  # nothing shares a segment
@@ -86,6 +100,8 @@ def test_bad_arguments_name_the_values():
     flash_attention(q, k, v)
   with pytest.raises(ValueError, match="block_q=12"):
     BlockSizes(block_q=12)
+  with pytest.raises(ValueError, match="block_kv_bwd=48"):
+    BlockSizes(block_kv_bwd=48)
   q, k, v, _ = _inputs(16, 16, 4, 2, jnp.float32)
   with pytest.raises(ValueError, match="at least 16"):  # compiled off TPU: the GPU (Triton) lowering
     flash_attention(q, k, v, block_sizes=BlockSizes(8, 8), interpret=False)
@@ -149,13 +165,13 @@ def test_tpu_layout_under_tpu_interpret_mode(q_len, kv_len, heads, kv_heads, kwa
 
 
 @pytest.mark.parametrize(
-    "q_len,kv_len,heads,kv_heads,head_dim,kwargs,warps",
-    [(256, 256, 4, 2, 64, dict(), 4),
-     (100, 300, 8, 2, 80, dict(sliding_window=33, logit_softcap=30.0, segments=True), 8),
-     (128, 128, 4, 1, 128, dict(causal=False), 8)],
+    "q_len,kv_len,heads,kv_heads,head_dim,kwargs",
+    [(256, 256, 4, 2, 64, dict()),
+     (100, 300, 8, 2, 80, dict(sliding_window=33, logit_softcap=30.0, segments=True)),
+     (128, 128, 4, 1, 128, dict(causal=False))],
     ids=["causal_gqa2_h64", "T<S_window_softcap_segments_h80", "bidirectional_mqa_h128"],
 )
-def test_gpu_lowering_is_triton_and_lowers_without_a_gpu(q_len, kv_len, heads, kv_heads, head_dim, kwargs, warps):
+def test_gpu_lowering_is_triton_and_lowers_without_a_gpu(q_len, kv_len, heads, kv_heads, head_dim, kwargs):
   """Compiled off TPU, the kernels take Pallas's Triton lowering, named explicitly (jax >= 0.10
   otherwise lowers a GPU pallas_call with Mosaic GPU, which these kernels are not written for).
   Lowering forward and backward for CUDA on this CPU machine runs that lowering for all three
@@ -177,7 +193,8 @@ def test_gpu_lowering_is_triton_and_lowers_without_a_gpu(q_len, kv_len, heads, k
   calls = [line for line in text.splitlines() if "custom_call @__gpu$xla.gpu.triton" in line]
   names = sorted(re.search(r'name = "(\w+)"', line).group(1) for line in calls)
   assert names == ["flash_attention_dkv", "flash_attention_dq", "flash_attention_forward"], names
-  for line in calls:  # BlockSizes.get_default("gpu", head_dim) reaches the launch
-    assert re.search(r"num_warps = (\d+)", line).group(1) == str(warps)
-    assert re.search(r"num_stages = (\d+)", line).group(1) == "2"
+  defaults = BlockSizes.get_default("gpu", pl.next_power_of_2(head_dim))
+  for line in calls:  # the GPU defaults reach the launch
+    assert re.search(r"num_warps = (\d+)", line).group(1) == str(defaults.num_warps)
+    assert re.search(r"num_stages = (\d+)", line).group(1) == str(defaults.num_stages)
   assert "mosaic" not in text.lower()
