@@ -9,7 +9,9 @@ kv head n // G, so K and V are never repeated. The backward pass is a custom_vjp
 Where it runs: in Pallas interpret mode on CPU (the tests), and compiled on GPU. On TPU, and in
 TPU interpret mode (`interpret=pltpu.InterpretParams()` or inside `pltpu.force_tpu_interpret_mode()`),
 the layout of flash_attention_tpu.py is used instead (key blocks as a grid dimension, the softmax
-state in VMEM scratch), since this one would keep a head's whole K/V rows in VMEM.
+state in VMEM scratch), since this one would keep a head's whole K/V rows in VMEM. The choice is
+made per platform when the computation is lowered (`jax.lax.platform_dependent`), not from the
+default backend at trace time, so lowering or exporting for another platform gets its kernels.
 
 GPU lowering: Pallas's Triton backend, named by passing `pltriton.CompilerParams`. jax 0.11
 deprecates it in favour of Mosaic GPU, and since jax 0.10 a GPU pallas_call without compiler
@@ -17,18 +19,21 @@ params lowers with Mosaic GPU, which rejects these kernels (seen by lowering the
 CPU host: Mosaic GPU cannot lay out their iotas). Triton is chosen because (1) it is present and
 working in both jax 0.10.2 (our registry's newest) and 0.11.x (the GPU machines'), deprecated
 there but not removed; (2) it compiles the very kernel bodies that the interpret-mode tests check
-against the float64 reference, where a Mosaic GPU kernel is a different program (warpgroup
-matmuls, SMEM buffers and barriers written out by hand, Hopper-first) that no test here could run;
-(3) Triton pipelines the key loop itself (`num_stages`). The port to Mosaic GPU is due when Triton
+against the float64 reference, where a Mosaic GPU kernel is a separate program (warpgroup
+matmuls, SMEM buffers and barriers written out by hand, Hopper-first) whose only checks without
+a GPU would be Mosaic GPU's experimental interpret mode and its lowering, with no compiler here to
+read its resources the way benchmarks/triton_resources.py reads Triton's; (3) Triton pipelines the
+key loop itself (`num_stages`). The port to Mosaic GPU is due when Triton
 is removed from Pallas, or sooner if the benchmark shows Triton far from cuDNN. On GPU, blocks are
 at least 16 (Triton's dot) and the head dimension is padded to a power of two.
 
 Status: forward and backward are tested in Pallas interpret mode and the TPU layout in TPU
-interpret mode on CPU; the Triton lowering of all three kernels is checked by lowering for CUDA
-on CPU (tests/test_flash_attention.py), and benchmarks/triton_resources.py compiles their Triton IR
-for sm_90a with the `triton` package (shared memory, registers, spills; the GPU BlockSizes come
-from it). Nothing has run on a real GPU or TPU yet and no block size is timed;
-`bash benchmarks/gpu_check.sh` is the prepared check for when a GPU is lent.
+interpret mode on CPU; the Triton lowering of all three kernels, and the Mosaic lowering of the
+TPU layout's, are checked by lowering for CUDA and TPU on CPU (tests/test_flash_attention.py),
+and benchmarks/triton_resources.py compiles their Triton IR for sm_90a with the `triton` package
+(shared memory, registers, spills; the GPU BlockSizes come from it). Nothing has run on a real
+GPU or TPU yet and no block size is timed; `bash benchmarks/gpu_check.sh` is the prepared check
+for when a GPU is lent.
 """
 
 import dataclasses
@@ -110,14 +115,21 @@ def _logits(q, k, *, scale, softcap):
   return s, None
 
 
+def _div(a, b):
+  """Truncating a / b on block indices. Where a < 0 only max(0, .) of it is used, or it is an
+  upper bound that is then below the range's start, so truncation and floor agree on the range;
+  and it lowers without floor division's sign fix-ups (which Mosaic lowers per TPU generation)."""
+  return jax.lax.div(a, b)
+
+
 def _kv_range(i, *, block_q, block_kv, num_kv_blocks, offset, causal, window):
   """Key blocks [lo, hi) that query block i can see at all."""
   hi = num_kv_blocks
   if causal:
-    hi = jnp.minimum(num_kv_blocks, pl.cdiv((i + 1) * block_q + offset, block_kv))
+    hi = jnp.minimum(num_kv_blocks, _div((i + 1) * block_q + offset + block_kv - 1, block_kv))
   lo = 0
   if window:
-    lo = jnp.maximum(0, (i * block_q + offset - window + 1) // block_kv)
+    lo = jnp.maximum(0, _div(i * block_q + offset - window + 1, block_kv))
   return lo, hi
 
 
@@ -125,10 +137,10 @@ def _q_range(j, *, block_q, block_kv, num_q_blocks, offset, causal, window):
   """Query blocks [lo, hi) that can see key block j at all."""
   lo = 0
   if causal:
-    lo = jnp.maximum(0, (j * block_kv - offset) // block_q)
+    lo = jnp.maximum(0, _div(j * block_kv - offset, block_q))
   hi = num_q_blocks
   if window:
-    hi = jnp.minimum(num_q_blocks, pl.cdiv((j + 1) * block_kv - 1 + window - offset, block_q))
+    hi = jnp.minimum(num_q_blocks, _div((j + 1) * block_kv - 1 + window - offset + block_q - 1, block_q))
   return lo, hi
 
 
@@ -251,8 +263,8 @@ def _query_block_specs(block_q, kv_len, head_dim, group):
   """Specs of (q, k, v, q_seg, kv_seg) on the grid (b, n, i): a query block and its kv head's whole rows."""
   return [
       pl.BlockSpec((None, None, block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
-      pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, n // group, 0, 0)),
-      pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, n // group, 0, 0)),
+      pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, _div(n, group), 0, 0)),
+      pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, _div(n, group), 0, 0)),
       pl.BlockSpec((None, block_q), lambda b, n, i: (b, i)),
       pl.BlockSpec((None, kv_len), lambda b, n, i: (b, 0)),
   ]
@@ -404,10 +416,13 @@ def flash_attention(
 ) -> jax.Array:
   """Attention without the T x S matrix; returns [B, T, N, H] in q's dtype. See `reference_attention`.
 
-  interpret: None runs the kernels in Pallas interpret mode on CPU and compiled elsewhere; a
-  `pltpu.InterpretParams()` runs the TPU layout in TPU interpret mode (Mosaic semantics simulated
-  on CPU). On TPU, and in TPU interpret mode, the key blocks are a grid dimension
-  (flash_attention_tpu.py); elsewhere each program loops over them."""
+  interpret: None picks the kernels per platform when the computation is lowered
+  (`jax.lax.platform_dependent`, so lowering or exporting for another platform works): Pallas
+  interpret mode on CPU, Triton on GPU, the TPU layout (flash_attention_tpu.py: key blocks as a
+  grid dimension) through Mosaic on TPU. False: compiled kernels only (lowering for CPU fails).
+  True: Pallas interpret mode on any platform. `pltpu.InterpretParams()`, or a call inside
+  `pltpu.force_tpu_interpret_mode()`: the TPU layout in TPU interpret mode (Mosaic semantics
+  simulated on CPU)."""
   batch, q_len, heads, head_dim = q.shape
   if k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
     raise ValueError(f"k and v must be [B, S, K, H] matching q [B, T, N, H]; got {q.shape=}, {k.shape=}, {v.shape=}")
@@ -426,29 +441,50 @@ def flash_attention(
     q_seg = kv_seg = segment_ids
   if q_seg.shape != (batch, q_len) or kv_seg.shape != (batch, kv_len):
     raise ValueError(f"segment ids must be [B, T] and [B, S]; got {q_seg.shape} and {kv_seg.shape}")
-  backend = jax.default_backend()
-  interpret = backend == "cpu" if interpret is None else interpret
-  kv_grid = backend == "tpu" or isinstance(interpret, pltpu.InterpretParams) or _tpu_interpret_forced()
-  triton = not kv_grid and not interpret  # compiled off TPU: the GPU lowering (see _triton_params)
+  run = functools.partial(
+      _attend, causal=causal, window=int(sliding_window or 0), softcap=float(logit_softcap or 0.0),
+      scale=float(head_dim**-0.5 if scale is None else scale), block_sizes=block_sizes,
+  )
+  args = (q, k, v, q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+  if isinstance(interpret, pltpu.InterpretParams):
+    return run(*args, mode="tpu", interpret=interpret)
+  if _tpu_interpret_forced():  # every pallas_call runs in TPU interpret mode: the TPU layout
+    return run(*args, mode="tpu", interpret=False)
+  if interpret:
+    return run(*args, mode="interpret", interpret=True)
+  # The kernels are chosen per platform when the computation is lowered, not by the default
+  # backend at trace time, so that lowering or exporting for another platform gets its kernels.
+  branches = dict(tpu=functools.partial(run, mode="tpu", interpret=False),
+                  cuda=functools.partial(run, mode="triton", interpret=False),
+                  rocm=functools.partial(run, mode="triton", interpret=False))
+  if interpret is None:
+    branches["cpu"] = functools.partial(run, mode="interpret", interpret=True)
+  return jax.lax.platform_dependent(*args, **branches)
+
+
+def _attend(q, k, v, q_seg, kv_seg, *, mode, interpret, causal, window, softcap, scale, block_sizes):
+  """One platform's attention: pad to its blocks, run its kernels, slice back.
+
+  mode: "interpret" (the first layout, Pallas interpret mode), "triton" (the first layout
+  compiled for GPU) or "tpu" (flash_attention_tpu.py's layout, compiled or in TPU interpret mode)."""
+  batch, q_len, heads, head_dim = q.shape
+  kv_len = k.shape[1]
+  triton = mode == "triton"
   # On GPU the head dimension is padded to a power of two (Triton's arrays): zero columns of q and k
   # leave the logits unchanged, zero columns of v give output columns that are sliced away.
   padded_head_dim = max(16, pl.next_power_of_2(head_dim)) if triton else head_dim
-  blocks = block_sizes or BlockSizes.get_default("gpu" if triton else backend, padded_head_dim)
+  blocks = block_sizes or BlockSizes.get_default({"triton": "gpu", "tpu": "tpu"}.get(mode, "cpu"), padded_head_dim)
   # Small inputs take small blocks, not a block of padding: at least 8 rows (TPU's sublane tile),
-  # 16 on GPU (Triton's tl.dot needs M, N, K >= 16).
+  # 16 on GPU (Triton's tl.dot needs M, N, K >= 16; smaller blocks given are raised to 16 there).
   smallest = 16 if triton else 8
-  if triton and min(blocks.block_q, blocks.block_kv, *blocks.backward) < smallest:
-    raise ValueError(f"on GPU the blocks must be at least 16 (Triton's dot); got {blocks}")
-  fit_q = lambda block: min(block, max(smallest, pl.next_power_of_2(q_len)))  # noqa: E731
-  fit_kv = lambda block: min(block, max(smallest, pl.next_power_of_2(kv_len)))  # noqa: E731
+  fit_q = lambda block: max(smallest, min(block, pl.next_power_of_2(q_len)))  # noqa: E731
+  fit_kv = lambda block: max(smallest, min(block, pl.next_power_of_2(kv_len)))  # noqa: E731
   block_q, block_kv = fit_q(blocks.block_q), fit_kv(blocks.block_kv)
   block_q_bwd, block_kv_bwd = fit_q(blocks.backward[0]), fit_kv(blocks.backward[1])
   st = _Static(
-      causal=causal, window=int(sliding_window or 0), softcap=float(logit_softcap or 0.0),
-      scale=float(head_dim**-0.5 if scale is None else scale), block_q=block_q, block_kv=block_kv,
-      block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd,
-      offset=kv_len - q_len, interpret=interpret, kv_grid=kv_grid,
-      gpu_params=_triton_params(blocks) if triton else None,
+      causal=causal, window=window, softcap=softcap, scale=scale, block_q=block_q, block_kv=block_kv,
+      block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd, offset=kv_len - q_len, interpret=interpret,
+      kv_grid=mode == "tpu", gpu_params=_triton_params(blocks) if triton else None,
   )
   # Padding: padded keys get segment -1 (seen by no query); padded queries are sliced away.
   # Lengths are padded to the larger of the forward and backward blocks (powers of two: a multiple of both).
@@ -456,8 +492,8 @@ def flash_attention(
   qt = _pad(_pad(jnp.swapaxes(q, 1, 2), 2, q_multiple), 3, padded_head_dim)  # [B, N, Tp, Hp]
   kt = _pad(_pad(jnp.swapaxes(k, 1, 2), 2, kv_multiple), 3, padded_head_dim)  # [B, K, Sp, Hp]
   vt = _pad(_pad(jnp.swapaxes(v, 1, 2), 2, kv_multiple), 3, padded_head_dim)
-  q_seg = _pad(q_seg.astype(jnp.int32), 1, q_multiple, value=-2)
-  kv_seg = _pad(kv_seg.astype(jnp.int32), 1, kv_multiple, value=-1)
+  q_seg = _pad(q_seg, 1, q_multiple, value=-2)
+  kv_seg = _pad(kv_seg, 1, kv_multiple, value=-1)
   out = _flash(qt, kt, vt, q_seg, kv_seg, st)[..., :head_dim]
   return jnp.swapaxes(out[:, :, :q_len], 1, 2)
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention import _MASKED, _kv_range, _logits, _q_range
+from pallas_kernels.flash_attention import _MASKED, _div, _kv_range, _logits, _q_range
 
 
 def _params():
@@ -180,8 +180,8 @@ def _query_major_specs(st, head_dim, group, num_kv_blocks):
                          offset=st.offset, causal=st.causal, window=st.window)
   return [
       pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
-      pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, n, i, j: (b, n // group, kv(i, j), 0)),
-      pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, n, i, j: (b, n // group, kv(i, j), 0)),
+      pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, n, i, j: (b, _div(n, group), kv(i, j), 0)),
+      pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, n, i, j: (b, _div(n, group), kv(i, j), 0)),
       pl.BlockSpec((None, st.block_q, 1), lambda b, n, i, j: (b, i, 0)),
       pl.BlockSpec((None, 1, st.block_kv), lambda b, n, i, j: (b, 0, kv(i, j))),
   ]

@@ -102,9 +102,6 @@ def test_bad_arguments_name_the_values():
     BlockSizes(block_q=12)
   with pytest.raises(ValueError, match="block_kv_bwd=48"):
     BlockSizes(block_kv_bwd=48)
-  q, k, v, _ = _inputs(16, 16, 4, 2, jnp.float32)
-  with pytest.raises(ValueError, match="at least 16"):  # compiled off TPU: the GPU (Triton) lowering
-    flash_attention(q, k, v, block_sizes=BlockSizes(8, 8), interpret=False)
 
 
 def test_forward_backward_memory_grows_linearly_in_sequence_length():
@@ -164,6 +161,10 @@ def test_tpu_layout_under_tpu_interpret_mode(q_len, kv_len, heads, kv_heads, kwa
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, err_msg=name)
 
 
+_KERNELS = ["flash_attention_dkv", "flash_attention_dq", "flash_attention_forward"]
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu", "cpu"])
 @pytest.mark.parametrize(
     "q_len,kv_len,heads,kv_heads,head_dim,kwargs",
     [(256, 256, 4, 2, 64, dict()),
@@ -171,13 +172,16 @@ def test_tpu_layout_under_tpu_interpret_mode(q_len, kv_len, heads, kv_heads, kwa
      (128, 128, 4, 1, 128, dict(causal=False))],
     ids=["causal_gqa2_h64", "T<S_window_softcap_segments_h80", "bidirectional_mqa_h128"],
 )
-def test_gpu_lowering_is_triton_and_lowers_without_a_gpu(q_len, kv_len, heads, kv_heads, head_dim, kwargs):
-  """Compiled off TPU, the kernels take Pallas's Triton lowering, named explicitly (jax >= 0.10
-  otherwise lowers a GPU pallas_call with Mosaic GPU, which these kernels are not written for).
-  Lowering forward and backward for CUDA on this CPU machine runs that lowering for all three
-  kernels: an operation it lacks, an array whose size is not a power of two (head dim 80 is padded
-  to 128) or a fall-back to Mosaic GPU fails here. Triton's compilation to PTX and the chip are not
-  exercised: that needs a GPU."""
+def test_each_platform_lowers_its_own_kernels(platform, q_len, kv_len, heads, kv_heads, head_dim, kwargs):
+  """Forward+backward lowered on this CPU host for each platform (the kernels are picked when the
+  computation is lowered, jax.lax.platform_dependent): for CUDA all three kernels take Pallas's
+  Triton lowering, named explicitly (jax >= 0.10 otherwise lowers a GPU pallas_call with Mosaic
+  GPU, which these kernels are not written for), with the default launch parameters; for TPU the
+  TPU layout's three kernels go through Pallas's Mosaic lowering; for CPU, interpret mode, no
+  kernel call. This runs those lowerings, so an operation they lack, a Triton array whose size is
+  not a power of two (head dim 80 is padded to 128) or a block shape Mosaic rejects fails here;
+  Triton's and Mosaic's compilers and the chips are not exercised (benchmarks/triton_resources.py
+  runs Triton's)."""
   kwargs = dict(kwargs)
   q = jax.ShapeDtypeStruct((2, q_len, heads, head_dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, kv_len, kv_heads, head_dim), jnp.bfloat16)
@@ -186,13 +190,22 @@ def test_gpu_lowering_is_triton_and_lowers_without_a_gpu(q_len, kv_len, heads, k
 
   def loss(q, k, v, q_seg, kv_seg):
     segment_ids = (q_seg, kv_seg) if segments else None
-    return flash_attention(q, k, v, segment_ids=segment_ids, interpret=False, **kwargs).astype(jnp.float32).sum()
+    return flash_attention(q, k, v, segment_ids=segment_ids, **kwargs).astype(jnp.float32).sum()
 
   grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  text = grad.trace(q, kv, kv, *seg).lower(lowering_platforms=("cuda",)).as_text()
-  calls = [line for line in text.splitlines() if "custom_call @__gpu$xla.gpu.triton" in line]
+  text = grad.trace(q, kv, kv, *seg).lower(lowering_platforms=(platform,)).as_text()
+  calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+  if platform == "cpu":
+    assert not calls
+    return
+  if platform == "tpu":
+    assert all("@tpu_custom_call" in line for line in calls)
+    names = sorted(re.search(r'kernel_name = "(\w+)"', line).group(1) for line in calls)
+    assert names == [f"{name}_tpu" for name in _KERNELS], names
+    return
+  assert all("@__gpu$xla.gpu.triton" in line for line in calls)
   names = sorted(re.search(r'name = "(\w+)"', line).group(1) for line in calls)
-  assert names == ["flash_attention_dkv", "flash_attention_dq", "flash_attention_forward"], names
+  assert names == _KERNELS, names
   defaults = BlockSizes.get_default("gpu", pl.next_power_of_2(head_dim))
   for line in calls:  # the GPU defaults reach the launch
     assert re.search(r"num_warps = (\d+)", line).group(1) == str(defaults.num_warps)
