@@ -1,4 +1,5 @@
-"""Attention as a function of q, k, v: the plain-jnp reference (`xla`) and cuDNN (`cudnn`) backends.
+"""Attention as a function of q, k, v: the plain-jnp reference (`xla`), cuDNN (`cudnn`) and our
+Pallas flash attention (`pallas`) backends.
 
 All backends honour causal masks, sliding windows, segment ids and GQA, and none of them
 repeats K/V heads: queries are viewed as [B, T, K, G, H] so each kv head serves its G queries.
@@ -6,10 +7,18 @@ repeats K/V heads: queries are viewed as [B, T, K, G, H] so each kv head serves 
 
 import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
+
+from model import sharding
+
+# Logical axes of the attention activations (model/sharding.py maps them to the mesh).
+BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+BTKH = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
 
 # Finite, so a fully masked row gives a uniform softmax (then zeroed) rather than NaN.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
@@ -105,6 +114,71 @@ def cudnn_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, sliding_w
   )
 
 
+def pallas_attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, S, K, H]
+    v: jax.Array,  # [B, S, K, H]
+    *,
+    q_segment_ids: jax.Array | None = None,  # [B, T]
+    kv_segment_ids: jax.Array | None = None,  # [B, S]
+    causal: bool = True,
+    sliding_window: int = 0,
+    logit_softcap: float = 0.0,
+    scale: float | None = None,
+) -> jax.Array:
+  """pallas_kernels.flash_attention, run per shard inside `sharding.axis_rules`.
+
+  A Pallas kernel is one custom call that XLA's partitioner cannot split: on a mesh it would
+  gather q, k and v onto every device and compute all of attention there. So under a mesh the
+  kernel runs in `jax.shard_map` over the batch and head shards of the activations (their
+  logical axes, BTNH/BTKH, mapped by the context's rules). Where the rules shard query heads but
+  not kv heads (fewer kv heads than the head axis), each shard takes the kv heads its queries
+  use. A sequence-sharded T or S is gathered first: each device then attends its batch and head
+  shard over whole sequences (no ring attention).
+  """
+  try:
+    from pallas_kernels import flash_attention  # noqa: PLC0415 (optional backend)
+  except ImportError as e:
+    raise ValueError("attention_impl='pallas' needs pallas_kernels.flash_attention, which is not available") from e
+  call = functools.partial(flash_attention, causal=causal, sliding_window=sliding_window or None,
+                           logit_softcap=logit_softcap or None, scale=scale)
+  segments = () if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
+
+  def attend(q, k, v, *segments):
+    return call(q, k, v, segment_ids=tuple(segments) or None)
+
+  context = sharding.current_context()
+  if context is None:
+    return attend(q, k, v, *segments)
+  mesh, rules = context
+  batch, _, heads, heads_kv = (sharding.logical_to_spec(BTNH, q.shape, mesh, rules)[:3]
+                               + sharding.logical_to_spec(BTKH, k.shape, mesh, rules)[2:3])
+  if heads_kv is not None and heads_kv != heads:
+    raise ValueError(f"the pallas backend needs kv heads sharded like query heads or not at all; "
+                     f"the rules give query heads {heads!r} and kv heads {heads_kv!r}")
+  group = q.shape[2] // k.shape[2]
+  head_axes = () if heads is None else (heads,) if isinstance(heads, str) else tuple(heads)
+  local_heads = q.shape[2] // math.prod(mesh.shape[axis] for axis in head_axes)
+  if heads_kv is None and local_heads % group and group % local_heads:
+    # A shard's query heads would straddle kv groups unevenly: keep the heads whole instead.
+    _warn_once(f"attention_impl='pallas': {q.shape[2]} query heads over {heads!r} straddle groups of "
+               f"{group}; the heads are gathered for attention.")
+    heads, head_axes, local_heads = None, (), q.shape[2]
+
+  def attend_shard(q, k, v, *segments):
+    if head_axes and heads_kv is None:  # query heads split, kv heads whole: this shard's kv heads
+      first = jax.lax.axis_index(head_axes) * local_heads // group
+      k = jax.lax.dynamic_slice_in_dim(k, first, max(1, local_heads // group), axis=2)
+      v = jax.lax.dynamic_slice_in_dim(v, first, max(1, local_heads // group), axis=2)
+    return attend(q, k, v, *segments)
+
+  q_spec = PartitionSpec(batch, None, heads, None)
+  kv_spec = PartitionSpec(batch, None, heads_kv, None)
+  segment_specs = (PartitionSpec(batch, None),) * len(segments)
+  return jax.shard_map(attend_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, *segment_specs),
+                       out_specs=q_spec, check_vma=False)(q, k, v, *segments)
+
+
 def dot_product_attention(
     q: jax.Array,  # [B, T, N, H]
     k: jax.Array,  # [B, S, K, H]
@@ -145,17 +219,12 @@ def dot_product_attention(
       )
     _warn_once(f"attention_impl='cudnn' falls back to 'xla': {reason}.")
   elif impl == "pallas":
-    try:
-      from pallas_kernels import flash_attention  # noqa: PLC0415 (optional backend)
-    except ImportError as e:
-      raise ValueError("attention_impl='pallas' needs pallas_kernels.flash_attention, which is not available") from e
     if custom_positions or alibi_slopes is not None or not isinstance(sliding_window, int):
       _warn_once("attention_impl='pallas' falls back to 'xla' for custom positions, ALiBi or traced windows.")
     else:
-      segment_ids = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
-      return flash_attention(
-          q, k, v, segment_ids=segment_ids, causal=causal, sliding_window=sliding_window or None,
-          logit_softcap=logit_softcap or None, scale=scale,
+      return pallas_attention(
+          q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal,
+          sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale,
       )
   elif impl != "xla":
     raise ValueError(f"attention impl {impl!r} is not one of ('xla', 'cudnn', 'pallas')")

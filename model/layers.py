@@ -13,8 +13,7 @@ from model.config import ModelConfig
 from model.sharding import shard
 
 BTD = ("activation_batch", "activation_length", "activation_embed")
-BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
-BTKH = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+BTNH, BTKH = attention_ops.BTNH, attention_ops.BTKH
 BTF = ("activation_batch", "activation_length", "activation_mlp")
 
 

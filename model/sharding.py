@@ -152,6 +152,11 @@ def axis_rules(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
     _CONTEXT.pop()
 
 
+def current_context() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the innermost `axis_rules`, or None outside one."""
+  return (_CONTEXT[-1].mesh, _CONTEXT[-1].rules) if _CONTEXT else None
+
+
 def shard(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Constrains an activation's sharding by logical names; a no-op outside `axis_rules`."""
   if not _CONTEXT:  # no mesh, nothing to constrain: single-device runs

@@ -88,3 +88,42 @@ def test_rules_name_unknown_axes_clearly():
     sharding.logical_to_spec(("experts",), (8,), mesh, sharding.DEFAULT_RULES)
   with pytest.raises(ValueError, match=r"names unknown mesh axes \['model'\]"):
     sharding.logical_to_spec(("embed",), (8,), mesh, (("embed", ("model",)),))
+
+
+@pytest.mark.parametrize(
+    "mesh_sizes,heads",
+    [({"data": 2, "fsdp": 2, "tensor": 2}, (8, 4)),  # batch and both head kinds split
+     ({"tensor": 8}, (8, 4)),  # 8 query heads split, 4 kv heads whole: each shard takes its kv head
+     ({"data": 4, "tensor": 2}, (12, 3)),  # 6 query heads a shard straddle groups of 4: heads gathered instead
+     ({"fsdp": 2, "sequence": 4}, (8, 4))],  # sequence-sharded activations gathered for the kernel
+    ids=["batch_and_heads", "query_heads_only", "straddling_groups", "sequence"],
+)
+def test_pallas_attention_runs_per_shard_and_matches_unsharded_xla(mesh_sizes, heads):
+  """attention_impl='pallas' on a mesh: the kernel runs inside shard_map over the activations'
+  batch and head shards (one Pallas call cannot be split by XLA's partitioner), and the loss and
+  its gradients equal the unsharded plain-jnp model's; packed segments, a window and soft-cap."""
+  config = CONFIG.replace(num_heads=heads[0], num_kv_heads=heads[1], sliding_window=6, attn_logit_softcap=20.0)
+  tokens = jax.random.randint(jax.random.key(2), (4, 16), 0, config.vocab_size)
+  segments = np.asarray([[1] * 5 + [2] * 11, [1] * 16, [1] * 9 + [2] * 7, [1] * 16])
+
+  def loss(module, tokens):
+    return jax.numpy.mean(jax.numpy.sin(module(tokens, segment_ids=segments)))
+
+  def make(impl):
+    return lambda: model.Transformer(config.replace(attention_impl=impl), rngs=nnx.Rngs(0))
+
+  expected_loss, expected_grads = nnx.value_and_grad(loss)(make("xla")(), tokens)
+  mesh = sharding.make_mesh(mesh_sizes)
+  module = sharding.create_sharded(make("pallas"), mesh)
+
+  def sharded_loss_and_grads(module, tokens):
+    with sharding.axis_rules(mesh):
+      return nnx.value_and_grad(loss)(module, tokens)
+
+  graph, state = nnx.split(module)
+  jaxpr = jax.make_jaxpr(lambda state: sharded_loss_and_grads(nnx.merge(graph, state), tokens))(state)
+  assert "shard_map" in str(jaxpr)
+  got_loss, got_grads = nnx.jit(sharded_loss_and_grads)(module, tokens)
+  np.testing.assert_allclose(got_loss, expected_loss, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(nnx.state(got_grads)), jax.tree.leaves(nnx.state(expected_grads))):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
