@@ -5,6 +5,9 @@ key/value blocks it can see (blocks that causality or the window hide entirely a
 FlashAttention-2 structure of jax's own GPU kernels. GQA is in the index maps: query head n reads
 kv head n // G, so K and V are never repeated. The backward pass is a custom_vjp with a dQ kernel
 (per query block) and a dK/dV kernel (per key block, over the G query heads of its kv head).
+Without segment ids, each kernel's loop is split as in FlashAttention-2: the blocks every pair of
+which is visible (inside the causal triangle and the window, no padding) are walked without
+building a mask; only the blocks on the diagonal and the window's edge are masked.
 
 Where it runs: in Pallas interpret mode on CPU (the tests), and compiled on GPU. On TPU, and in
 TPU interpret mode (`interpret=pltpu.InterpretParams()` or inside `pltpu.force_tpu_interpret_mode()`),
@@ -144,24 +147,65 @@ def _q_range(j, *, block_q, block_kv, num_q_blocks, offset, causal, window):
   return lo, hi
 
 
+def _full_kv_range(i, *, block_q, block_kv, q_len, kv_len, offset, causal, window):
+  """Key blocks [lo, hi) that every query of query block i sees whole, so that no mask is needed
+  (without segment ids): none while the block holds padded queries, none with padded keys."""
+  # int32 operands: a jnp.where of two Python ints fails Pallas's Triton lowering once multiplied.
+  hi = jnp.where((i + 1) * block_q <= q_len, jnp.int32(kv_len // block_kv), jnp.int32(0))
+  if causal:  # the block's last key <= its first query
+    hi = jnp.minimum(hi, _div(i * block_q + offset + 1, block_kv))
+  lo = 0
+  if window:  # its last query - its first key < window
+    lo = jnp.maximum(0, _div((i + 1) * block_q + offset - window + block_kv - 1, block_kv))
+  return lo, hi
+
+
+def _full_q_range(j, *, block_q, block_kv, q_len, kv_len, offset, causal, window):
+  """Query blocks [lo, hi) all of whose queries see all of key block j (see _full_kv_range)."""
+  hi = jnp.where((j + 1) * block_kv <= kv_len, jnp.int32(q_len // block_q), jnp.int32(0))
+  lo = 0
+  if causal:
+    lo = jnp.maximum(0, _div((j + 1) * block_kv - 1 - offset + block_q - 1, block_q))
+  if window:
+    hi = jnp.minimum(hi, _div(window + j * block_kv - offset, block_q))
+  return lo, hi
+
+
+def _loop_with_mask_free_middle(lo, hi, full, body, init):
+  """fori_loop of body(index, carry, masked) over [lo, hi): unmasked on the part of [lo, hi) inside
+  `full` (the blocks that need no mask; FlashAttention-2's split of the diagonal blocks from the
+  rest), masked before and after it. full=None: masked throughout (segment ids)."""
+  masked = functools.partial(body, masked=True)
+  if full is None:
+    return jax.lax.fori_loop(lo, hi, masked, init)
+  start = jnp.clip(full[0], lo, hi)
+  stop = jnp.clip(full[1], start, hi)
+  carry = jax.lax.fori_loop(lo, start, masked, init)
+  carry = jax.lax.fori_loop(start, stop, functools.partial(body, masked=False), carry)
+  return jax.lax.fori_loop(stop, hi, masked, carry)
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, scale, causal, window, softcap,
-                    block_kv, num_kv_blocks, offset):
+                    block_kv, num_kv_blocks, offset, full_blocks):
   block_q = q_ref.shape[0]
   i = pl.program_id(2)
   q = q_ref[...]
   q_idx = i * block_q + offset + jnp.arange(block_q)
   q_seg = qseg_ref[...]
 
-  def body(j, carry):
+  def body(j, carry, masked):
     m, l, acc = carry
     k = k_ref[pl.ds(j * block_kv, block_kv), :]
     v = v_ref[pl.ds(j * block_kv, block_kv), :]
-    kv_idx = j * block_kv + jnp.arange(block_kv)
-    mask = _mask(q_idx, kv_idx, q_seg, kvseg_ref[pl.ds(j * block_kv, block_kv)], causal=causal, window=window)
     s, _ = _logits(q, k, scale=scale, softcap=softcap)
-    s = jnp.where(mask, s, _MASKED)
+    if masked:
+      kv_idx = j * block_kv + jnp.arange(block_kv)
+      mask = _mask(q_idx, kv_idx, q_seg, kvseg_ref[pl.ds(j * block_kv, block_kv)], causal=causal, window=window)
+      s = jnp.where(mask, s, _MASKED)
     m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    p = jnp.exp(s - m_new[:, None])
+    if masked:
+      p = jnp.where(mask, p, 0.0)
     alpha = jnp.exp(m - m_new)
     acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, alpha * l + p.sum(axis=-1), acc
@@ -170,14 +214,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *,
                      causal=causal, window=window)
   init = (jnp.full((block_q,), _MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32),
           jnp.zeros(o_ref.shape, jnp.float32))
-  m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+  m, l, acc = _loop_with_mask_free_middle(lo, hi, full_blocks and full_blocks(i), body, init)
   seen = l > 0  # a fully masked row attends to nothing: output 0
   o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, causal, window,
-               softcap, block_kv, num_kv_blocks, offset):
+               softcap, block_kv, num_kv_blocks, offset, full_blocks):
   block_q = q_ref.shape[0]
   i = pl.program_id(2)
   q, do = q_ref[...], do_ref[...]
@@ -185,13 +229,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_
   q_idx = i * block_q + offset + jnp.arange(block_q)
   q_seg = qseg_ref[...]
 
-  def body(j, dq):
+  def body(j, dq, masked):
     k = k_ref[pl.ds(j * block_kv, block_kv), :]
     v = v_ref[pl.ds(j * block_kv, block_kv), :]
-    kv_idx = j * block_kv + jnp.arange(block_kv)
-    mask = _mask(q_idx, kv_idx, q_seg, kvseg_ref[pl.ds(j * block_kv, block_kv)], causal=causal, window=window)
     s, dtanh = _logits(q, k, scale=scale, softcap=softcap)
-    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    p = jnp.exp(s - lse[:, None])
+    if masked:
+      kv_idx = j * block_kv + jnp.arange(block_kv)
+      mask = _mask(q_idx, kv_idx, q_seg, kvseg_ref[pl.ds(j * block_kv, block_kv)], causal=causal, window=window)
+      p = jnp.where(mask, p, 0.0)
     dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     ds = p * (dp - delta[:, None])
     if softcap:
@@ -200,12 +246,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_
 
   lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
                      causal=causal, window=window)
-  dq = jax.lax.fori_loop(lo, hi, body, jnp.zeros(dq_ref.shape, jnp.float32))
+  dq = _loop_with_mask_free_middle(lo, hi, full_blocks and full_blocks(i), body,
+                                   jnp.zeros(dq_ref.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, causal,
-                window, softcap, block_q, num_q_blocks, offset):
+                window, softcap, block_q, num_q_blocks, offset, full_blocks):
   """One key block of one kv head: sums over every query block and the G query heads it serves."""
   block_kv = k_ref.shape[0]
   group = q_ref.shape[0]
@@ -216,19 +263,21 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta
   lo, hi = _q_range(j, block_q=block_q, block_kv=block_kv, num_q_blocks=num_q_blocks, offset=offset, causal=causal,
                     window=window)
 
-  def body(step, carry):
+  def body(step, carry, masked):
     # One (query block, query head) pair per step, heads innermost: one q and one dO tile live at a
     # time (a static loop over the G heads kept G of each, which overflowed a GPU's shared memory).
     dk, dv = carry
     i, g = jax.lax.div(step, group), jax.lax.rem(step, group)  # step >= 0: no floor-division fix-ups
-    q_idx = i * block_q + offset + jnp.arange(block_q)
-    mask = _mask(q_idx, kv_idx, qseg_ref[pl.ds(i * block_q, block_q)], kv_seg, causal=causal, window=window)
     q = q_ref[g, pl.ds(i * block_q, block_q), :]
     do = do_ref[g, pl.ds(i * block_q, block_q), :]
     lse = lse_ref[g, pl.ds(i * block_q, block_q)]
     delta = delta_ref[g, pl.ds(i * block_q, block_q)]
     s, dtanh = _logits(q, k, scale=scale, softcap=softcap)
-    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)  # [bq, bk]
+    p = jnp.exp(s - lse[:, None])  # [bq, bk]
+    if masked:
+      q_idx = i * block_q + offset + jnp.arange(block_q)
+      mask = _mask(q_idx, kv_idx, qseg_ref[pl.ds(i * block_q, block_q)], kv_seg, causal=causal, window=window)
+      p = jnp.where(mask, p, 0.0)
     dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     ds = p * (dp - delta[:, None])
@@ -238,7 +287,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta
     return dk, dv
 
   zeros = jnp.zeros(dk_ref.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(lo * group, hi * group, body, (zeros, zeros))
+  full = full_blocks and full_blocks(j)
+  full = full and (full[0] * group, full[1] * group)
+  dk, dv = _loop_with_mask_free_middle(lo * group, hi * group, full, body, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -254,6 +305,9 @@ class _Static:
   block_q_bwd: int
   block_kv_bwd: int
   offset: int  # S - T: queries are the last T positions
+  q_len: int  # T and S before padding
+  kv_len: int
+  segments: bool  # segment ids given: every block is masked
   interpret: Any  # bool, or pltpu.InterpretParams (TPU interpret mode)
   kv_grid: bool  # the TPU layout (flash_attention_tpu.py): key blocks as a grid dimension
   gpu_params: Any = None  # pltriton.CompilerParams when compiled for GPU: the Triton lowering, by name
@@ -270,6 +324,14 @@ def _query_block_specs(block_q, kv_len, head_dim, group):
   ]
 
 
+def _full_blocks(full_range, st: _Static):
+  """i -> the mask-free block range of block i (_full_kv_range / _full_q_range); None with segment ids."""
+  if st.segments:
+    return None
+  return functools.partial(full_range, block_q=st.block_q, block_kv=st.block_kv, q_len=st.q_len, kv_len=st.kv_len,
+                           offset=st.offset, causal=st.causal, window=st.window)
+
+
 def _forward(q, k, v, q_seg, kv_seg, st: _Static):
   """q [B, N, Tp, H], k/v [B, K, Sp, H] (padded to the blocks) -> (o [B, N, Tp, H], lse [B, N, Tp])."""
   batch, heads, q_len, head_dim = q.shape
@@ -278,6 +340,7 @@ def _forward(q, k, v, q_seg, kv_seg, st: _Static):
   kernel = functools.partial(
       _forward_kernel, scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap,
       block_kv=st.block_kv, num_kv_blocks=kv_len // st.block_kv, offset=st.offset,
+      full_blocks=_full_blocks(_full_kv_range, st),
   )
   return pl.pallas_call(
       kernel,
@@ -301,7 +364,8 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, N, Tp]
   common = dict(scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap, offset=st.offset)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, block_kv=st.block_kv, num_kv_blocks=kv_len // st.block_kv, **common),
+      functools.partial(_dq_kernel, block_kv=st.block_kv, num_kv_blocks=kv_len // st.block_kv,
+                        full_blocks=_full_blocks(_full_kv_range, st), **common),
       grid=(batch, heads, q_len // st.block_q),
       in_specs=[
           *_query_block_specs(st.block_q, kv_len, head_dim, group),
@@ -316,7 +380,8 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
       name="flash_attention_dq",
   )(q, k, v, q_seg, kv_seg, do, lse, delta)
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, block_q=st.block_q, num_q_blocks=q_len // st.block_q, **common),
+      functools.partial(_dkv_kernel, block_q=st.block_q, num_q_blocks=q_len // st.block_q,
+                        full_blocks=_full_blocks(_full_q_range, st), **common),
       grid=(batch, kv_heads, kv_len // st.block_kv),
       in_specs=[
           pl.BlockSpec((None, group, q_len, head_dim), lambda b, h, j: (b, h, 0, 0)),
@@ -444,6 +509,7 @@ def flash_attention(
   run = functools.partial(
       _attend, causal=causal, window=int(sliding_window or 0), softcap=float(logit_softcap or 0.0),
       scale=float(head_dim**-0.5 if scale is None else scale), block_sizes=block_sizes,
+      segments=segment_ids is not None,
   )
   args = (q, k, v, q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
   if isinstance(interpret, pltpu.InterpretParams):
@@ -462,7 +528,7 @@ def flash_attention(
   return jax.lax.platform_dependent(*args, **branches)
 
 
-def _attend(q, k, v, q_seg, kv_seg, *, mode, interpret, causal, window, softcap, scale, block_sizes):
+def _attend(q, k, v, q_seg, kv_seg, *, mode, interpret, causal, window, softcap, scale, block_sizes, segments):
   """One platform's attention: pad to its blocks, run its kernels, slice back.
 
   mode: "interpret" (the first layout, Pallas interpret mode), "triton" (the first layout
@@ -483,8 +549,8 @@ def _attend(q, k, v, q_seg, kv_seg, *, mode, interpret, causal, window, softcap,
   block_q_bwd, block_kv_bwd = fit_q(blocks.backward[0]), fit_kv(blocks.backward[1])
   st = _Static(
       causal=causal, window=window, softcap=softcap, scale=scale, block_q=block_q, block_kv=block_kv,
-      block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd, offset=kv_len - q_len, interpret=interpret,
-      kv_grid=mode == "tpu", gpu_params=_triton_params(blocks) if triton else None,
+      block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd, offset=kv_len - q_len, q_len=q_len, kv_len=kv_len,
+      segments=segments, interpret=interpret, kv_grid=mode == "tpu", gpu_params=_triton_params(blocks) if triton else None,
   )
   # Padding: padded keys get segment -1 (seen by no query); padded queries are sliced away.
   # Lengths are padded to the larger of the forward and backward blocks (powers of two: a multiple of both).

@@ -2,6 +2,7 @@
 reference computed in float64, over causal/bidirectional, T == S and T < S, GQA ratios, windows,
 packed segments, soft-cap and lengths off the block size."""
 
+import importlib
 import re
 
 import jax
@@ -48,6 +49,7 @@ CASES = [
     (20, 20, 4, 1, False, None, False, None),  # MQA (N/K = N), bidirectional
     (12, 28, 4, 1, True, None, False, None),  # T < S: queries are the last T positions
     (24, 24, 8, 2, True, 5, False, None),  # GQA 4, sliding window
+    (40, 40, 4, 2, True, 20, False, None),  # a window wide enough for mask-free blocks inside it
     (24, 24, 4, 2, True, None, True, None),  # packed segments
     (16, 26, 4, 2, True, 7, True, 3.0),  # T < S with window, segments and soft-cap
 ]
@@ -81,6 +83,48 @@ def test_backward_blocks_differ_from_the_forward_blocks():
   expected = _float64_reference(q, k, v, cotangent, kwargs)
   for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *vjp(cotangent)), expected):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-5, err_msg=name)
+
+
+def test_block_ranges_against_brute_force_visibility():
+  """The block ranges the kernels walk, against visibility computed pair by pair from the
+  definitions (query t sees key s iff s <= t + S - T when causal and t + S - T - s < window): every
+  block holding a visible pair is walked (_kv_range, _q_range), and the mask-free ranges
+  (_full_kv_range, _full_q_range) hold exactly the blocks where every pair is visible and no row
+  or column is padding, so the unmasked loop is exact and not vacuous."""
+  fa = importlib.import_module("pallas_kernels.flash_attention")  # the module: its private helpers
+  checked_full = 0
+  for block_q, block_kv in [(8, 8), (8, 16), (16, 8)]:
+    for q_len, kv_len in [(20, 20), (13, 37), (10, 16), (5, 12), (40, 40), (8, 64), (33, 18)]:
+      for causal in (True, False):
+        if causal and q_len > kv_len:
+          continue
+        for window in (0, 1, 5, 13, 40):
+          offset = kv_len - q_len
+          pad = max(block_q, block_kv)
+          num_q, num_kv = -(-q_len // pad) * pad // block_q, -(-kv_len // pad) * pad // block_kv
+          t = np.arange(num_q * block_q)[:, None]
+          k = np.arange(num_kv * block_kv)[None, :]
+          visible = (t < q_len) & (k < kv_len)
+          if causal:
+            visible &= k <= t + offset
+          if window:
+            visible &= t + offset - k < window
+          tiles = visible.reshape(num_q, block_q, num_kv, block_kv)
+          any_pair, every_pair = tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))  # [num_q, num_kv]
+          geometry = dict(block_q=block_q, block_kv=block_kv, offset=offset, causal=causal, window=window)
+          full = dict(geometry, q_len=q_len, kv_len=kv_len)
+          for i in range(num_q):
+            lo, hi = (int(x) for x in fa._kv_range(i, num_kv_blocks=num_kv, **geometry))
+            assert all(lo <= j < hi for j in np.flatnonzero(any_pair[i])), (i, lo, hi, geometry)
+            lo, hi = (int(x) for x in fa._full_kv_range(i, **full))
+            assert set(range(lo, hi)) == set(np.flatnonzero(every_pair[i])), (i, lo, hi, geometry)
+            checked_full += hi > lo
+          for j in range(num_kv):
+            lo, hi = (int(x) for x in fa._q_range(j, num_q_blocks=num_q, **geometry))
+            assert all(lo <= i < hi for i in np.flatnonzero(any_pair[:, j])), (j, lo, hi, geometry)
+            lo, hi = (int(x) for x in fa._full_q_range(j, **full))
+            assert set(range(lo, hi)) == set(np.flatnonzero(every_pair[:, j])), (j, lo, hi, geometry)
+  assert checked_full > 100  # the mask-free path is common, not an edge case
 
 
 def test_fully_masked_rows_are_zero_with_finite_gradients():
