@@ -8,7 +8,8 @@ sequential ("arbitrary"): each step gets one [block_kv, H] tile of K and V (the 
 next while this one computes), the online-softmax state (m, l and the output accumulator) lives
 in VMEM scratch across the key steps, and the output is written at the last one. Blocks that
 causality or the window hide are skipped (`pl.when`), and their index maps are clamped to the
-visible range so that no DMA fetches them. The backward pass has the same shape: dQ over
+visible range so that no DMA fetches them. Without segment ids, tiles every pair of which is
+visible (no padding) skip building the mask (`_when_visible`). The backward pass has the same shape: dQ over
 (b, n, i, j) with a dQ accumulator, dK/dV over (b, kv head, j, i) with the G query heads of the kv
 head in each query tile and dK/dV accumulators.
 
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention import _MASKED, _div, _kv_range, _logits, _q_range
+from pallas_kernels.flash_attention import (_MASKED, _div, _full_blocks, _full_kv_range, _full_q_range, _kv_range,
+                                            _logits, _q_range)
 
 
 def _params():
@@ -70,8 +72,22 @@ def _query_major_step(*, block_q, block_kv, num_kv_blocks, offset, causal, windo
   return i, j, (j >= lo) & (j < hi)
 
 
+def _when_visible(visible, full, step):
+  """Runs step(masked) on a visible tile: without a mask where `full` (every pair visible, no
+  padding; None with segment ids), with one elsewhere."""
+  if full is None:
+    pl.when(visible)(functools.partial(step, masked=True))
+    return
+  pl.when(visible & jnp.logical_not(full))(functools.partial(step, masked=True))
+  pl.when(full)(functools.partial(step, masked=False))
+
+
+def _in_range(index, bounds):
+  return None if bounds is None else (index >= bounds[0]) & (index < bounds[1])
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, scale,
-                    causal, window, softcap, block_kv, num_kv_blocks, offset):
+                    causal, window, softcap, block_kv, num_kv_blocks, offset, full_blocks):
   block_q = q_ref.shape[0]
   i, j, visible = _query_major_step(block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
                                     causal=causal, window=window)
@@ -82,20 +98,24 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-  @pl.when(visible)
-  def _step():
-    mask = _tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset, causal=causal,
-                      window=window)  # [bq, bk]
+  def _step(masked):
     v = v_ref[...]
     s, _ = _logits(q_ref[...], k_ref[...], scale=scale, softcap=softcap)
-    s = jnp.where(mask, s, _MASKED)
+    if masked:
+      mask = _tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset, causal=causal,
+                        window=window)  # [bq, bk]
+      s = jnp.where(mask, s, _MASKED)
     m = m_scr[...]  # [bq, 1]
     m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
-    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+    p = jnp.exp(s - m_new)
+    if masked:
+      p = jnp.where(mask, p, 0.0)
     alpha = jnp.exp(m - m_new)
     l_scr[...] = alpha * l_scr[...] + p.sum(axis=-1, keepdims=True)
     acc_scr[...] = alpha * acc_scr[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     m_scr[...] = m_new
+
+  _when_visible(visible, _in_range(j, full_blocks and full_blocks(i)), _step)
 
   @pl.when(j == num_kv_blocks - 1)
   def _finish():
@@ -107,7 +127,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, *, scale, causal,
-               window, softcap, block_kv, num_kv_blocks, offset):
+               window, softcap, block_kv, num_kv_blocks, offset, full_blocks):
   block_q = q_ref.shape[0]
   i, j, visible = _query_major_step(block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
                                     causal=causal, window=window)
@@ -116,18 +136,20 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_
   def _init():
     dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
-  @pl.when(visible)
-  def _step():
-    mask = _tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset, causal=causal,
-                      window=window)
+  def _step(masked):
     k, v = k_ref[...], v_ref[...]
     s, dtanh = _logits(q_ref[...], k, scale=scale, softcap=softcap)
-    p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)  # lse, delta: [bq, 1]
+    p = jnp.exp(s - lse_ref[...])  # lse, delta: [bq, 1]
+    if masked:
+      p = jnp.where(_tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset,
+                               causal=causal, window=window), p, 0.0)
     dp = jax.lax.dot_general(do_ref[...], v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     ds = p * (dp - delta_ref[...])
     if softcap:
       ds = ds * dtanh
     dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  _when_visible(visible, _in_range(j, full_blocks and full_blocks(i)), _step)
 
   @pl.when(j == num_kv_blocks - 1)
   def _finish():
@@ -135,7 +157,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr, *,
-                scale, causal, window, softcap, block_q, num_q_blocks, offset):
+                scale, causal, window, softcap, block_q, num_q_blocks, offset, full_blocks):
   """Key block j of one kv head, query block i of its G query heads (the grid's last dimension)."""
   block_kv = k_ref.shape[0]
   group = q_ref.shape[0]
@@ -148,16 +170,18 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta
     dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
-  @pl.when((i >= lo) & (i < hi))
-  def _step():
-    mask = _tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset, causal=causal,
-                      window=window)
+  def _step(masked):
+    if masked:
+      mask = _tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset, causal=causal,
+                        window=window)
     k, v = k_ref[...], v_ref[...]
     dk, dv = dk_scr[...], dv_scr[...]
     for g in range(group):  # static: the G query heads of this kv head
       q, do = q_ref[g], do_ref[g]
       s, dtanh = _logits(q, k, scale=scale, softcap=softcap)
-      p = jnp.where(mask, jnp.exp(s - lse_ref[g]), 0.0)  # [bq, bk]; lse, delta: [bq, 1]
+      p = jnp.exp(s - lse_ref[g])  # [bq, bk]; lse, delta: [bq, 1]
+      if masked:
+        p = jnp.where(mask, p, 0.0)
       dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                     preferred_element_type=jnp.float32)
       dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -167,6 +191,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta
       dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                     preferred_element_type=jnp.float32)
     dk_scr[...], dv_scr[...] = dk, dv
+
+  _when_visible((i >= lo) & (i < hi), _in_range(i, full_blocks and full_blocks(j)), _step)
 
   @pl.when(i == num_q_blocks - 1)
   def _finish():
@@ -199,7 +225,8 @@ def forward(q, k, v, q_seg, kv_seg, st):
   kv_heads, kv_len = k.shape[1], k.shape[2]
   num_kv_blocks = kv_len // st.block_kv
   kernel = functools.partial(_forward_kernel, scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap,
-                             block_kv=st.block_kv, num_kv_blocks=num_kv_blocks, offset=st.offset)
+                             block_kv=st.block_kv, num_kv_blocks=num_kv_blocks, offset=st.offset,
+                             full_blocks=_full_blocks(_full_kv_range, st))
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -230,7 +257,8 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, st):
   common = dict(scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap, offset=st.offset)
   row = lambda b, n, i, j: (b, n, i, 0)  # noqa: E731
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, block_kv=st.block_kv, num_kv_blocks=num_kv_blocks, **common),
+      functools.partial(_dq_kernel, block_kv=st.block_kv, num_kv_blocks=num_kv_blocks,
+                        full_blocks=_full_blocks(_full_kv_range, st), **common),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=0,
           grid=(batch, heads, num_q_blocks, num_kv_blocks),
@@ -255,7 +283,8 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, st):
   heads_row = pl.BlockSpec((None, group, st.block_q, 1), lambda b, h, j, i: (b, h, qi(j, i), 0))
   kv_tile = pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, h, j, i: (b, h, j, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, block_q=st.block_q, num_q_blocks=num_q_blocks, **common),
+      functools.partial(_dkv_kernel, block_q=st.block_q, num_q_blocks=num_q_blocks,
+                        full_blocks=_full_blocks(_full_q_range, st), **common),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=0,
           grid=(batch, kv_heads, num_kv_blocks, num_q_blocks),

@@ -185,8 +185,9 @@ def test_runs_under_tpu_interpret_mode():
 @pytest.mark.parametrize(
     "q_len,kv_len,heads,kv_heads,kwargs",
     [(24, 40, 4, 1, dict(causal=True, sliding_window=9, logit_softcap=3.0, segments=True)),
-     (40, 40, 2, 2, dict(causal=False, segments=True))],
-    ids=["causal_T<S_window_softcap_gqa4_segments", "bidirectional_segments"],
+     (40, 40, 2, 2, dict(causal=False, segments=True)),
+     (28, 44, 4, 2, dict(causal=True, sliding_window=20, segments=False))],  # mask-free tiles inside the window
+    ids=["causal_T<S_window_softcap_gqa4_segments", "bidirectional_segments", "causal_T<S_window_gqa2_no_segments"],
 )
 def test_tpu_layout_under_tpu_interpret_mode(q_len, kv_len, heads, kv_heads, kwargs):
   """The TPU layout (key blocks as a grid dimension, VMEM scratch; flash_attention_tpu.py), which
