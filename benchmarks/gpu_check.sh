@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of the Pallas flash attention in one call, sized for a 15-minute device lease
-# (about 8 minutes here, leaving time for the machine's start and one rerun):
+# The GPU checks of the Pallas flash attention in one call, for a 15-minute device lease: capped at
+# 4 + 5.5 minutes by its timeouts (not yet run on a GPU, so its real duration is unknown; the
+# benchmark prints each row as it goes, so a capped run still returns what it measured):
 #   1. the kernel tests compiled on the GPU (Pallas's Triton lowering) against the float64
 #      reference, and the model's pallas-vs-xla test;
 #   2. benchmarks/attention.py: TFLOP/s of ours, cuDNN and XLA, and ours' error against cuDNN.

@@ -132,8 +132,8 @@ def pallas_attention(
   gather q, k and v onto every device and compute all of attention there. So under a mesh the
   kernel runs in `jax.shard_map` over the batch and head shards of the activations (their
   logical axes, BTNH/BTKH, mapped by the context's rules). Where the rules shard query heads but
-  not kv heads (fewer kv heads than the head axis), each shard takes the kv heads its queries
-  use. A sequence-sharded T or S is gathered first: each device then attends its batch and head
+  not kv heads alike (fewer kv heads than the head axis, or other axes), the kv heads are whole on
+  every shard and each takes the ones its queries use. A sequence-sharded T or S is gathered first: each device then attends its batch and head
   shard over whole sequences (no ring attention).
   """
   try:
@@ -153,9 +153,8 @@ def pallas_attention(
   mesh, rules = context
   batch, _, heads, heads_kv = (sharding.logical_to_spec(BTNH, q.shape, mesh, rules)[:3]
                                + sharding.logical_to_spec(BTKH, k.shape, mesh, rules)[2:3])
-  if heads_kv is not None and heads_kv != heads:
-    raise ValueError(f"the pallas backend needs kv heads sharded like query heads or not at all; "
-                     f"the rules give query heads {heads!r} and kv heads {heads_kv!r}")
+  if heads_kv != heads:  # kv heads whole on every shard; each takes the ones its query heads use
+    heads_kv = None
   group = q.shape[2] // k.shape[2]
   head_axes = () if heads is None else (heads,) if isinstance(heads, str) else tuple(heads)
   local_heads = q.shape[2] // math.prod(mesh.shape[axis] for axis in head_axes)

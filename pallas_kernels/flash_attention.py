@@ -442,6 +442,15 @@ def _tpu_interpret_forced() -> bool:
       config.pallas_tpu_interpret_mode_context_manager.value)
 
 
+@functools.cache
+def _has_pallas_triton() -> bool:
+  try:
+    from jax.experimental.pallas import triton  # noqa: F401, PLC0415
+  except ImportError:
+    return False
+  return True
+
+
 def _triton_params(blocks: BlockSizes):
   """The GPU lowering, named explicitly: without compiler params, jax >= 0.10 lowers a GPU
   pallas_call with Mosaic GPU, which these kernels (whole K/V rows per program, loads of
@@ -520,9 +529,10 @@ def flash_attention(
     return run(*args, mode="interpret", interpret=True)
   # The kernels are chosen per platform when the computation is lowered, not by the default
   # backend at trace time, so that lowering or exporting for another platform gets its kernels.
-  branches = dict(tpu=functools.partial(run, mode="tpu", interpret=False),
-                  cuda=functools.partial(run, mode="triton", interpret=False),
-                  rocm=functools.partial(run, mode="triton", interpret=False))
+  branches = dict(tpu=functools.partial(run, mode="tpu", interpret=False))
+  if _has_pallas_triton():  # deprecated in jax 0.11: its removal must not break CPU and TPU
+    branches.update(cuda=functools.partial(run, mode="triton", interpret=False),
+                    rocm=functools.partial(run, mode="triton", interpret=False))
   if interpret is None:
     branches["cpu"] = functools.partial(run, mode="interpret", interpret=True)
   return jax.lax.platform_dependent(*args, **branches)

@@ -8,8 +8,9 @@ sequential ("arbitrary"): each step gets one [block_kv, H] tile of K and V (the 
 next while this one computes), the online-softmax state (m, l and the output accumulator) lives
 in VMEM scratch across the key steps, and the output is written at the last one. Blocks that
 causality or the window hide are skipped (`pl.when`), and their index maps are clamped to the
-visible range so that no DMA fetches them. Without segment ids, tiles every pair of which is
-visible (no padding) skip building the mask (`_when_visible`). The backward pass has the same shape: dQ over
+visible range (and to the array, for blocks of padding alone) so that no DMA fetches a hidden
+tile. Without segment ids, tiles every pair of which is visible (no padding) skip building the
+mask (`_when_visible`). The backward pass has the same shape: dQ over
 (b, n, i, j) with a dQ accumulator, dK/dV over (b, kv head, j, i) with the G query heads of the kv
 head in each query tile and dK/dV accumulators.
 
@@ -37,16 +38,19 @@ def _params():
 
 
 def _clamped_kv(i, j, *, block_q, block_kv, num_kv_blocks, offset, causal, window):
-  """Key block j of query block i, moved into the visible range (a hidden step re-reads a visible tile)."""
+  """Key block j of query block i, moved into the visible range (a hidden step re-reads a visible
+  tile) and into the array: a query block of padding alone (lengths padded to the larger of the
+  forward and backward blocks) can have an empty range that starts past the last key block."""
   lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
                      causal=causal, window=window)
-  return jnp.clip(j, lo, jnp.maximum(hi - 1, lo))
+  return jnp.minimum(jnp.clip(j, lo, jnp.maximum(hi - 1, lo)), num_kv_blocks - 1)
 
 
 def _clamped_q(j, i, *, block_q, block_kv, num_q_blocks, offset, causal, window):
+  """Query block i of key block j, moved into the visible range and into the array (see _clamped_kv)."""
   lo, hi = _q_range(j, block_q=block_q, block_kv=block_kv, num_q_blocks=num_q_blocks, offset=offset, causal=causal,
                     window=window)
-  return jnp.clip(i, lo, jnp.maximum(hi - 1, lo))
+  return jnp.minimum(jnp.clip(i, lo, jnp.maximum(hi - 1, lo)), num_q_blocks - 1)
 
 
 def _tile_mask(i, j, qseg_ref, kvseg_ref, *, block_q, block_kv, offset, causal, window):

@@ -127,6 +127,28 @@ def test_block_ranges_against_brute_force_visibility():
   assert checked_full > 100  # the mask-free path is common, not an edge case
 
 
+@pytest.mark.parametrize(
+    "q_len,kv_len,blocks,kwargs",
+    [(8, 40, BlockSizes(8, 64, block_q_bwd=8, block_kv_bwd=16), dict(causal=True)),
+     (40, 40, BlockSizes(8, 8, block_q_bwd=64), dict(causal=True, sliding_window=1)),
+     (40, 40, BlockSizes(8, 8, block_q_bwd=64), dict(causal=False, sliding_window=3))],
+    ids=["T<S_bwd_kv_blocks", "window1_bwd_q_blocks", "bidirectional_window3_bwd_q_blocks"],
+)
+def test_tpu_layout_with_backward_blocks_reads_only_inside_the_arrays(q_len, kv_len, blocks, kwargs):
+  """Lengths padded to the larger of the forward and backward blocks leave blocks of padding alone,
+  whose empty visible range can start past the array's last block; TPU interpret mode (which
+  raises on an out-of-bounds block index) checks the clamped index maps stay inside, and the
+  float64 reference the values."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+  q, k, v, cotangent = _inputs(q_len, kv_len, 2, 1, jnp.float32, seed=7)
+  out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=blocks, interpret=pltpu.InterpretParams(),
+                                                     **kwargs), q, k, v)
+  expected = _float64_reference(q, k, v, cotangent, kwargs)
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *vjp(cotangent)), expected):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, err_msg=name)
+
+
 def test_fully_masked_rows_are_zero_with_finite_gradients():
   q, k, v, cotangent = _inputs(16, 16, 4, 2, jnp.float32)
   segments = (jnp.ones((2, 16), jnp.int32), jnp.full((2, 16), 2, jnp.int32))  # nothing shares a segment

@@ -90,15 +90,23 @@ def test_rules_name_unknown_axes_clearly():
     sharding.logical_to_spec(("embed",), (8,), mesh, (("embed", ("model",)),))
 
 
+# Query heads (8) over two mesh axes, kv heads (2) over only the one that divides them (the batch
+# kept off fsdp so that the heads get it): kv heads whole on every shard instead.
+_TWO_AXIS_HEADS = sharding.with_default_rules(
+    [("activation_batch", ("data",)), ("activation_heads", ("tensor", "fsdp")),
+     ("activation_kv_heads", ("tensor", "fsdp"))])
+
+
 @pytest.mark.parametrize(
-    "mesh_sizes,heads",
-    [({"data": 2, "fsdp": 2, "tensor": 2}, (8, 4)),  # batch and both head kinds split
-     ({"tensor": 8}, (8, 4)),  # 8 query heads split, 4 kv heads whole: each shard takes its kv head
-     ({"data": 4, "tensor": 2}, (12, 3)),  # 6 query heads a shard straddle groups of 4: heads gathered instead
-     ({"fsdp": 2, "sequence": 4}, (8, 4))],  # sequence-sharded activations gathered for the kernel
-    ids=["batch_and_heads", "query_heads_only", "straddling_groups", "sequence"],
+    "mesh_sizes,heads,rules",
+    [({"data": 2, "fsdp": 2, "tensor": 2}, (8, 4), sharding.DEFAULT_RULES),  # batch and both head kinds split
+     ({"tensor": 8}, (8, 4), sharding.DEFAULT_RULES),  # 8 query heads split, 4 kv heads whole: each takes its own
+     ({"data": 4, "tensor": 2}, (12, 3), sharding.DEFAULT_RULES),  # 6 heads a shard straddle groups of 4: gathered
+     ({"fsdp": 2, "sequence": 4}, (8, 4), sharding.DEFAULT_RULES),  # sequence sharding gathered for the kernel
+     ({"fsdp": 4, "tensor": 2}, (8, 2), _TWO_AXIS_HEADS)],
+    ids=["batch_and_heads", "query_heads_only", "straddling_groups", "sequence", "heads_over_two_axes"],
 )
-def test_pallas_attention_runs_per_shard_and_matches_unsharded_xla(mesh_sizes, heads):
+def test_pallas_attention_runs_per_shard_and_matches_unsharded_xla(mesh_sizes, heads, rules):
   """attention_impl='pallas' on a mesh: the kernel runs inside shard_map over the activations'
   batch and head shards (one Pallas call cannot be split by XLA's partitioner), and the loss and
   its gradients equal the unsharded plain-jnp model's; packed segments, a window and soft-cap."""
@@ -114,10 +122,10 @@ def test_pallas_attention_runs_per_shard_and_matches_unsharded_xla(mesh_sizes, h
 
   expected_loss, expected_grads = nnx.value_and_grad(loss)(make("xla")(), tokens)
   mesh = sharding.make_mesh(mesh_sizes)
-  module = sharding.create_sharded(make("pallas"), mesh)
+  module = sharding.create_sharded(make("pallas"), mesh, rules)
 
   def sharded_loss_and_grads(module, tokens):
-    with sharding.axis_rules(mesh):
+    with sharding.axis_rules(mesh, rules):
       return nnx.value_and_grad(loss)(module, tokens)
 
   graph, state = nnx.split(module)
