@@ -7,7 +7,9 @@ kv head n // G, so K and V are never repeated. The backward pass is a custom_vjp
 (per query block) and a dK/dV kernel (per key block, over the G query heads of its kv head).
 Without segment ids, each kernel's loop is split as in FlashAttention-2: the blocks every pair of
 which is visible (inside the causal triangle and the window, no padding) are walked without
-building a mask; only the blocks on the diagonal and the window's edge are masked.
+building a mask; only the blocks on the diagonal and the window's edge are masked. With segment
+ids, each loop is narrowed to the blocks that can share an id (_segment_block_ranges): for
+documents packed into a row, attention costs about the documents' own lengths, not the row's.
 
 Where it runs: in Pallas interpret mode on CPU (the tests), and compiled on GPU. On TPU, and in
 TPU interpret mode (`interpret=pltpu.InterpretParams()` or inside `pltpu.force_tpu_interpret_mode()`),
@@ -171,6 +173,35 @@ def _full_q_range(j, *, block_q, block_kv, q_len, kv_len, offset, causal, window
   return lo, hi
 
 
+def _segment_block_ranges(q_seg, kv_seg, block_q, block_kv, q_len, kv_len):
+  """Per row, the key blocks [lo, hi) each query block may share a segment id with, and the query
+  blocks each key block may. Two blocks share an id only if the intervals [min, max] of their ids
+  overlap, so no block outside these ranges holds a visible pair, whatever the ids; for the
+  non-decreasing ids of packed rows the ranges are exact, and attention over documents packed
+  into a row costs about their own lengths, not the row's. Padding (positions from q_len / kv_len
+  on) is left out of the intervals: a block of padding alone overlaps nothing.
+  q_seg [B, Tp], kv_seg [B, Sp] -> kv_ranges [B, Tp/bq, 2], q_ranges [B, Sp/bk, 2], int32."""
+  batch = q_seg.shape[0]
+  big, small = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
+
+  def intervals(ids, length, block):  # [B, L] -> ([B, L/block] min, max) over the unpadded positions
+    real = (jnp.arange(ids.shape[1]) < length)[None]
+    return (jnp.where(real, ids, big).reshape(batch, -1, block).min(-1),
+            jnp.where(real, ids, small).reshape(batch, -1, block).max(-1))
+
+  q_min, q_max = intervals(q_seg, q_len, block_q)
+  kv_min, kv_max = intervals(kv_seg, kv_len, block_kv)
+  overlap = (q_min[:, :, None] <= kv_max[:, None, :]) & (kv_min[:, None, :] <= q_max[:, :, None])  # [B, nq, nk]
+
+  def first_to_last(x):  # [..., n] -> [..., 2]: [first true, last true + 1), [0, 0) when none
+    index = jnp.arange(x.shape[-1])
+    hi = jnp.max(jnp.where(x, index + 1, 0), axis=-1)
+    lo = jnp.minimum(jnp.min(jnp.where(x, index, x.shape[-1]), axis=-1), hi)
+    return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
+
+  return first_to_last(overlap), first_to_last(jnp.swapaxes(overlap, 1, 2))
+
+
 def _loop_with_mask_free_middle(lo, hi, full, body, init):
   """fori_loop of body(index, carry, masked) over [lo, hi): unmasked on the part of [lo, hi) inside
   `full` (the blocks that need no mask; FlashAttention-2's split of the diagonal blocks from the
@@ -185,8 +216,8 @@ def _loop_with_mask_free_middle(lo, hi, full, body, init):
   return jax.lax.fori_loop(stop, hi, masked, carry)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, scale, causal, window, softcap,
-                    block_kv, num_kv_blocks, offset, full_blocks):
+def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, o_ref, lse_ref, *, scale, causal, window,
+                    softcap, block_kv, num_kv_blocks, offset, full_blocks):
   block_q = q_ref.shape[0]
   i = pl.program_id(2)
   q = q_ref[...]
@@ -212,6 +243,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *,
 
   lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
                      causal=causal, window=window)
+  lo, hi = jnp.maximum(lo, range_ref[0]), jnp.minimum(hi, range_ref[1])  # and the blocks sharing a segment
   init = (jnp.full((block_q,), _MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32),
           jnp.zeros(o_ref.shape, jnp.float32))
   m, l, acc = _loop_with_mask_free_middle(lo, hi, full_blocks and full_blocks(i), body, init)
@@ -220,8 +252,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *,
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, causal, window,
-               softcap, block_kv, num_kv_blocks, offset, full_blocks):
+def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, causal,
+               window, softcap, block_kv, num_kv_blocks, offset, full_blocks):
   block_q = q_ref.shape[0]
   i = pl.program_id(2)
   q, do = q_ref[...], do_ref[...]
@@ -246,13 +278,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_
 
   lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
                      causal=causal, window=window)
+  lo, hi = jnp.maximum(lo, range_ref[0]), jnp.minimum(hi, range_ref[1])
   dq = _loop_with_mask_free_middle(lo, hi, full_blocks and full_blocks(i), body,
                                    jnp.zeros(dq_ref.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, causal,
-                window, softcap, block_q, num_q_blocks, offset, full_blocks):
+def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                scale, causal, window, softcap, block_q, num_q_blocks, offset, full_blocks):
   """One key block of one kv head: sums over every query block and the G query heads it serves."""
   block_kv = k_ref.shape[0]
   group = q_ref.shape[0]
@@ -262,6 +295,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta
   kv_seg = kvseg_ref[...]
   lo, hi = _q_range(j, block_q=block_q, block_kv=block_kv, num_q_blocks=num_q_blocks, offset=offset, causal=causal,
                     window=window)
+  lo, hi = jnp.maximum(lo, range_ref[0]), jnp.minimum(hi, range_ref[1])  # and the blocks sharing a segment
 
   def body(step, carry, masked):
     # One (query block, query head) pair per step, heads innermost: one q and one dO tile live at a
@@ -314,13 +348,15 @@ class _Static:
 
 
 def _query_block_specs(block_q, kv_len, head_dim, group):
-  """Specs of (q, k, v, q_seg, kv_seg) on the grid (b, n, i): a query block and its kv head's whole rows."""
+  """Specs of (q, k, v, q_seg, kv_seg, kv_ranges) on the grid (b, n, i): a query block and its kv
+  head's whole rows."""
   return [
       pl.BlockSpec((None, None, block_q, head_dim), lambda b, n, i: (b, n, i, 0)),
       pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, _div(n, group), 0, 0)),
       pl.BlockSpec((None, None, kv_len, head_dim), lambda b, n, i: (b, _div(n, group), 0, 0)),
       pl.BlockSpec((None, block_q), lambda b, n, i: (b, i)),
       pl.BlockSpec((None, kv_len), lambda b, n, i: (b, 0)),
+      pl.BlockSpec((None, None, 2), lambda b, n, i: (b, i, 0)),  # key blocks sharing a segment
   ]
 
 
@@ -354,7 +390,7 @@ def _forward(q, k, v, q_seg, kv_seg, st: _Static):
       interpret=st.interpret,
       compiler_params=st.gpu_params,
       name="flash_attention_forward",
-  )(q, k, v, q_seg, kv_seg)
+  )(q, k, v, q_seg, kv_seg, _segment_block_ranges(q_seg, kv_seg, st.block_q, st.block_kv, st.q_len, st.kv_len)[0])
 
 
 def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
@@ -363,6 +399,7 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
   group = heads // kv_heads
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, N, Tp]
   common = dict(scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap, offset=st.offset)
+  kv_ranges, q_ranges = _segment_block_ranges(q_seg, kv_seg, st.block_q, st.block_kv, st.q_len, st.kv_len)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block_kv=st.block_kv, num_kv_blocks=kv_len // st.block_kv,
                         full_blocks=_full_blocks(_full_kv_range, st), **common),
@@ -378,7 +415,7 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
       interpret=st.interpret,
       compiler_params=st.gpu_params,
       name="flash_attention_dq",
-  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+  )(q, k, v, q_seg, kv_seg, kv_ranges, do, lse, delta)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, block_q=st.block_q, num_q_blocks=q_len // st.block_q,
                         full_blocks=_full_blocks(_full_q_range, st), **common),
@@ -389,6 +426,7 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
           pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, h, j: (b, h, j, 0)),
           pl.BlockSpec((None, q_len), lambda b, h, j: (b, 0)),
           pl.BlockSpec((None, st.block_kv), lambda b, h, j: (b, j)),
+          pl.BlockSpec((None, None, 2), lambda b, h, j: (b, j, 0)),  # query blocks sharing a segment
           pl.BlockSpec((None, group, q_len, head_dim), lambda b, h, j: (b, h, 0, 0)),
           pl.BlockSpec((None, group, q_len), lambda b, h, j: (b, h, 0)),
           pl.BlockSpec((None, group, q_len), lambda b, h, j: (b, h, 0)),
@@ -401,7 +439,7 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
       interpret=st.interpret,
       compiler_params=st.gpu_params,
       name="flash_attention_dkv",
-  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+  )(q, k, v, q_seg, kv_seg, q_ranges, do, lse, delta)
   return dq, dk, dv
 
 

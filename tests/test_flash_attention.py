@@ -28,10 +28,13 @@ def _inputs(q_len, kv_len, heads, kv_heads, dtype, seed=0):
 
 
 def _segments(q_len, kv_len):
+  """Row 0 packs three documents (ids 1, 2, 3); row 1 repeats ids out of order (1, 2, 1), which
+  packing never makes but the API allows."""
   kv = np.ones((2, kv_len), np.int32)
   kv[0, kv_len // 3:] = 2
   kv[0, 2 * kv_len // 3:] = 3
-  kv[1, kv_len // 2:] = 2
+  kv[1, kv_len // 3:] = 2
+  kv[1, 2 * kv_len // 3:] = 1
   return jnp.asarray(kv[:, kv_len - q_len:]), jnp.asarray(kv)
 
 
@@ -147,6 +150,45 @@ def test_tpu_layout_with_backward_blocks_reads_only_inside_the_arrays(q_len, kv_
   expected = _float64_reference(q, k, v, cotangent, kwargs)
   for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *vjp(cotangent)), expected):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, err_msg=name)
+
+
+def test_segment_block_ranges_against_brute_force():
+  """The key blocks a query block walks, and the query blocks a key block walks, narrowed to the
+  blocks that can share a segment id: every block pair sharing an id is inside (any ids, padding
+  included); for packed rows (non-decreasing ids) they are exactly those pairs, so documents
+  packed into one row cost about their own lengths."""
+  fa = importlib.import_module("pallas_kernels.flash_attention")
+  rng = np.random.default_rng(0)
+  skipped = 0
+  for trial in range(60):
+    block_q, block_kv = [(8, 8), (8, 16), (16, 8)][trial % 3]
+    length = int(rng.integers(5, 70))
+    packed = trial % 2 == 0
+    if packed:  # documents of random lengths, ids counting up
+      ids = np.cumsum(rng.random(length) < 0.15) + 1
+    else:  # runs of ids in any order, repeating
+      ids = np.repeat(rng.integers(0, 4, length), rng.integers(1, 6, length))[:length]
+    pad = max(block_q, block_kv)
+    padded = -(-length // pad) * pad
+    q_seg = np.full((1, padded), -2, np.int32)
+    kv_seg = np.full((1, padded), -1, np.int32)
+    q_seg[0, :length] = kv_seg[0, :length] = ids
+    kv_ranges, q_ranges = (np.asarray(x[0]) for x in fa._segment_block_ranges(
+        jnp.asarray(q_seg), jnp.asarray(kv_seg), block_q, block_kv, length, length))
+    shared = q_seg[0][:, None] == kv_seg[0][None, :]  # padding (-2 / -1) shares no id
+    tiles = shared.reshape(padded // block_q, block_q, padded // block_kv, block_kv).any(axis=(1, 3))
+    for i, (lo, hi) in enumerate(kv_ranges):
+      needed = set(np.flatnonzero(tiles[i]))
+      assert needed <= set(range(lo, hi)), (trial, i, lo, hi, needed)
+      if packed:
+        assert needed == set(range(lo, hi)), (trial, i, lo, hi, needed)
+      skipped += len(tiles[i]) - (hi - lo)
+    for j, (lo, hi) in enumerate(q_ranges):
+      needed = set(np.flatnonzero(tiles[:, j]))
+      assert needed <= set(range(lo, hi)), (trial, j, lo, hi, needed)
+      if packed:
+        assert needed == set(range(lo, hi)), (trial, j, lo, hi, needed)
+  assert skipped > 100
 
 
 def test_fully_masked_rows_are_zero_with_finite_gradients():
