@@ -7,9 +7,10 @@ kv head n // G, so K and V are never repeated. The backward pass is a custom_vjp
 (per query block) and a dK/dV kernel (per key block, over the G query heads of its kv head).
 Without segment ids, each kernel's loop is split as in FlashAttention-2: the blocks every pair of
 which is visible (inside the causal triangle and the window, no padding) are walked without
-building a mask; only the blocks on the diagonal and the window's edge are masked. With segment
-ids, each loop is narrowed to the blocks that can share an id (_segment_block_ranges): for
-documents packed into a row, attention costs about the documents' own lengths, not the row's.
+building a mask; only the blocks on the diagonal, at the window's edge or holding padding are
+masked. With segment ids, each loop is narrowed to the blocks that can share an id
+(_segment_block_ranges): for documents packed into a row, attention costs about the documents'
+own lengths, not the row's.
 
 Where it runs: in Pallas interpret mode on CPU (the tests), and compiled on GPU. On TPU, and in
 TPU interpret mode (`interpret=pltpu.InterpretParams()` or inside `pltpu.force_tpu_interpret_mode()`),
@@ -101,11 +102,15 @@ class BlockSizes:
     return cls()
 
 
-def _mask(q_idx, kv_idx, q_seg, kv_seg, *, causal, window):
-  """[bq, bk] visibility from absolute indices and segment ids."""
+def _mask(q_idx, kv_idx, q_seg, kv_seg, *, causal, window, kv_len):
+  """[bq, bk] visibility from absolute indices and segment ids. Padded keys (from kv_len on) are
+  hidden by position, not by their segment id (-1), which a caller's ids may share; with causal
+  masking they lie after every query anyway."""
   mask = q_seg[:, None] == kv_seg[None, :]
   if causal:
     mask &= kv_idx[None, :] <= q_idx[:, None]
+  else:
+    mask &= kv_idx[None, :] < kv_len
   if window:
     mask &= q_idx[:, None] - kv_idx[None, :] < window
   return mask
@@ -217,7 +222,7 @@ def _loop_with_mask_free_middle(lo, hi, full, body, init):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, o_ref, lse_ref, *, scale, causal, window,
-                    softcap, block_kv, num_kv_blocks, offset, full_blocks):
+                    softcap, block_kv, num_kv_blocks, offset, full_blocks, kv_len):
   block_q = q_ref.shape[0]
   i = pl.program_id(2)
   q = q_ref[...]
@@ -231,7 +236,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, o_ref, 
     s, _ = _logits(q, k, scale=scale, softcap=softcap)
     if masked:
       kv_idx = j * block_kv + jnp.arange(block_kv)
-      mask = _mask(q_idx, kv_idx, q_seg, kvseg_ref[pl.ds(j * block_kv, block_kv)], causal=causal, window=window)
+      mask = _mask(q_idx, kv_idx, q_seg, kvseg_ref[pl.ds(j * block_kv, block_kv)], causal=causal, window=window,
+                   kv_len=kv_len)
       s = jnp.where(mask, s, _MASKED)
     m_new = jnp.maximum(m, s.max(axis=-1))
     p = jnp.exp(s - m_new[:, None])
@@ -253,7 +259,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, o_ref, 
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, causal,
-               window, softcap, block_kv, num_kv_blocks, offset, full_blocks):
+               window, softcap, block_kv, num_kv_blocks, offset, full_blocks, kv_len):
   block_q = q_ref.shape[0]
   i = pl.program_id(2)
   q, do = q_ref[...], do_ref[...]
@@ -268,7 +274,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, do_ref, lse_
     p = jnp.exp(s - lse[:, None])
     if masked:
       kv_idx = j * block_kv + jnp.arange(block_kv)
-      mask = _mask(q_idx, kv_idx, q_seg, kvseg_ref[pl.ds(j * block_kv, block_kv)], causal=causal, window=window)
+      mask = _mask(q_idx, kv_idx, q_seg, kvseg_ref[pl.ds(j * block_kv, block_kv)], causal=causal, window=window,
+                   kv_len=kv_len)
       p = jnp.where(mask, p, 0.0)
     dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     ds = p * (dp - delta[:, None])
@@ -285,7 +292,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, do_ref, lse_
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                scale, causal, window, softcap, block_q, num_q_blocks, offset, full_blocks):
+                scale, causal, window, softcap, block_q, num_q_blocks, offset, full_blocks, kv_len):
   """One key block of one kv head: sums over every query block and the G query heads it serves."""
   block_kv = k_ref.shape[0]
   group = q_ref.shape[0]
@@ -310,7 +317,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, do_ref, lse
     p = jnp.exp(s - lse[:, None])  # [bq, bk]
     if masked:
       q_idx = i * block_q + offset + jnp.arange(block_q)
-      mask = _mask(q_idx, kv_idx, qseg_ref[pl.ds(i * block_q, block_q)], kv_seg, causal=causal, window=window)
+      mask = _mask(q_idx, kv_idx, qseg_ref[pl.ds(i * block_q, block_q)], kv_seg, causal=causal, window=window,
+                   kv_len=kv_len)
       p = jnp.where(mask, p, 0.0)
     dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -376,7 +384,7 @@ def _forward(q, k, v, q_seg, kv_seg, st: _Static):
   kernel = functools.partial(
       _forward_kernel, scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap,
       block_kv=st.block_kv, num_kv_blocks=kv_len // st.block_kv, offset=st.offset,
-      full_blocks=_full_blocks(_full_kv_range, st),
+      full_blocks=_full_blocks(_full_kv_range, st), kv_len=st.kv_len,
   )
   return pl.pallas_call(
       kernel,
@@ -398,7 +406,8 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
   kv_heads, kv_len = k.shape[1], k.shape[2]
   group = heads // kv_heads
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, N, Tp]
-  common = dict(scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap, offset=st.offset)
+  common = dict(scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap, offset=st.offset,
+                kv_len=st.kv_len)
   kv_ranges, q_ranges = _segment_block_ranges(q_seg, kv_seg, st.block_q, st.block_kv, st.q_len, st.kv_len)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block_kv=st.block_kv, num_kv_blocks=kv_len // st.block_kv,
@@ -627,7 +636,7 @@ def reference_attention(
   else:
     q_seg = kv_seg = segment_ids
   q_idx = jnp.arange(q_len) + (kv_len - q_len)
-  by_index = _mask(q_idx, jnp.arange(kv_len), jnp.zeros(q_len), jnp.zeros(kv_len), causal=causal,
+  by_index = _mask(q_idx, jnp.arange(kv_len), jnp.zeros(q_len), jnp.zeros(kv_len), causal=causal, kv_len=kv_len,
                    window=int(sliding_window or 0))  # [T, S]
   mask = by_index[None] & (q_seg[:, :, None] == kv_seg[:, None, :])  # [B, T, S]
   group = heads // kv_heads

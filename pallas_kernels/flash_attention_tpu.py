@@ -53,15 +53,18 @@ def _clamped_q(j, i, *, block_q, block_kv, num_q_blocks, offset, causal, window)
   return jnp.minimum(jnp.clip(i, lo, jnp.maximum(hi - 1, lo)), num_q_blocks - 1)
 
 
-def _tile_mask(i, j, qseg_ref, kvseg_ref, *, block_q, block_kv, offset, causal, window):
+def _tile_mask(i, j, qseg_ref, kvseg_ref, *, block_q, block_kv, offset, causal, window, kv_len):
   """[bq, bk] visibility of key tile j to query tile i, from 2-D iotas and the segment tiles
-  qseg [bq, 1] and kvseg [1, bk] (no 1-D vectors: Mosaic tiles the last two dimensions)."""
+  qseg [bq, 1] and kvseg [1, bk] (no 1-D vectors: Mosaic tiles the last two dimensions). Padded
+  keys are hidden by position (see flash_attention._mask)."""
   shape = (block_q, block_kv)
   q_idx = i * block_q + offset + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
   kv_idx = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
   mask = qseg_ref[...] == kvseg_ref[...]
   if causal:
     mask &= kv_idx <= q_idx
+  else:
+    mask &= kv_idx < kv_len
   if window:
     mask &= q_idx - kv_idx < window
   return mask
@@ -91,7 +94,7 @@ def _in_range(index, bounds):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, scale,
-                    causal, window, softcap, block_kv, num_kv_blocks, offset, full_blocks):
+                    causal, window, softcap, block_kv, num_kv_blocks, offset, full_blocks, kv_len):
   block_q = q_ref.shape[0]
   i, j, visible = _query_major_step(block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
                                     causal=causal, window=window)
@@ -107,7 +110,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_
     s, _ = _logits(q_ref[...], k_ref[...], scale=scale, softcap=softcap)
     if masked:
       mask = _tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset, causal=causal,
-                        window=window)  # [bq, bk]
+                        window=window, kv_len=kv_len)  # [bq, bk]
       s = jnp.where(mask, s, _MASKED)
     m = m_scr[...]  # [bq, 1]
     m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
@@ -131,7 +134,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, *, scale, causal,
-               window, softcap, block_kv, num_kv_blocks, offset, full_blocks):
+               window, softcap, block_kv, num_kv_blocks, offset, full_blocks, kv_len):
   block_q = q_ref.shape[0]
   i, j, visible = _query_major_step(block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
                                     causal=causal, window=window)
@@ -146,7 +149,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_
     p = jnp.exp(s - lse_ref[...])  # lse, delta: [bq, 1]
     if masked:
       p = jnp.where(_tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset,
-                               causal=causal, window=window), p, 0.0)
+                               causal=causal, window=window, kv_len=kv_len), p, 0.0)
     dp = jax.lax.dot_general(do_ref[...], v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     ds = p * (dp - delta_ref[...])
     if softcap:
@@ -161,7 +164,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr, *,
-                scale, causal, window, softcap, block_q, num_q_blocks, offset, full_blocks):
+                scale, causal, window, softcap, block_q, num_q_blocks, offset, full_blocks, kv_len):
   """Key block j of one kv head, query block i of its G query heads (the grid's last dimension)."""
   block_kv = k_ref.shape[0]
   group = q_ref.shape[0]
@@ -177,7 +180,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta
   def _step(masked):
     if masked:
       mask = _tile_mask(i, j, qseg_ref, kvseg_ref, block_q=block_q, block_kv=block_kv, offset=offset, causal=causal,
-                        window=window)
+                        window=window, kv_len=kv_len)
     k, v = k_ref[...], v_ref[...]
     dk, dv = dk_scr[...], dv_scr[...]
     for g in range(group):  # static: the G query heads of this kv head
@@ -230,7 +233,7 @@ def forward(q, k, v, q_seg, kv_seg, st):
   num_kv_blocks = kv_len // st.block_kv
   kernel = functools.partial(_forward_kernel, scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap,
                              block_kv=st.block_kv, num_kv_blocks=num_kv_blocks, offset=st.offset,
-                             full_blocks=_full_blocks(_full_kv_range, st))
+                             full_blocks=_full_blocks(_full_kv_range, st), kv_len=st.kv_len)
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -258,7 +261,8 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, st):
   num_q_blocks, num_kv_blocks = q_len // st.block_q, kv_len // st.block_kv
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)  # [B, N, Tp, 1]
   q_seg, kv_seg = _segment_columns(q_seg, kv_seg)
-  common = dict(scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap, offset=st.offset)
+  common = dict(scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap, offset=st.offset,
+                kv_len=st.kv_len)
   row = lambda b, n, i, j: (b, n, i, 0)  # noqa: E731
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block_kv=st.block_kv, num_kv_blocks=num_kv_blocks,

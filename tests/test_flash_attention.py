@@ -191,6 +191,23 @@ def test_segment_block_ranges_against_brute_force():
   assert skipped > 100
 
 
+@pytest.mark.parametrize("layout", ["interpret", "tpu_interpret"])
+def test_padded_keys_stay_hidden_whatever_the_segment_ids(layout):
+  """Bidirectional attention over a length off the block size, with segment ids that include -1
+  (the id padded keys carry): padded keys are hidden by position, so no query sees them."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+  q, k, v, cotangent = _inputs(12, 21, 2, 1, jnp.float32, seed=9)
+  kv_seg = jnp.asarray(np.where(np.arange(21) < 15, 3, -1)[None].repeat(2, 0))  # the last queries: -1
+  kwargs = dict(causal=False, segment_ids=(kv_seg[:, -12:], kv_seg))
+  interpret = pltpu.InterpretParams() if layout == "tpu_interpret" else None
+  out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, interpret=interpret, **kwargs),
+                     q, k, v)
+  expected = _float64_reference(q, k, v, cotangent, kwargs)
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *vjp(cotangent)), expected):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, err_msg=name)
+
+
 def test_fully_masked_rows_are_zero_with_finite_gradients():
   q, k, v, cotangent = _inputs(16, 16, 4, 2, jnp.float32)
   segments = (jnp.ones((2, 16), jnp.int32), jnp.full((2, 16), 2, jnp.int32))  # nothing shares a segment
