@@ -8,9 +8,9 @@ kv head n // G, so K and V are never repeated. The backward pass is a custom_vjp
 Without segment ids, each kernel's loop is split as in FlashAttention-2: the blocks every pair of
 which is visible (inside the causal triangle and the window, no padding) are walked without
 building a mask; only the blocks on the diagonal, at the window's edge or holding padding are
-masked. With segment ids, each loop is narrowed to the blocks that can share an id
-(_segment_block_ranges): for documents packed into a row, attention costs about the documents'
-own lengths, not the row's.
+masked. With segment ids, each loop (and the TPU layout's grid walk) is narrowed to the blocks
+that can share an id (_segment_block_ranges): for documents packed into a row, attention costs
+about the documents' own lengths, not the row's.
 
 Where it runs: in Pallas interpret mode on CPU (the tests), and compiled on GPU. On TPU, and in
 TPU interpret mode (`interpret=pltpu.InterpretParams()` or inside `pltpu.force_tpu_interpret_mode()`),

@@ -10,7 +10,10 @@ in VMEM scratch across the key steps, and the output is written at the last one.
 causality or the window hide are skipped (`pl.when`), and their index maps are clamped to the
 visible range (and to the array, for blocks of padding alone) so that no DMA fetches a hidden
 tile. Without segment ids, tiles every pair of which is visible (no padding) skip building the
-mask (`_when_visible`). The backward pass has the same shape: dQ over
+mask (`_when_visible`). The visible range of each tile row also excludes the blocks that cannot
+share a segment id (packed documents), from a [B, blocks, 2] int32 table scalar-prefetched into
+SMEM (8 bytes per block and row: 64 KiB at B=32, T=32k, 128-row blocks, to keep in mind on
+chips with small SMEM). The backward pass has the same shape: dQ over
 (b, n, i, j) with a dQ accumulator, dK/dV over (b, kv head, j, i) with the G query heads of the kv
 head in each query tile and dK/dV accumulators.
 
@@ -30,27 +33,40 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash_attention import (_MASKED, _div, _full_blocks, _full_kv_range, _full_q_range, _kv_range,
-                                            _logits, _q_range)
+                                            _logits, _q_range, _segment_block_ranges)
 
 
 def _params():
   return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
-def _clamped_kv(i, j, *, block_q, block_kv, num_kv_blocks, offset, causal, window):
+def _visible_kv(b, i, kv_ranges_ref, *, block_q, block_kv, num_kv_blocks, offset, causal, window):
+  """Key blocks [lo, hi) of query block i in row b: those the geometry lets it see, narrowed to the
+  blocks that can share a segment id (kv_ranges [B, nq, 2] in SMEM, from _segment_block_ranges)."""
+  lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
+                     causal=causal, window=window)
+  return jnp.maximum(lo, kv_ranges_ref[b, i, 0]), jnp.minimum(hi, kv_ranges_ref[b, i, 1])
+
+
+def _visible_q(b, j, q_ranges_ref, *, block_q, block_kv, num_q_blocks, offset, causal, window):
+  """Query blocks [lo, hi) of key block j in row b (see _visible_kv)."""
+  lo, hi = _q_range(j, block_q=block_q, block_kv=block_kv, num_q_blocks=num_q_blocks, offset=offset, causal=causal,
+                    window=window)
+  return jnp.maximum(lo, q_ranges_ref[b, j, 0]), jnp.minimum(hi, q_ranges_ref[b, j, 1])
+
+
+def _clamped_kv(b, i, j, kv_ranges_ref, *, num_kv_blocks, **geometry):
   """Key block j of query block i, moved into the visible range (a hidden step re-reads a visible
   tile) and into the array: a query block of padding alone (lengths padded to the larger of the
   forward and backward blocks) can have an empty range that starts past the last key block."""
-  lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
-                     causal=causal, window=window)
-  return jnp.minimum(jnp.clip(j, lo, jnp.maximum(hi - 1, lo)), num_kv_blocks - 1)
+  lo, hi = _visible_kv(b, i, kv_ranges_ref, num_kv_blocks=num_kv_blocks, **geometry)
+  return jnp.clip(jnp.clip(j, lo, jnp.maximum(hi - 1, lo)), 0, num_kv_blocks - 1)
 
 
-def _clamped_q(j, i, *, block_q, block_kv, num_q_blocks, offset, causal, window):
+def _clamped_q(b, j, i, q_ranges_ref, *, num_q_blocks, **geometry):
   """Query block i of key block j, moved into the visible range and into the array (see _clamped_kv)."""
-  lo, hi = _q_range(j, block_q=block_q, block_kv=block_kv, num_q_blocks=num_q_blocks, offset=offset, causal=causal,
-                    window=window)
-  return jnp.minimum(jnp.clip(i, lo, jnp.maximum(hi - 1, lo)), num_q_blocks - 1)
+  lo, hi = _visible_q(b, j, q_ranges_ref, num_q_blocks=num_q_blocks, **geometry)
+  return jnp.clip(jnp.clip(i, lo, jnp.maximum(hi - 1, lo)), 0, num_q_blocks - 1)
 
 
 def _tile_mask(i, j, qseg_ref, kvseg_ref, *, block_q, block_kv, offset, causal, window, kv_len):
@@ -70,12 +86,12 @@ def _tile_mask(i, j, qseg_ref, kvseg_ref, *, block_q, block_kv, offset, causal, 
   return mask
 
 
-def _query_major_step(*, block_q, block_kv, num_kv_blocks, offset, causal, window):
+def _query_major_step(kv_ranges_ref, *, block_q, block_kv, num_kv_blocks, offset, causal, window):
   """(i, j, visible) of a step on the grid (b, n, i, j): its query tile, its key tile, and whether
-  any key of tile j is visible to a query of tile i."""
-  i, j = pl.program_id(2), pl.program_id(3)
-  lo, hi = _kv_range(i, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
-                     causal=causal, window=window)
+  any key of tile j may be visible to a query of tile i."""
+  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  lo, hi = _visible_kv(b, i, kv_ranges_ref, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks,
+                       offset=offset, causal=causal, window=window)
   return i, j, (j >= lo) & (j < hi)
 
 
@@ -93,10 +109,10 @@ def _in_range(index, bounds):
   return None if bounds is None else (index >= bounds[0]) & (index < bounds[1])
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, scale,
-                    causal, window, softcap, block_kv, num_kv_blocks, offset, full_blocks, kv_len):
+def _forward_kernel(kv_ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
+                    scale, causal, window, softcap, block_kv, num_kv_blocks, offset, full_blocks, kv_len):
   block_q = q_ref.shape[0]
-  i, j, visible = _query_major_step(block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
+  i, j, visible = _query_major_step(kv_ranges_ref, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
                                     causal=causal, window=window)
 
   @pl.when(j == 0)
@@ -133,10 +149,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_
     lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(safe), jnp.inf)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, *, scale, causal,
-               window, softcap, block_kv, num_kv_blocks, offset, full_blocks, kv_len):
+def _dq_kernel(kv_ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, *,
+               scale, causal, window, softcap, block_kv, num_kv_blocks, offset, full_blocks, kv_len):
   block_q = q_ref.shape[0]
-  i, j, visible = _query_major_step(block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
+  i, j, visible = _query_major_step(kv_ranges_ref, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
                                     causal=causal, window=window)
 
   @pl.when(j == 0)
@@ -163,14 +179,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_
     dq_ref[...] = (dq_scr[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr, *,
-                scale, causal, window, softcap, block_q, num_q_blocks, offset, full_blocks, kv_len):
+def _dkv_kernel(q_ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                dk_scr, dv_scr, *, scale, causal, window, softcap, block_q, num_q_blocks, offset, full_blocks, kv_len):
   """Key block j of one kv head, query block i of its G query heads (the grid's last dimension)."""
   block_kv = k_ref.shape[0]
   group = q_ref.shape[0]
-  j, i = pl.program_id(2), pl.program_id(3)
-  lo, hi = _q_range(j, block_q=block_q, block_kv=block_kv, num_q_blocks=num_q_blocks, offset=offset, causal=causal,
-                    window=window)
+  b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  lo, hi = _visible_q(b, j, q_ranges_ref, block_q=block_q, block_kv=block_kv, num_q_blocks=num_q_blocks,
+                      offset=offset, causal=causal, window=window)
 
   @pl.when(i == 0)
   def _init():
@@ -208,16 +224,23 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta
 
 
 def _query_major_specs(st, head_dim, group, num_kv_blocks):
-  """(q, k, v, q_seg, kv_seg) on the grid (b, n, i, j): query tile i, key tile j (clamped)."""
+  """(q, k, v, q_seg, kv_seg) on the grid (b, n, i, j) with the key-range table prefetched: query
+  tile i, key tile j (clamped)."""
   kv = functools.partial(_clamped_kv, block_q=st.block_q, block_kv=st.block_kv, num_kv_blocks=num_kv_blocks,
                          offset=st.offset, causal=st.causal, window=st.window)
   return [
-      pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
-      pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, n, i, j: (b, _div(n, group), kv(i, j), 0)),
-      pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, n, i, j: (b, _div(n, group), kv(i, j), 0)),
-      pl.BlockSpec((None, st.block_q, 1), lambda b, n, i, j: (b, i, 0)),
-      pl.BlockSpec((None, 1, st.block_kv), lambda b, n, i, j: (b, 0, kv(i, j))),
+      pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j, r: (b, n, i, 0)),
+      pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, n, i, j, r: (b, _div(n, group), kv(b, i, j, r), 0)),
+      pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, n, i, j, r: (b, _div(n, group), kv(b, i, j, r), 0)),
+      pl.BlockSpec((None, st.block_q, 1), lambda b, n, i, j, r: (b, i, 0)),
+      pl.BlockSpec((None, 1, st.block_kv), lambda b, n, i, j, r: (b, 0, kv(b, i, j, r))),
   ]
+
+
+def _ranges(q_seg, kv_seg, st):
+  """(kv_ranges [B, nq, 2], q_ranges [B, nk, 2]): the blocks that can share a segment id, prefetched
+  into SMEM so that the index maps skip the others' DMAs too (flash_attention._segment_block_ranges)."""
+  return _segment_block_ranges(q_seg, kv_seg, st.block_q, st.block_kv, st.q_len, st.kv_len)
 
 
 def _segment_columns(q_seg, kv_seg):
@@ -237,12 +260,12 @@ def forward(q, k, v, q_seg, kv_seg, st):
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=0,
+          num_scalar_prefetch=1,
           grid=(batch, heads, q_len // st.block_q, num_kv_blocks),
           in_specs=_query_major_specs(st, head_dim, heads // kv_heads, num_kv_blocks),
           out_specs=[
-              pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
-              pl.BlockSpec((None, None, st.block_q, 1), lambda b, n, i, j: (b, n, i, 0)),
+              pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j, r: (b, n, i, 0)),
+              pl.BlockSpec((None, None, st.block_q, 1), lambda b, n, i, j, r: (b, n, i, 0)),
           ],
           scratch_shapes=[pltpu.VMEM((st.block_q, 1), jnp.float32), pltpu.VMEM((st.block_q, 1), jnp.float32),
                           pltpu.VMEM((st.block_q, head_dim), jnp.float32)],
@@ -251,7 +274,7 @@ def forward(q, k, v, q_seg, kv_seg, st):
       compiler_params=_params(),
       interpret=st.interpret,
       name="flash_attention_forward_tpu",
-  )(q, k, v, *_segment_columns(q_seg, kv_seg))
+  )(_ranges(q_seg, kv_seg, st)[0], q, k, v, *_segment_columns(q_seg, kv_seg))
 
 
 def backward(q, k, v, q_seg, kv_seg, o, lse, do, st):
@@ -260,46 +283,47 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, st):
   group = heads // kv_heads
   num_q_blocks, num_kv_blocks = q_len // st.block_q, kv_len // st.block_kv
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)  # [B, N, Tp, 1]
+  kv_ranges, q_ranges = _ranges(q_seg, kv_seg, st)
   q_seg, kv_seg = _segment_columns(q_seg, kv_seg)
   common = dict(scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap, offset=st.offset,
                 kv_len=st.kv_len)
-  row = lambda b, n, i, j: (b, n, i, 0)  # noqa: E731
+  row = lambda b, n, i, j, r: (b, n, i, 0)  # noqa: E731
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block_kv=st.block_kv, num_kv_blocks=num_kv_blocks,
                         full_blocks=_full_blocks(_full_kv_range, st), **common),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=0,
+          num_scalar_prefetch=1,
           grid=(batch, heads, num_q_blocks, num_kv_blocks),
           in_specs=[
               *_query_major_specs(st, head_dim, group, num_kv_blocks),
-              pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
+              pl.BlockSpec((None, None, st.block_q, head_dim), row),
               pl.BlockSpec((None, None, st.block_q, 1), row),
               pl.BlockSpec((None, None, st.block_q, 1), row),
           ],
-          out_specs=pl.BlockSpec((None, None, st.block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
+          out_specs=pl.BlockSpec((None, None, st.block_q, head_dim), row),
           scratch_shapes=[pltpu.VMEM((st.block_q, head_dim), jnp.float32)],
       ),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(),
       interpret=st.interpret,
       name="flash_attention_dq_tpu",
-  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+  )(kv_ranges, q, k, v, q_seg, kv_seg, do, lse, delta)
 
   qi = functools.partial(_clamped_q, block_q=st.block_q, block_kv=st.block_kv, num_q_blocks=num_q_blocks,
                          offset=st.offset, causal=st.causal, window=st.window)
-  heads_tile = pl.BlockSpec((None, group, st.block_q, head_dim), lambda b, h, j, i: (b, h, qi(j, i), 0))
-  heads_row = pl.BlockSpec((None, group, st.block_q, 1), lambda b, h, j, i: (b, h, qi(j, i), 0))
-  kv_tile = pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, h, j, i: (b, h, j, 0))
+  heads_tile = pl.BlockSpec((None, group, st.block_q, head_dim), lambda b, h, j, i, r: (b, h, qi(b, j, i, r), 0))
+  heads_row = pl.BlockSpec((None, group, st.block_q, 1), lambda b, h, j, i, r: (b, h, qi(b, j, i, r), 0))
+  kv_tile = pl.BlockSpec((None, None, st.block_kv, head_dim), lambda b, h, j, i, r: (b, h, j, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, block_q=st.block_q, num_q_blocks=num_q_blocks,
                         full_blocks=_full_blocks(_full_q_range, st), **common),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=0,
+          num_scalar_prefetch=1,
           grid=(batch, kv_heads, num_kv_blocks, num_q_blocks),
           in_specs=[
               heads_tile, kv_tile, kv_tile,
-              pl.BlockSpec((None, st.block_q, 1), lambda b, h, j, i: (b, qi(j, i), 0)),
-              pl.BlockSpec((None, 1, st.block_kv), lambda b, h, j, i: (b, 0, j)),
+              pl.BlockSpec((None, st.block_q, 1), lambda b, h, j, i, r: (b, qi(b, j, i, r), 0)),
+              pl.BlockSpec((None, 1, st.block_kv), lambda b, h, j, i, r: (b, 0, j)),
               heads_tile, heads_row, heads_row,
           ],
           out_specs=[kv_tile, kv_tile],
@@ -310,5 +334,5 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, st):
       compiler_params=_params(),
       interpret=st.interpret,
       name="flash_attention_dkv_tpu",
-  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+  )(q_ranges, q, k, v, q_seg, kv_seg, do, lse, delta)
   return dq, dk, dv
