@@ -133,8 +133,9 @@ def pallas_attention(
   kernel runs in `jax.shard_map` over the batch and head shards of the activations (their
   logical axes, BTNH/BTKH, mapped by the context's rules). Where the rules shard query heads but
   not kv heads alike (fewer kv heads than the head axis, or other axes), the kv heads are whole on
-  every shard and each takes the ones its queries use. A sequence-sharded T or S is gathered first: each device then attends its batch and head
-  shard over whole sequences (no ring attention).
+  every shard and each takes the ones its queries use. A sequence-sharded T or S is gathered
+  first: each device then attends its batch and head shard over whole sequences (no ring
+  attention).
   """
   try:
     from pallas_kernels import flash_attention  # noqa: PLC0415 (optional backend)
@@ -166,9 +167,9 @@ def pallas_attention(
 
   def attend_shard(q, k, v, *segments):
     if head_axes and heads_kv is None:  # query heads split, kv heads whole: this shard's kv heads
-      first = jax.lax.axis_index(head_axes) * local_heads // group
-      k = jax.lax.dynamic_slice_in_dim(k, first, max(1, local_heads // group), axis=2)
-      v = jax.lax.dynamic_slice_in_dim(v, first, max(1, local_heads // group), axis=2)
+      first, count = jax.lax.axis_index(head_axes) * local_heads // group, max(1, local_heads // group)
+      k = jax.lax.dynamic_slice_in_dim(k, first, count, axis=2)
+      v = jax.lax.dynamic_slice_in_dim(v, first, count, axis=2)
     return attend(q, k, v, *segments)
 
   q_spec = PartitionSpec(batch, None, heads, None)

@@ -258,8 +258,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, o_ref, 
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, causal,
-               window, softcap, block_kv, num_kv_blocks, offset, full_blocks, kv_len):
+def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, range_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale,
+               causal, window, softcap, block_kv, num_kv_blocks, offset, full_blocks, kv_len):
   block_q = q_ref.shape[0]
   i = pl.program_id(2)
   q, do = q_ref[...], do_ref[...]
@@ -501,12 +501,9 @@ def _has_pallas_triton() -> bool:
 def _triton_params(blocks: BlockSizes):
   """The GPU lowering, named explicitly: without compiler params, jax >= 0.10 lowers a GPU
   pallas_call with Mosaic GPU, which these kernels (whole K/V rows per program, loads of
-  dynamic slices) are not written for."""
-  try:
-    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (deprecated in jax 0.11; kept out of TPU/CPU imports)
-  except ImportError as e:
-    raise NotImplementedError(
-        "this jax has no Pallas Triton backend, the GPU lowering of pallas_kernels.flash_attention") from e
+  dynamic slices) are not written for. Called only where _has_pallas_triton()."""
+  from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (deprecated in jax 0.11: imported lazily)
+
   return pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
@@ -607,7 +604,8 @@ def _attend(q, k, v, q_seg, kv_seg, *, mode, interpret, causal, window, softcap,
   st = _Static(
       causal=causal, window=window, softcap=softcap, scale=scale, block_q=block_q, block_kv=block_kv,
       block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd, offset=kv_len - q_len, q_len=q_len, kv_len=kv_len,
-      segments=segments, interpret=interpret, kv_grid=mode == "tpu", gpu_params=_triton_params(blocks) if triton else None,
+      segments=segments, interpret=interpret, kv_grid=mode == "tpu",
+      gpu_params=_triton_params(blocks) if triton else None,
   )
   # Padding: padded keys get segment -1 (seen by no query); padded queries are sliced away.
   # Lengths are padded to the larger of the forward and backward blocks (powers of two: a multiple of both).

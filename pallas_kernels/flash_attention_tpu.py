@@ -86,13 +86,14 @@ def _tile_mask(i, j, qseg_ref, kvseg_ref, *, block_q, block_kv, offset, causal, 
   return mask
 
 
-def _query_major_step(kv_ranges_ref, *, block_q, block_kv, num_kv_blocks, offset, causal, window):
-  """(i, j, visible) of a step on the grid (b, n, i, j): its query tile, its key tile, and whether
-  any key of tile j may be visible to a query of tile i."""
+def _query_major_step(kv_ranges_ref, full_blocks, *, block_q, block_kv, num_kv_blocks, offset, causal, window):
+  """(i, j, visible, full) of a step on the grid (b, n, i, j): its query tile, its key tile, whether
+  any key of tile j may be visible to a query of tile i, and whether every pair is (None with
+  segment ids; see _when_visible)."""
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   lo, hi = _visible_kv(b, i, kv_ranges_ref, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks,
                        offset=offset, causal=causal, window=window)
-  return i, j, (j >= lo) & (j < hi)
+  return i, j, (j >= lo) & (j < hi), _in_range(j, full_blocks and full_blocks(i))
 
 
 def _when_visible(visible, full, step):
@@ -112,8 +113,8 @@ def _in_range(index, bounds):
 def _forward_kernel(kv_ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
                     scale, causal, window, softcap, block_kv, num_kv_blocks, offset, full_blocks, kv_len):
   block_q = q_ref.shape[0]
-  i, j, visible = _query_major_step(kv_ranges_ref, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
-                                    causal=causal, window=window)
+  i, j, visible, full = _query_major_step(kv_ranges_ref, full_blocks, block_q=block_q, block_kv=block_kv,
+                                          num_kv_blocks=num_kv_blocks, offset=offset, causal=causal, window=window)
 
   @pl.when(j == 0)
   def _init():
@@ -138,7 +139,7 @@ def _forward_kernel(kv_ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_r
     acc_scr[...] = alpha * acc_scr[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     m_scr[...] = m_new
 
-  _when_visible(visible, _in_range(j, full_blocks and full_blocks(i)), _step)
+  _when_visible(visible, full, _step)
 
   @pl.when(j == num_kv_blocks - 1)
   def _finish():
@@ -152,8 +153,8 @@ def _forward_kernel(kv_ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_r
 def _dq_kernel(kv_ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, *,
                scale, causal, window, softcap, block_kv, num_kv_blocks, offset, full_blocks, kv_len):
   block_q = q_ref.shape[0]
-  i, j, visible = _query_major_step(kv_ranges_ref, block_q=block_q, block_kv=block_kv, num_kv_blocks=num_kv_blocks, offset=offset,
-                                    causal=causal, window=window)
+  i, j, visible, full = _query_major_step(kv_ranges_ref, full_blocks, block_q=block_q, block_kv=block_kv,
+                                          num_kv_blocks=num_kv_blocks, offset=offset, causal=causal, window=window)
 
   @pl.when(j == 0)
   def _init():
@@ -172,7 +173,7 @@ def _dq_kernel(kv_ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, 
       ds = ds * dtanh
     dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-  _when_visible(visible, _in_range(j, full_blocks and full_blocks(i)), _step)
+  _when_visible(visible, full, _step)
 
   @pl.when(j == num_kv_blocks - 1)
   def _finish():
