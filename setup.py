@@ -10,7 +10,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(
-        include=["model*", "train*", "align*", "infer*", "pallas_kernels*", "configs*"]
+        include=["model*", "rundir*", "train*", "align*", "infer*", "pallas_kernels*", "configs*"]
     ),
     install_requires=[
         # CPU wheels of 0.10.x come from the registry; GPU machines run 0.11.x.

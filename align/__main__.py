@@ -1,6 +1,7 @@
 """python -m align --config=configs/align/FILE.py[:ARG] --config.KEY=VALUE --workdir=DIR
 
-Only parses flags; the work is in align.run, importable from a notebook.
+Only parses flags; the work is in align.run, importable from a notebook. A bad config, key or
+path is reported in one line with exit status 2; --verbosity=1 shows its traceback (configs/cli.py).
 """
 
 import logging
@@ -13,6 +14,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from align import run as run_lib  # noqa: E402
+from configs import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/align/...py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
@@ -27,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

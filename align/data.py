@@ -5,6 +5,7 @@ Formats (one JSON object per line):
                 (messages are rendered by a chat template, align/chat.py; only assistant turns train)
   preferences   {"prompt": str, "chosen": str, "rejected": str, "margin": float (optional)}
   prompts       {"prompt": str}  (what the online methods sample completions for)
+  problems      {"prompt": str, "answer": str or number, "solution": str (optional)}  (align/tasks/jsonl.py)
 
 A malformed line raises a `DataError` naming the file and line, or is skipped (with a count in the
 log) when the policy is 'skip'. SFT examples are packed several to a row with grain's first-fit
@@ -66,11 +67,22 @@ def _check_prompt(record) -> str | None:
   return None
 
 
-_CHECKS = {"sft": _check_sft, "preference": _check_preference, "prompt": _check_prompt}
+def _check_problem(record) -> str | None:
+  problem = _check_prompt(record)
+  if problem is not None:
+    return problem
+  if not isinstance(record.get("answer"), (str, int, float)) or isinstance(record.get("answer"), bool):
+    return f"needs a field 'answer' (a string or a number); it is {record.get('answer')!r:.60}"
+  if "solution" in record and not isinstance(record["solution"], str):
+    return f"'solution' must be a string, got {record['solution']!r:.60}"
+  return None
+
+
+_CHECKS = {"sft": _check_sft, "preference": _check_preference, "prompt": _check_prompt, "problem": _check_problem}
 
 
 def read_jsonl(path: str | Path, kind: str, *, on_error: str = "raise") -> list[dict]:
-  """Records of `kind` ('sft', 'preference' or 'prompt') from a JSONL file, checked line by line."""
+  """Records of `kind` ('sft', 'preference', 'prompt' or 'problem') from a JSONL file, checked line by line."""
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error={on_error!r} is not one of {ON_ERROR}")
   check = _CHECKS.get(kind)

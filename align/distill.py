@@ -23,8 +23,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from align import data, distill_losses, online, rollout
-from align.tasks import arithmetic
+from align import data, distill_losses, online, rollout, sft
+from align.method import Method, check_choice
+from align.tasks import ANSWER_PREFIX as TASK_ANSWER_PREFIX
+from align.tasks import Problem, Task
 from train import losses as train_losses
 
 KINDS = distill_losses.DISTILLATION_KINDS + ("sequence", "step_by_step")
@@ -53,28 +55,30 @@ def wrap(decoder, *, mesh, rules, seed: int, config: ml_collections.ConfigDict, 
   return Distiller(decoder, teacher)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, task: Task | None) -> None:
+  online.validate_rl(config, task)
   c = config.distill
-  if c.kind not in KINDS:
-    raise ValueError(f"config.distill.kind={c.kind!r} is not one of {KINDS}")
+  check_choice(config, "distill.kind", KINDS)
   if not c.teacher:
     raise ValueError("config.distill.teacher is empty: give the teacher's run workdir or Hugging Face directory")
   if not 0 <= c.on_policy_fraction <= 1:
     raise ValueError(f"config.distill.on_policy_fraction={c.on_policy_fraction} must be in [0, 1]")
-  if c.kind == "step_by_step" and config.task.name != "arithmetic":
-    raise ValueError("config.distill.kind='step_by_step' splits rationale from answer by the task's answer line "
-                     "(config.task.name='arithmetic')")
+  if c.kind == "step_by_step" and task is None:
+    raise ValueError("config.distill.kind='step_by_step' splits rationale from answer by the task's answer "
+                     "extractor: give config.task.name")
 
 
-def eval_prompt(config: ml_collections.ConfigDict, problem: arithmetic.Problem) -> str:
+def eval_prompt(config: ml_collections.ConfigDict, problem: Problem) -> str:
   """How the trained student is asked (step_by_step: with the answer task's prefix)."""
   return (ANSWER_PREFIX if config.distill.kind == "step_by_step" else "") + problem.prompt
 
 
-def split_rationale(text: str) -> tuple[str, str] | None:
-  """A generation ' steps...\\nAnswer: 42' -> (' steps...', ' Answer: 42'); None without an answer line."""
-  cut = text.rfind("\n" + arithmetic.ANSWER_PREFIX)
-  if cut < 0 or arithmetic.extract_answer(text[cut:]) is None:
+def split_rationale(text: str, extract_answer) -> tuple[str, str] | None:
+  """A generation ' steps...\\nAnswer: 42' -> (' steps...', ' Answer: 42'): cut at its last answer
+  line, else at its last line break; None where that part states no answer (extract_answer)."""
+  cut = text.rfind("\n" + TASK_ANSWER_PREFIX)
+  cut = text.rfind("\n") if cut < 0 else cut
+  if cut < 0 or extract_answer(text[cut:]) is None:
     return None
   return text[:cut], " " + text[cut + 1:].strip()
 
@@ -86,20 +90,18 @@ def _reference_rows(records: list[dict], iteration: int, size: int, tokenizer, *
   return rollout.token_rows(prompts, completions, seq_len=seq_len)
 
 
-def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, model=None, workdir=None,
-                 live=None, rules=None, mesh=None):
-  del model, mesh
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, context, task: Task | None):
+  live, rules = context.live, context.rules
   if split != "train":
     raise ValueError("distillation runs are measured by generation; set config.eval_every=0")
   c, rl = config.distill, config.rl
   size = rl.prompts_per_iteration
-  pool = online.prompts(config)
+  pool = online.prompts(config, task)
   student = online.Sampler(lambda: live().decoder, tokenizer, config, rules)
   teacher = online.Sampler(lambda: live().frozen, tokenizer, config, rules)
   records = None
   if c.kind in distill_losses.DISTILLATION_KINDS and c.on_policy_fraction < 1:
-    from align import sft  # noqa: PLC0415 (sft's records: the task's or the JSONL's reference completions)
-    records = sft.records(config, "train")
+    records = sft.records(config, "train", task)  # the task's or the JSONL's reference completions
 
   def schedule(num_rows, iteration):
     return rollout.epoch_schedule(num_rows, config.batch_size, epochs=rl.epochs,
@@ -122,7 +124,7 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, mo
       return rollout.Experience(rows, schedule(size, iteration)), state
     answer, rationale = [], []  # step_by_step: two tasks per teacher generation that has an answer
     for prompt, text in zip(prompts, samples.texts):
-      parts = split_rationale(text)
+      parts = split_rationale(text, task.extract_answer)
       if parts is not None:
         answer.append((ANSWER_PREFIX + prompt, parts[1]))
         rationale.append((RATIONALE_PREFIX + prompt, parts[0]))
@@ -138,29 +140,36 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, mo
                    rollout.sft_rows(prompt_ids, completion_ids, seq_len=config.seq_len).items()})
     return rollout.Experience(rows, schedule(len(answer), iteration)), state
 
-  return rollout.ExperienceSource(collect, workdir=workdir, batch_size=config.batch_size)
+  return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size)
 
 
-def token_loss_fn(model: Distiller, batch, rng, *, kind: str, temperature: float, beta: float):
-  """The student's divergence from the teacher on the batch's completion tokens."""
+def token_loss_fn(model: Distiller, batch, rng, *, kind: str, temperature: float, beta: float, whole_batch=None):
+  """The student's divergence from the teacher, a mean over the whole batch's completion tokens
+  (train.step.LossFn)."""
   del rng
   student = model.decoder(batch["tokens"])
   teacher = model.frozen(batch["tokens"])
-  return distill_losses.distillation_loss(student, teacher, batch["mask"], kind=kind, temperature=temperature,
-                                          beta=beta)
+  loss, metrics = distill_losses.distillation_loss(student, teacher, batch["mask"], kind=kind,
+                                                   temperature=temperature, beta=beta,
+                                                   whole_mask=train_losses.whole(batch, whole_batch)["mask"])
+  return loss, {**metrics, "tokens": metrics["weight"]}
 
 
-def step_by_step_loss_fn(model: Distiller, batch, rng, *, rationale_weight: float, z_loss: float):
-  """answer loss + rationale_weight * rationale loss, each a token mean over its own rows."""
+def step_by_step_loss_fn(model: Distiller, batch, rng, *, rationale_weight: float, z_loss: float, whole_batch=None):
+  """answer loss + rationale_weight * rationale loss, each a token mean over its own rows' tokens in
+  the whole batch: two normalizers, so each task's loss is its own share (train.step.LossFn)."""
+  whole = train_losses.whole(batch, whole_batch)
+
   def task(prefix):
-    return train_losses.next_token_loss(model.decoder, {k[len(prefix):]: v for k, v in batch.items()
-                                                        if k.startswith(prefix)}, rng, z_loss=z_loss)
+    rows = lambda b: {k[len(prefix):]: v for k, v in b.items() if k.startswith(prefix)}  # noqa: E731
+    return train_losses.next_token_loss(model.decoder, rows(batch), rng, z_loss=z_loss, whole_batch=rows(whole))
 
-  answer, _ = task("answer_")
-  rationale, _ = task("rationale_")
+  answer, answer_metrics = task("answer_")
+  rationale, rationale_metrics = task("rationale_")
+  tokens = answer_metrics["tokens"] + rationale_metrics["tokens"]
   return answer + rationale_weight * rationale, {
-      "distill/answer_loss": answer, "distill/rationale_loss": rationale,
-      "weight": jnp.asarray(batch["answer_tokens"].shape[0], jnp.float32),
+      "distill/answer_loss": answer_metrics["cross_entropy"],
+      "distill/rationale_loss": rationale_metrics["cross_entropy"], "weight": tokens, "tokens": tokens,
   }
 
 
@@ -171,3 +180,7 @@ def loss_fn(config: ml_collections.ConfigDict):
   if c.kind == "step_by_step":
     return functools.partial(step_by_step_loss_fn, rationale_weight=c.rationale_weight, z_loss=config.z_loss)
   return functools.partial(train_losses.next_token_loss, z_loss=config.z_loss)
+
+
+METHOD = Method(name="distill", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, wrap=wrap,
+                eval_prompt=eval_prompt)

@@ -3,8 +3,10 @@
 Student and teacher logits are [B, T, V] over the same tokenizer (any float dtype; the math is
 float32); mask [B, T] is nonzero on the tokens that count (completions), zero on prompt and
 padding. Per-token divergences are summed over V and averaged over the masked tokens of the whole
-batch (a token mean, as in train/losses.py). Every loss returns (loss, metrics), where
-metrics['weight'] is the number of masked tokens, for the trainer's micro-batch averaging.
+batch (a token mean, as in train/losses.py): whole_mask, the whole batch's mask when these rows are
+a micro-batch of it, is where the tokens are counted (train.step.LossFn), so the micro-batches'
+losses add up to the whole batch's. Every loss returns (loss, metrics), the metrics over this batch
+alone; metrics['weight'] is its number of masked tokens.
 
 Conventions:
 - Both distributions are softened by the temperature, softmax(logits / T), and every loss is
@@ -73,18 +75,19 @@ def _log_mixture(logp, logq, beta):
   return jnp.where(empty, -jnp.inf, mixed)
 
 
-def _finish(name, per_token, logp_student, logp_teacher, keep, temperature):
-  """Token mean of a [B, T] divergence, scaled by T^2, and the metrics."""
+def _finish(name, per_token, logp_student, logp_teacher, keep, temperature, whole_mask):
+  """Token mean of a [B, T] divergence (over whole_mask's tokens if given), scaled by T^2, and the metrics."""
   weight = jnp.sum(keep.astype(jnp.float32))
   denom = jnp.maximum(weight, 1.0)
-  divergence = jnp.sum(jnp.where(keep, per_token, 0.0)) / denom
+  total = jnp.sum(jnp.where(keep, per_token, 0.0))
+  whole_denom = denom if whole_mask is None else jnp.maximum(jnp.sum(jnp.asarray(whole_mask) != 0), 1)
   agree = jnp.argmax(logp_student, axis=-1) == jnp.argmax(logp_teacher, axis=-1)  # [B, T]
   metrics = {
-      f"distill/{name}": divergence,
+      f"distill/{name}": total / denom,
       "distill/teacher_student_agreement": jnp.sum(agree & keep) / denom,
       "weight": weight,
   }
-  return temperature**2 * divergence, metrics
+  return temperature**2 * total / whole_denom, metrics
 
 
 def forward_kl_loss(
@@ -93,12 +96,13 @@ def forward_kl_loss(
     mask: jax.Array,  # [B, T]
     *,
     temperature: float = 1.0,
+    whole_mask: jax.Array | None = None,  # [B', T]
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """T^2 * KL(p_teacher^T || p_student^T), mean-seeking: Hinton et al. 2015's cross-entropy to the
   teacher's soft targets (sec. 2) less the teacher's entropy, which has no student gradient."""
   _validate(student_logits, teacher_logits, mask, temperature, 0.5)
   logp_s, logp_t, keep = _soften(student_logits, teacher_logits, mask, temperature)
-  return _finish("forward_kl", _kl(logp_t, logp_s), logp_s, logp_t, keep, temperature)
+  return _finish("forward_kl", _kl(logp_t, logp_s), logp_s, logp_t, keep, temperature, whole_mask)
 
 
 def reverse_kl_loss(
@@ -107,12 +111,13 @@ def reverse_kl_loss(
     mask: jax.Array,  # [B, T]
     *,
     temperature: float = 1.0,
+    whole_mask: jax.Array | None = None,  # [B', T]
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """T^2 * KL(p_student^T || p_teacher^T), mode-seeking: the objective of MiniLLM (Gu et al. 2024),
   here token by token on given sequences rather than by policy gradient over sampled ones)."""
   _validate(student_logits, teacher_logits, mask, temperature, 0.5)
   logp_s, logp_t, keep = _soften(student_logits, teacher_logits, mask, temperature)
-  return _finish("reverse_kl", _kl(logp_s, logp_t), logp_s, logp_t, keep, temperature)
+  return _finish("reverse_kl", _kl(logp_s, logp_t), logp_s, logp_t, keep, temperature, whole_mask)
 
 
 def generalized_jsd_loss(
@@ -122,6 +127,7 @@ def generalized_jsd_loss(
     *,
     beta: float = 0.5,
     temperature: float = 1.0,
+    whole_mask: jax.Array | None = None,  # [B', T]
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """T^2 * the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024), in TRL's
   GKDTrainer convention (beta weighs the teacher, p = teacher, q = student):
@@ -141,7 +147,7 @@ def generalized_jsd_loss(
   else:
     log_m = _log_mixture(logp_t, logp_s, beta)
     per_token = beta * _kl(logp_t, log_m) + (1 - beta) * _kl(logp_s, log_m)
-  return _finish("jsd", per_token, logp_s, logp_t, keep, temperature)
+  return _finish("jsd", per_token, logp_s, logp_t, keep, temperature, whole_mask)
 
 
 def distillation_loss(
@@ -152,13 +158,15 @@ def distillation_loss(
     kind: str,
     temperature: float = 1.0,
     beta: float = 0.5,
+    whole_mask: jax.Array | None = None,  # [B', T]
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """One entry point for configs: kind is one of DISTILLATION_KINDS; beta is used by 'jsd' only."""
   if kind not in DISTILLATION_KINDS:
     raise ValueError(f"kind={kind!r} is not one of {DISTILLATION_KINDS}")
   _validate(student_logits, teacher_logits, mask, temperature, beta)
   if kind == "forward_kl":
-    return forward_kl_loss(student_logits, teacher_logits, mask, temperature=temperature)
+    return forward_kl_loss(student_logits, teacher_logits, mask, temperature=temperature, whole_mask=whole_mask)
   if kind == "reverse_kl":
-    return reverse_kl_loss(student_logits, teacher_logits, mask, temperature=temperature)
-  return generalized_jsd_loss(student_logits, teacher_logits, mask, beta=beta, temperature=temperature)
+    return reverse_kl_loss(student_logits, teacher_logits, mask, temperature=temperature, whole_mask=whole_mask)
+  return generalized_jsd_loss(student_logits, teacher_logits, mask, beta=beta, temperature=temperature,
+                              whole_mask=whole_mask)

@@ -16,15 +16,15 @@ import functools
 import logging
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from align import chat, data, losses, rollout
-from align.tasks import arithmetic
+from align import ai_feedback, data, losses, preferences, rollout
+from align.method import Method, check_choice
+from align.tasks import Task, split_problems
 from infer.sampling import Sampling
 from train import losses as train_losses
 
@@ -33,31 +33,32 @@ _MEAN_LOGPS = ("ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")  # no reference log-probs needed (still computed, for the metrics' sake)
 
 
-def records(config: ml_collections.ConfigDict, split: str) -> list[dict]:
-  c, task = config.dpo, config.task
-  if task.name == "arithmetic":
-    n, seed = (task.train_size, task.seed) if split == "train" else (task.eval_size, task.seed + 1)
-    return arithmetic.preference_pairs(n, difficulty=task.difficulty, seed=seed)
-  path = c.train_path if split == "train" else c.eval_path
-  if not path:
-    raise ValueError(f"config.dpo.{split}_path is empty and config.task.name is ''")
-  return data.read_jsonl(path, "preference", on_error=c.on_error)
+def validate(config: ml_collections.ConfigDict, task: Task | None) -> None:
+  c = config.dpo
+  check_choice(config, "dpo.loss_type", LOSS_TYPES)
+  check_choice(config, "dpo.pairs", ("data", "ai_feedback"))
+  check_choice(config, "dpo.on_error", data.ON_ERROR)
+  if not 0 <= c.label_smoothing < 0.5:
+    raise ValueError(f"config.dpo.label_smoothing={c.label_smoothing} must be in [0, 0.5)")
+  if c.beta <= 0:
+    raise ValueError(f"config.dpo.beta={c.beta} must be > 0")
+  if c.pairs == "ai_feedback" and task is None:
+    raise ValueError("config.dpo.pairs='ai_feedback' judges the policy's samples by the task's reward: "
+                     "give config.task.name")
 
 
-def _split_records(config, split: str, *, tokenizer, model, workdir) -> list[dict]:
+def _split_records(config, split: str, *, tokenizer, model, workdir, task: Task | None) -> list[dict]:
   """The split's pairs; with dpo.pairs='ai_feedback', the train pairs are the starting policy's own
-  samples ranked by the task's reward (made once, kept in the workdir as JSONL)."""
+  samples ranked by the task's exact reward (made once, kept in the workdir as JSONL)."""
   if config.dpo.pairs != "ai_feedback" or split != "train":
-    return records(config, split)
+    return preferences.records(config, split, task)
   path = Path(workdir) / "ai_feedback_pairs.jsonl"
   if not path.exists():
-    if model is None or config.task.name != "arithmetic":
-      raise ValueError("dpo.pairs='ai_feedback' needs config.task.name='arithmetic' and the starting model")
-    from align import ai_feedback  # noqa: PLC0415 (imports infer)
-
-    problems = arithmetic.problems(config.task.train_size, difficulty=config.task.difficulty, seed=config.task.seed)
-    by_prompt = {p.prompt: p for p in problems}
-    judge = ai_feedback.reward_function_judge(lambda prompt, completion: arithmetic.reward(completion, by_prompt[prompt]))
+    if model is None or task is None:
+      raise ValueError("dpo.pairs='ai_feedback' needs a task (config.task.name) and the starting model")
+    by_prompt = {p.prompt: p for p in split_problems(task, config.task, "train")}
+    exact = task.reward("exact")
+    judge = ai_feedback.reward_function_judge(lambda prompt, completion: exact(by_prompt[prompt], completion))
     pairs = ai_feedback.preference_pairs(
         model, tokenizer, list(by_prompt), judge=judge, n=config.dpo.ai_feedback_samples,
         max_new_tokens=config.task.accuracy_tokens, sampling=Sampling(temperature=config.dpo.ai_feedback_temperature),
@@ -72,20 +73,6 @@ def _split_records(config, split: str, *, tokenizer, model, workdir) -> list[dic
       data.write_jsonl(path, pairs)
     return pairs
   return data.read_jsonl(path, "preference")
-
-
-def pair_features(record: dict, tokenizer, *, seq_len: int) -> dict[str, np.ndarray]:
-  """chosen_/rejected_ tokens, targets, mask [T] (mask on completion targets) and margin []."""
-  out = {"margin": np.float32(record.get("margin", 0.0))}
-  for side in ("chosen", "rejected"):
-    ids, trainable = data.tokenize_pieces(chat.prompt_completion(record["prompt"], record[side]), tokenizer)
-    ids, trainable = ids[: seq_len + 1], trainable[: seq_len + 1]
-    n = len(ids) - 1
-    for name, values in (("tokens", ids[:-1]), ("targets", ids[1:]), ("mask", trainable[1:])):
-      padded = np.zeros(seq_len, np.int32)
-      padded[:n] = values
-      out[f"{side}_{name}"] = padded
-  return out
 
 
 def completion_logps(model, tokens, targets, mask):
@@ -114,13 +101,11 @@ def _reference_path(workdir, split: str) -> Path:
   return Path(workdir) / f"reference_logps_{split}.npz"
 
 
-def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, model=None, workdir=None, **context):
-  """One pair per row; reference log-probs from the workdir, computed by `model` on the first start."""
-  del context
-  if workdir is None:
-    raise ValueError("DPO data needs the run's workdir (for the reference log-probs)")
-  features = {s: [pair_features(r, tokenizer, seq_len=config.seq_len)
-                  for r in _split_records(config, s, tokenizer=tokenizer, model=model, workdir=workdir)]
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, context, task: Task | None):
+  """One pair per row; reference log-probs from the workdir, computed by the starting model on the first start."""
+  model, workdir = context.start, context.workdir
+  features = {s: [preferences.pair_features(r, tokenizer, seq_len=config.seq_len)
+                  for r in _split_records(config, s, tokenizer=tokenizer, model=model, workdir=workdir, task=task)]
               for s in (("train", "eval") if split == "train" else ("eval",))}
   if split == "train" and not _reference_path(workdir, "train").exists():
     if model is None:
@@ -142,24 +127,17 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, mo
   for i, row in enumerate(rows):
     row["reference_chosen_logps"] = reference["chosen"][i]
     row["reference_rejected_logps"] = reference["rejected"][i]
-  return batched(rows, config, split)
-
-
-def batched(rows: list[dict], config: ml_collections.ConfigDict, split: str):
-  """This process's rows of each global batch of pairs; 'train' shuffles and repeats forever."""
-  ds = grain.MapDataset.source(rows)
-  if split == "train":
-    ds = ds.shuffle(seed=config.seed % 2**32).repeat(None)
-  ds = ds.to_iter_dataset().batch(config.batch_size, drop_remainder=split == "train")
-  per_process = config.batch_size // jax.process_count()
-  lo = jax.process_index() * per_process
-  return ds.map(lambda batch: {k: np.asarray(v)[lo: lo + per_process] for k, v in batch.items()})
+  return preferences.batched(rows, config, split)
 
 
 def dpo_loss_fn(model, batch, rng, *, beta: float, label_smoothing: float, loss_type: str, gamma: float,
-                sft_coef: float = 0.0):
-  """The trainer's loss_fn for the DPO family: both sides in one forward pass ([2B, T])."""
+                sft_coef: float = 0.0, whole_batch=None):
+  """The trainer's loss_fn for the DPO family: both sides in one forward pass ([2B, T]). Every term is
+  a mean over the pairs that count, their number counted on the whole batch (train.step.LossFn)."""
   del rng
+  whole = train_losses.whole(batch, whole_batch)
+  pairs_kw = {"pair_mask": losses.pairs_that_count(batch["chosen_mask"], batch["rejected_mask"]),
+              "whole_pair_mask": losses.pairs_that_count(whole["chosen_mask"], whole["rejected_mask"])}
   tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
   targets = jnp.concatenate([batch["chosen_targets"], batch["rejected_targets"]])
   mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
@@ -172,17 +150,18 @@ def dpo_loss_fn(model, batch, rng, *, beta: float, label_smoothing: float, loss_
     chosen, rejected = chosen / chosen_n, rejected / rejected_n
     ref_chosen, ref_rejected = ref_chosen / chosen_n, ref_rejected / rejected_n
   if loss_type == "simpo":
-    loss, metrics = losses.simpo_loss(chosen, rejected, beta=beta, gamma=gamma)
+    loss, metrics = losses.simpo_loss(chosen, rejected, beta=beta, gamma=gamma, **pairs_kw)
   elif loss_type == "orpo":
-    loss, metrics = losses.orpo_loss(chosen, rejected, -chosen, beta=beta)
+    loss, metrics = losses.orpo_loss(chosen, rejected, -chosen, beta=beta, **pairs_kw)
   else:
     loss, metrics = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta,
-                                    label_smoothing=label_smoothing, loss_type=loss_type)
+                                    label_smoothing=label_smoothing, loss_type=loss_type, **pairs_kw)
   if sft_coef:  # RPO (Pang et al. 2024): an NLL term on the chosen completions keeps their likelihood up
-    chosen_nll = -logps[:pairs] / jnp.maximum(counts[:pairs], 1.0)
-    metrics["nll/chosen"] = jnp.mean(chosen_nll)
-    loss = loss + sft_coef * jnp.mean(chosen_nll)
-  metrics["weight"] = jnp.asarray(pairs, jnp.float32)  # the trainer's tokens/s counts pairs here
+    chosen_nll = -logps[:pairs] / jnp.maximum(counts[:pairs], 1.0)  # length-normalized, one per pair
+    metrics["nll/chosen"] = losses.pair_mean(chosen_nll, pairs_kw["pair_mask"])
+    loss = loss + sft_coef * losses.pair_mean(chosen_nll, **pairs_kw)
+  metrics["weight"] = jnp.sum(pairs_kw["pair_mask"]).astype(jnp.float32)
+  metrics["tokens"] = jnp.sum(counts)
   return loss, metrics
 
 
@@ -190,3 +169,6 @@ def loss_fn(config: ml_collections.ConfigDict):
   c = config.dpo
   return functools.partial(dpo_loss_fn, beta=c.beta, label_smoothing=c.label_smoothing, loss_type=c.loss_type,
                            gamma=c.gamma, sft_coef=c.sft_coef)
+
+
+METHOD = Method(name="dpo", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate)

@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 
 from align import online, rl_losses, rollout
+from align.method import Method, check_choice
+from align.tasks import Task
 from model import sharding
 from train import losses as train_losses
 
@@ -54,14 +56,12 @@ def policy_of(module):
   return getattr(module, "decoder", module)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, task: Task | None) -> None:
+  online.validate_rl(config, task)
   c = config.grpo
-  if c.advantage not in ADVANTAGES:
-    raise ValueError(f"config.grpo.advantage={c.advantage!r} is not one of {ADVANTAGES}")
-  if c.normalize not in NORMALIZE:
-    raise ValueError(f"config.grpo.normalize={c.normalize!r} is not one of {NORMALIZE}")
-  if c.aggregation not in AGGREGATIONS:
-    raise ValueError(f"config.grpo.aggregation={c.aggregation!r} is not one of {AGGREGATIONS}")
+  check_choice(config, "grpo.advantage", ADVANTAGES)
+  check_choice(config, "grpo.normalize", NORMALIZE)
+  check_choice(config, "grpo.aggregation", AGGREGATIONS)
   if config.rl.samples_per_prompt < 2:
     raise ValueError(f"config.rl.samples_per_prompt={config.rl.samples_per_prompt} must be >= 2: "
                      "a group needs other samples for its baseline")
@@ -77,14 +77,13 @@ def advantages(scores: np.ndarray, config: ml_collections.ConfigDict) -> np.ndar
   return sharding.to_host(rl_losses.group_advantages(jnp.asarray(scores, jnp.float32), group, normalize=c.normalize))
 
 
-def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, model=None, workdir=None,
-                 live=None, rules=None, mesh=None):
-  del model
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, context, task: Task | None):
+  live, rules = context.live, context.rules
   if split != "train":
     raise ValueError("GRPO has no held-out loss (set config.eval_every=0); it is measured by generation")
   rl = config.rl
-  pool = online.prompts(config)
-  reward_fn = online.reward_fn(config, tokenizer, mesh=mesh, rules=rules)
+  pool = online.prompts(config, task)
+  reward_fn = online.reward_fn(config, task, tokenizer, mesh=context.mesh, rules=rules)
   sampler = online.Sampler(lambda: policy_of(live()), tokenizer, config, rules)
   num_rows = rl.prompts_per_iteration * rl.samples_per_prompt
 
@@ -105,11 +104,13 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, mo
                                       seed=config.seed * 1_000_003 + iteration)
     return rollout.Experience(rows, schedule), state
 
-  return rollout.ExperienceSource(collect, workdir=workdir, batch_size=config.batch_size)
+  return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size)
 
 
 def grpo_loss_fn(model, batch, rng, *, temperature: float, clip_low: float, clip_high: float, kl_coef: float,
-                 aggregation: str, max_length: int):
+                 aggregation: str, max_length: int, whole_batch=None):
+  """The clipped surrogate (+ kl_coef * k3 KL), aggregated with its normalizer counted on the whole
+  batch (train.step.LossFn)."""
   del rng
   mask = batch["mask"].astype(jnp.float32)
   logits = policy_of(model)(batch["tokens"]) / temperature
@@ -122,10 +123,12 @@ def grpo_loss_fn(model, batch, rng, *, temperature: float, clip_low: float, clip
     kl = rl_losses.kl_penalty(logprobs, batch["ref_logprobs"], "k3", mask=mask)
     per_token = per_token + kl_coef * kl
     metrics["kl/reference"] = rl_losses.masked_mean(kl, mask)
-  loss = rl_losses.aggregate(per_token, mask, aggregation, max_length=max_length)
+  loss = rl_losses.aggregate(per_token, mask, aggregation, max_length=max_length,
+                             whole_mask=train_losses.whole(batch, whole_batch)["mask"])
   metrics.update({
       "policy/entropy": rl_losses.masked_mean(rl_losses.entropy_from_logits(jax.lax.stop_gradient(logits)), mask),
-      "reward/mean": jnp.mean(batch["score"]), "weight": jnp.sum(mask),
+      "reward/mean": jnp.mean(batch["score"]), "tokens": jnp.sum(mask),
+      "weight": rl_losses.normalizer(mask, aggregation, max_length=max_length),
   })
   return loss, metrics
 
@@ -135,3 +138,6 @@ def loss_fn(config: ml_collections.ConfigDict):
   return functools.partial(grpo_loss_fn, temperature=config.rl.temperature, clip_low=c.clip_low,
                            clip_high=c.clip_high, kl_coef=c.kl_coef, aggregation=c.aggregation,
                            max_length=config.rl.max_new_tokens)
+
+
+METHOD = Method(name="grpo", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, wrap=wrap)

@@ -2,6 +2,12 @@
 
 Every loss returns (loss, metrics) with the metric names users of TRL expect. Inputs are [B]
 arrays; log-probs are summed over completion tokens unless a docstring says otherwise.
+
+Each loss is a mean over the pairs that count: pair_mask [B] marks them (None: all; padding pairs
+do not count, see `pairs_that_count`), and the metrics are means over them. whole_pair_mask is the
+whole batch's pair_mask when these pairs are a micro-batch of it: the loss's normalizer, the number
+of pairs that count, is then counted on it, so the micro-batches' losses add up to the whole
+batch's (train.step.LossFn).
 """
 
 import jax
@@ -10,14 +16,29 @@ import jax.numpy as jnp
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge")
 
 
-def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
+def pairs_that_count(chosen_mask: jax.Array, rejected_mask: jax.Array) -> jax.Array:
+  """[B, T] completion masks -> [B] bool: the pairs with a token on either side (not padding)."""
+  return jnp.any(jnp.asarray(chosen_mask) > 0, axis=1) | jnp.any(jnp.asarray(rejected_mask) > 0, axis=1)
+
+
+def pair_mean(per_pair: jax.Array, pair_mask: jax.Array | None = None,
+              whole_pair_mask: jax.Array | None = None) -> jax.Array:
+  """The sum of per_pair [B] over the pairs that count, over the number of pairs that count in the
+  whole batch (whole_pair_mask, defaulting to pair_mask; both default to every pair); 0 for none."""
+  keep = jnp.ones(jnp.shape(per_pair), bool) if pair_mask is None else jnp.asarray(pair_mask) > 0
+  count = jnp.sum(keep) if whole_pair_mask is None else jnp.sum(jnp.asarray(whole_pair_mask) > 0)
+  return jnp.sum(jnp.where(keep, per_pair, 0.0)) / jnp.maximum(count, 1)
+
+
+def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, pair_mask):
+  mean = lambda x: pair_mean(x, pair_mask)  # noqa: E731
   return {
-      "rewards/chosen": jnp.mean(chosen_rewards),
-      "rewards/rejected": jnp.mean(rejected_rewards),
-      "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-      "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-      "logps/chosen": jnp.mean(chosen_logps),
-      "logps/rejected": jnp.mean(rejected_logps),
+      "rewards/chosen": mean(chosen_rewards),
+      "rewards/rejected": mean(rejected_rewards),
+      "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+      "rewards/margins": mean(chosen_rewards - rejected_rewards),
+      "logps/chosen": mean(chosen_logps),
+      "logps/rejected": mean(rejected_logps),
   }
 
 
@@ -30,6 +51,8 @@ def dpo_loss(
     beta: float,
     label_smoothing: float = 0.0,
     loss_type: str = "sigmoid",
+    pair_mask: jax.Array | None = None,  # [B]
+    whole_pair_mask: jax.Array | None = None,  # [B']
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The DPO family on h = (pi_c - ref_c) - (pi_r - ref_r), the policy-minus-reference log-ratio margin.
 
@@ -61,9 +84,9 @@ def dpo_loss(
     losses = jax.nn.relu(1 - beta * h)
   metrics = _preference_metrics(
       jax.lax.stop_gradient(beta * chosen_ratio), jax.lax.stop_gradient(beta * rejected_ratio),
-      policy_chosen_logps, policy_rejected_logps,
+      policy_chosen_logps, policy_rejected_logps, pair_mask,
   )
-  return jnp.mean(losses), metrics
+  return pair_mean(losses, pair_mask, whole_pair_mask), metrics
 
 
 def simpo_loss(
@@ -72,6 +95,8 @@ def simpo_loss(
     *,
     beta: float,
     gamma: float,
+    pair_mask: jax.Array | None = None,  # [B]
+    whole_pair_mask: jax.Array | None = None,  # [B']
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SimPO (Meng et al. 2024): reference-free, length-normalized:
   -log sigmoid(beta * (mean_c - mean_r) - gamma); rewards are beta * mean log-probs."""
@@ -79,8 +104,8 @@ def simpo_loss(
   rejected_rewards = beta * policy_rejected_mean_logps
   losses = -jax.nn.log_sigmoid(chosen_rewards - rejected_rewards - gamma)
   metrics = _preference_metrics(jax.lax.stop_gradient(chosen_rewards), jax.lax.stop_gradient(rejected_rewards),
-                                policy_chosen_mean_logps, policy_rejected_mean_logps)
-  return jnp.mean(losses), metrics
+                                policy_chosen_mean_logps, policy_rejected_mean_logps, pair_mask)
+  return pair_mean(losses, pair_mask, whole_pair_mask), metrics
 
 
 def orpo_loss(
@@ -89,6 +114,8 @@ def orpo_loss(
     chosen_nll: jax.Array,  # [B] the SFT loss on the chosen completions (per-token mean)
     *,
     beta: float,
+    pair_mask: jax.Array | None = None,  # [B]
+    whole_pair_mask: jax.Array | None = None,  # [B']
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ORPO (Hong et al. 2024): nll_chosen - beta * log sigmoid(log odds_c - log odds_r),
   odds = p / (1 - p) with p = exp(per-token mean log-prob)."""
@@ -101,9 +128,9 @@ def orpo_loss(
   chosen_rewards = beta * policy_chosen_mean_logps
   rejected_rewards = beta * policy_rejected_mean_logps
   metrics = _preference_metrics(jax.lax.stop_gradient(chosen_rewards), jax.lax.stop_gradient(rejected_rewards),
-                                policy_chosen_mean_logps, policy_rejected_mean_logps)
-  metrics.update({"nll_loss": jnp.mean(chosen_nll), "log_odds_ratio": jnp.mean(ratio)})
-  return jnp.mean(losses), metrics
+                                policy_chosen_mean_logps, policy_rejected_mean_logps, pair_mask)
+  metrics.update({"nll_loss": pair_mean(chosen_nll, pair_mask), "log_odds_ratio": pair_mean(ratio, pair_mask)})
+  return pair_mean(losses, pair_mask, whole_pair_mask), metrics
 
 
 def reward_loss(
@@ -112,19 +139,22 @@ def reward_loss(
     *,
     margin: jax.Array | None = None,  # [B] or scalar
     center_coef: float = 0.0,
+    pair_mask: jax.Array | None = None,  # [B]
+    whole_pair_mask: jax.Array | None = None,  # [B']
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Bradley-Terry: -log sigmoid(r_c - r_r - m) (margin m as in Llama 2), plus reward centering
   center_coef * mean((r_c + r_r)^2) (Eisenstein et al. 2023), which pins the rewards' offset."""
   diff = chosen_rewards - rejected_rewards
   if margin is not None:
     diff = diff - margin
-  loss = jnp.mean(-jax.nn.log_sigmoid(diff))
+  per_pair = -jax.nn.log_sigmoid(diff)
   if center_coef:
-    loss = loss + center_coef * jnp.mean(jnp.square(chosen_rewards + rejected_rewards))
+    per_pair = per_pair + center_coef * jnp.square(chosen_rewards + rejected_rewards)
+  mean = lambda x: pair_mean(x, pair_mask)  # noqa: E731
   metrics = {
-      "accuracy": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-      "rewards/chosen": jnp.mean(chosen_rewards),
-      "rewards/rejected": jnp.mean(rejected_rewards),
-      "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
+      "accuracy": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+      "rewards/chosen": mean(chosen_rewards),
+      "rewards/rejected": mean(rejected_rewards),
+      "rewards/margins": mean(chosen_rewards - rejected_rewards),
   }
-  return loss, metrics
+  return pair_mean(per_pair, pair_mask, whole_pair_mask), metrics

@@ -13,16 +13,35 @@ import numpy as np
 
 import infer
 from align import data, rewards, rollout
-from align.tasks import arithmetic
+from align.method import check_choice
+from align.tasks import Task, split_problems
 
 
-def prompts(config: ml_collections.ConfigDict, split: str = "train") -> list[str]:
-  """The prompts to sample for: the task's problems (train: task.train_size at task.seed; eval:
-  task.eval_size at task.seed + 1) or the JSONL file config.rl.prompts_path ({"prompt": ...})."""
-  task = config.task
-  if task.name == "arithmetic":
-    n, seed = (task.train_size, task.seed) if split == "train" else (task.eval_size, task.seed + 1)
-    return [p.prompt for p in arithmetic.problems(n, difficulty=task.difficulty, seed=seed)]
+def validate_rl(config: ml_collections.ConfigDict, task: Task | None) -> None:
+  """The checks of config.rl, which every online method reads."""
+  rl = config.rl
+  check_choice(config, "rl.on_error", data.ON_ERROR)
+  rewards_known = (*(task.rewards if task is not None else ()), "model")
+  if rl.reward not in rewards_known:
+    where = f"task {task.name!r}'s rewards" if task is not None else "(no task: config.task.name is '')"
+    raise ValueError(f"config.rl.reward={rl.reward!r} is not one of {rewards_known}, {where} or 'model'")
+  for key in ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs"):
+    if rl[key] < 1:
+      raise ValueError(f"config.rl.{key}={rl[key]} must be >= 1")
+  if rl.temperature <= 0:
+    raise ValueError(f"config.rl.temperature={rl.temperature} must be > 0 (the losses divide by it)")
+  if rl.shuffle_rewards and config.method not in ("ppo", "grpo"):
+    raise ValueError(f"config.rl.shuffle_rewards is a control of the policy-gradient methods "
+                     f"(ppo, grpo); config.method={config.method!r} does not use it")
+  if task is None and not rl.prompts_path:
+    raise ValueError("config.rl.prompts_path is empty and config.task.name is '': give one of them")
+
+
+def prompts(config: ml_collections.ConfigDict, task: Task | None, split: str = "train") -> list[str]:
+  """The prompts to sample for: the task's problems of `split` or the JSONL file config.rl.prompts_path
+  ({"prompt": ...})."""
+  if task is not None:
+    return [p.prompt for p in split_problems(task, config.task, split)]
   if not config.rl.prompts_path:
     raise ValueError("config.rl.prompts_path is empty and config.task.name is ''")
   return [r["prompt"] for r in data.read_jsonl(config.rl.prompts_path, "prompt", on_error=config.rl.on_error)]
@@ -40,19 +59,19 @@ def prompt_batch(pool: list[str], iteration: int, size: int, *, seed: int) -> li
   return out
 
 
-def reward_fn(config: ml_collections.ConfigDict, tokenizer, *, mesh=None, rules=None) -> rewards.RewardFn:
+def reward_fn(config: ml_collections.ConfigDict, task: Task | None, tokenizer, *, mesh=None,
+              rules=None) -> rewards.RewardFn:
+  """config.rl.reward: a reward model's score, or the task's verifier of that name for the train
+  problems (asked plainly or with their hint)."""
   c = config.rl
   if c.reward == "model":
-    from align import reward_model  # noqa: PLC0415
-
     if not c.reward_model:
       raise ValueError("config.rl.reward='model' needs config.rl.reward_model (a reward-model run's workdir)")
-    module = reward_model.load(c.reward_model, mesh=mesh, rules=rules)
-    return rewards.model_reward(module, tokenizer, seq_len=config.seq_len)
-  if config.task.name != "arithmetic":
-    raise ValueError(f"config.rl.reward={c.reward!r} is a verifier of the arithmetic task, but config.task.name "
-                     f"is {config.task.name!r}; use reward='model'")
-  return rewards.task_reward(c.reward)
+    return rewards.model_reward(c.reward_model, tokenizer, seq_len=config.seq_len, mesh=mesh, rules=rules)
+  if task is None:
+    raise ValueError(f"config.rl.reward={c.reward!r} is a task's verifier, but config.task.name is ''; "
+                     "use reward='model'")
+  return rewards.task_reward(task, c.reward, split_problems(task, config.task, "train"))
 
 
 @dataclasses.dataclass

@@ -26,6 +26,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from align import online, reward_model, rl_losses, rollout
+from align.method import Method, check_choice
+from align.tasks import Task
 from model import sharding
 from train import losses as train_losses
 
@@ -48,9 +50,9 @@ class PolicyValue(nnx.Module):
     return jnp.einsum("BTD,D->BT", features.astype(jnp.float32), self.value_head[...].astype(jnp.float32))
 
   def __call__(self, tokens: jax.Array):
-    features = self.decoder.features(tokens)
+    features, _ = self.decoder.features(tokens)
     logits = self.decoder.logits(features)
-    value_features = features if self.value_decoder is None else self.value_decoder.features(tokens)
+    value_features = features if self.value_decoder is None else self.value_decoder.features(tokens)[0]
     return logits, self.values(value_features)
 
 
@@ -72,14 +74,13 @@ def wrap(decoder, *, mesh, rules, seed: int, config: ml_collections.ConfigDict, 
   return PolicyValue(decoder, jax.device_put(head, head_sharding), reference, value_decoder)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, task: Task | None) -> None:
+  online.validate_rl(config, task)
   c = config.ppo
   if not config.init_from:
     raise ValueError("config.init_from is empty: PPO needs the starting policy (also the frozen reference)")
-  if c.value not in VALUES:
-    raise ValueError(f"config.ppo.value={c.value!r} is not one of {VALUES}")
-  if c.kl_estimator not in KL_ESTIMATORS:
-    raise ValueError(f"config.ppo.kl_estimator={c.kl_estimator!r} is not one of {KL_ESTIMATORS}")
+  check_choice(config, "ppo.value", VALUES)
+  check_choice(config, "ppo.kl_estimator", KL_ESTIMATORS)
   if not (0 <= c.gamma <= 1 and 0 <= c.lam <= 1):
     raise ValueError(f"config.ppo.gamma={c.gamma} and config.ppo.lam={c.lam} must be in [0, 1]")
   if c.value_init and c.value != "model":
@@ -111,14 +112,13 @@ def _advantages(old_logprobs, ref_logprobs, values, scores, mask, kl_coef, *, es
   return rl_losses.whiten(advantages, mask), returns, jnp.sum(kl, axis=1)
 
 
-def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, model=None, workdir=None,
-                 live=None, rules=None, mesh=None):
-  del model
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, context, task: Task | None):
+  live, rules = context.live, context.rules
   if split != "train":
     raise ValueError("PPO has no held-out loss (set config.eval_every=0); it is measured by generation")
   c, rl = config.ppo, config.rl
-  pool = online.prompts(config)
-  reward_fn = online.reward_fn(config, tokenizer, mesh=mesh, rules=rules)
+  pool = online.prompts(config, task)
+  reward_fn = online.reward_fn(config, task, tokenizer, mesh=context.mesh, rules=rules)
   sampler = online.Sampler(lambda: live().decoder, tokenizer, config, rules)
   rows_per_iteration = rl.prompts_per_iteration * rl.samples_per_prompt
 
@@ -145,28 +145,30 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, mo
                                       seed=config.seed * 1_000_003 + iteration)
     return rollout.Experience(rows, schedule), state
 
-  return rollout.ExperienceSource(collect, workdir=workdir, batch_size=config.batch_size,
+  return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size,
                                   initial_state={"kl_coef": float(c.kl_coef)})
 
 
 def ppo_loss_fn(model: PolicyValue, batch, rng, *, temperature: float, clip: float, value_clip: float,
-                vf_coef: float):
-  """Clipped surrogate + vf_coef * clipped value loss (token means over the minibatch's completions)."""
+                vf_coef: float, whole_batch=None):
+  """Clipped surrogate + vf_coef * clipped value loss (token means over the minibatch's completions,
+  counted on the whole batch: train.step.LossFn)."""
   del rng
   mask = batch["mask"].astype(jnp.float32)
+  whole_mask = train_losses.whole(batch, whole_batch)["mask"]
   logits, values = model(batch["tokens"])
   logits = logits / temperature
   nll, _ = train_losses.token_cross_entropy(logits, batch["targets"])
   policy_loss, metrics = rl_losses.clipped_policy_loss(-nll, batch["old_logprobs"], batch["advantages"], mask,
-                                                       clip_low=clip, clip_high=clip, aggregation="token_mean")
+                                                       clip_low=clip, clip_high=clip, aggregation="token_mean",
+                                                       whole_mask=whole_mask)
   value_loss, value_metrics = rl_losses.clipped_value_loss(values, batch["old_values"], batch["returns"], mask,
-                                                           clip=value_clip)
+                                                           clip=value_clip, whole_mask=whole_mask)
   entropy = rl_losses.masked_mean(rl_losses.entropy_from_logits(jax.lax.stop_gradient(logits)), mask)
   metrics.update(value_metrics)
   metrics.update({
-      "policy/loss": policy_loss, "value/loss": value_loss, "policy/entropy": entropy,
-      "reward/mean": jnp.mean(batch["score"]), "kl/reference": jnp.mean(batch["kl"]),
-      "kl/coef": jnp.mean(batch["kl_coef"]), "weight": jnp.sum(mask),
+      "policy/entropy": entropy, "reward/mean": jnp.mean(batch["score"]), "kl/reference": jnp.mean(batch["kl"]),
+      "kl/coef": jnp.mean(batch["kl_coef"]), "weight": jnp.sum(mask), "tokens": jnp.sum(mask),
   })
   return policy_loss + vf_coef * value_loss, metrics
 
@@ -175,3 +177,6 @@ def loss_fn(config: ml_collections.ConfigDict):
   c = config.ppo
   return functools.partial(ppo_loss_fn, temperature=config.rl.temperature, clip=c.clip, value_clip=c.value_clip,
                            vf_coef=c.vf_coef)
+
+
+METHOD = Method(name="ppo", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, wrap=wrap)

@@ -29,7 +29,8 @@ import ml_collections
 import numpy as np
 
 from align import online, rollout
-from align.tasks import arithmetic
+from align.method import Method, check_choice
+from align.tasks import Task, split_problems
 from train import losses as train_losses
 
 MODES = ("rest", "raft", "rejection_sampling", "star")
@@ -71,10 +72,10 @@ def improve_schedule(phase_sizes: list[int], batch_size: int, *, steps: int, see
   return np.concatenate(schedule)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, task: Task | None) -> None:
+  online.validate_rl(config, task)
   c = config.rest
-  if c.mode not in MODES:
-    raise ValueError(f"config.rest.mode={c.mode!r} is not one of {MODES}")
+  check_choice(config, "rest.mode", MODES)
   thresholds = list(c.thresholds)
   if c.mode == "rest" and (not thresholds or thresholds != sorted(thresholds)):
     raise ValueError(f"config.rest.thresholds={tuple(c.thresholds)} must be a non-empty, non-decreasing sequence")
@@ -84,12 +85,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.rest.improve_steps={c.improve_steps} must be >= 1")
   if c.improve_epochs < 0:
     raise ValueError(f"config.rest.improve_epochs={c.improve_epochs} must be >= 0 (0: improve_steps per Improve step)")
-  if c.mode == "star" and config.task.name != "arithmetic":
-    raise ValueError("config.rest.mode='star' needs a task that can give its answer as a hint "
-                     "(config.task.name='arithmetic')")
+  if c.mode == "star" and task is None:
+    raise ValueError("config.rest.mode='star' needs a task that can give its answer as a hint (config.task.name)")
 
 
-def _star_samples(sampler, tokenizer, prompts, iteration, reward_fn, min_reward):
+def _star_samples(sampler, tokenizer, prompts, iteration, reward_fn, min_reward, hint):
   """STaR's two passes: rationales, then rationalizations (hinted) for the prompts that failed.
   Returns training (prompt ids, completion ids) pairs (the plain prompt always) and counts."""
   first = sampler(prompts, iteration, n=1)
@@ -98,7 +98,7 @@ def _star_samples(sampler, tokenizer, prompts, iteration, reward_fn, min_reward)
   failed = [prompts[i] for i in np.flatnonzero(scores < min_reward)]
   rationalized = 0
   if failed:
-    hinted = [arithmetic.parse_prompt(p).hinted_prompt for p in failed]
+    hinted = [hint(p) for p in failed]
     second = sampler(hinted, iteration + 1_000_000, n=1)
     again = reward_fn(failed, second.texts)
     for i in np.flatnonzero(again >= min_reward):
@@ -107,21 +107,21 @@ def _star_samples(sampler, tokenizer, prompts, iteration, reward_fn, min_reward)
   return keep, {"reward": float(scores.mean()), "rationalized": rationalized, "failed": len(failed)}
 
 
-def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, model=None, workdir=None,
-                 live=None, rules=None, mesh=None):
-  del model
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, context, task: Task | None):
+  live, rules = context.live, context.rules
   if split != "train":
     raise ValueError(f"{config.rest.mode} has no held-out loss (set config.eval_every=0)")
   c, rl = config.rest, config.rl
-  pool = online.prompts(config)
-  reward_fn = online.reward_fn(config, tokenizer, mesh=mesh, rules=rules)
+  pool = online.prompts(config, task)
+  reward_fn = online.reward_fn(config, task, tokenizer, mesh=context.mesh, rules=rules)
+  hints = {p.prompt: p.hint() for p in split_problems(task, config.task, "train")} if c.mode == "star" else {}
   sampler = online.Sampler(live, tokenizer, config, rules)
 
   def grow(iteration: int):
     """(prompt ids, completion ids) to train on, as [phase][pair], and a summary."""
     prompts = online.prompt_batch(pool, iteration, rl.prompts_per_iteration, seed=config.seed)
     if c.mode == "star":
-      keep, summary = _star_samples(sampler, tokenizer, prompts, iteration, reward_fn, c.min_reward)
+      keep, summary = _star_samples(sampler, tokenizer, prompts, iteration, reward_fn, c.min_reward, hints.__getitem__)
       return [keep], summary
     samples = sampler(prompts, iteration)
     repeated = [p for p in prompts for _ in range(rl.samples_per_prompt)]
@@ -155,9 +155,12 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, mo
                                 seed=config.seed * 1_000_003 + grown)
     return rollout.Experience(rows, schedule), {**state, "grown": grown}
 
-  return rollout.ExperienceSource(collect, workdir=workdir, batch_size=config.batch_size)
+  return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size)
 
 
 def loss_fn(config: ml_collections.ConfigDict):
   return functools.partial(train_losses.next_token_loss, z_loss=config.z_loss)
 
+
+
+METHOD = Method(name="rest", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate)

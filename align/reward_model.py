@@ -16,7 +16,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 import model as model_lib
-from align import dpo, losses
+import rundir
+from align import data, losses, preferences
+from align.method import Method, check_choice
+from align.tasks import Task
 from model import sharding
 
 
@@ -29,7 +32,7 @@ class RewardModel(nnx.Module):
     self.head = nnx.Param(head, out_sharding=("embed",), eager_sharding=False)  # [D]
 
   def __call__(self, tokens: jax.Array, last: jax.Array) -> jax.Array:
-    features = self.decoder.features(tokens)  # [B, T, D]
+    features, _ = self.decoder.features(tokens)  # [B, T, D]
     at_last = jnp.take_along_axis(features, last[:, None, None], axis=1)[:, 0]  # [B, D]
     return jnp.einsum("BD,D->B", at_last.astype(jnp.float32), self.head[...].astype(jnp.float32))
 
@@ -48,22 +51,34 @@ def last_index(mask: jax.Array) -> jax.Array:
   return jnp.max(jnp.where(mask > 0, positions, 0), axis=1)
 
 
-def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, **context):
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, context, task: Task | None):
   """DPO's pairs without reference log-probs (a reward model needs none)."""
   del context
-  rows = [dpo.pair_features(r, tokenizer, seq_len=config.seq_len) for r in dpo.records(config, split)]
-  return dpo.batched(rows, config, split)
+  rows = [preferences.pair_features(r, tokenizer, seq_len=config.seq_len)
+          for r in preferences.records(config, split, task)]
+  return preferences.batched(rows, config, split)
 
 
-def reward_loss_fn(model, batch, rng, *, center_coef: float, use_margin: bool):
+def validate(config: ml_collections.ConfigDict, task: Task | None) -> None:
+  del task
+  check_choice(config, "dpo.on_error", data.ON_ERROR)
+
+
+def reward_loss_fn(model, batch, rng, *, center_coef: float, use_margin: bool, whole_batch=None):
+  """Bradley-Terry over the pairs that count, their number counted on the whole batch (train.step.LossFn)."""
   del rng
   tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
-  last = last_index(jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]))
-  rewards = model(tokens, last)
+  mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+  rewards = model(tokens, last_index(mask))
   pairs = batch["chosen_tokens"].shape[0]
+  pair_mask = losses.pairs_that_count(batch["chosen_mask"], batch["rejected_mask"])
+  whole = batch if whole_batch is None else whole_batch
   loss, metrics = losses.reward_loss(rewards[:pairs], rewards[pairs:],
-                                     margin=batch["margin"] if use_margin else None, center_coef=center_coef)
-  metrics["weight"] = jnp.asarray(pairs, jnp.float32)
+                                     margin=batch["margin"] if use_margin else None, center_coef=center_coef,
+                                     pair_mask=pair_mask,
+                                     whole_pair_mask=losses.pairs_that_count(whole["chosen_mask"], whole["rejected_mask"]))
+  metrics["weight"] = jnp.sum(pair_mask).astype(jnp.float32)
+  metrics["tokens"] = jnp.sum(mask > 0).astype(jnp.float32)
   return loss, metrics
 
 
@@ -80,7 +95,7 @@ def _rewards(graphdef, state, tokens, last):
 def score(model: RewardModel, tokenizer, prompts: list[str], completions: list[str], *, seq_len: int,
           batch_size: int = 64) -> np.ndarray:
   """[R] rewards of (prompt, completion) texts, batch_size rows per jitted call (the last one padded)."""
-  rows = [dpo.pair_features({"prompt": p, "chosen": c, "rejected": c}, tokenizer, seq_len=seq_len)
+  rows = [preferences.pair_features({"prompt": p, "chosen": c, "rejected": c}, tokenizer, seq_len=seq_len)
           for p, c in zip(prompts, completions)]
   graphdef, state = nnx.split(model)
   out = []
@@ -95,10 +110,11 @@ def score(model: RewardModel, tokenizer, prompts: list[str], completions: list[s
 
 def load(path, *, mesh, rules) -> RewardModel:
   """The reward model (decoder and head) of a reward-model run's latest checkpoint, sharded on `mesh`."""
-  from train import trainer  # noqa: PLC0415 (align.reward_model is imported by the trainer's users)
-
   def build(config):
     return RewardModel(model_lib.Transformer(config, rngs=nnx.Rngs(0)), jnp.zeros((config.embed_dim,), jnp.float32))
 
-  module, _ = trainer.restore_run_module(path, build, mesh, rules, decoder_only=False)
+  module, _ = rundir.restore_module(path, build, mesh=mesh, rules=rules, decoder_only=False)
   return module
+
+
+METHOD = Method(name="reward", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, wrap=wrap, generates=False)

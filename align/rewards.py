@@ -1,8 +1,8 @@
 """Rewards of the online methods: `reward_fn(prompts, completions) -> [R] float64`, texts in.
 
 Two sources (config.rl.reward):
-  a reward function  'exact' (the task's exact-match verifier) or 'digits' (partial credit per answer
-                     character, a graded reward for threshold filters)
+  a task's verifier  by name: 'exact' for every task; the arithmetic task adds 'digits' (partial
+                     credit per answer character) and 'solution' (process credit); align/tasks
   a reward model     'model': a reward-model run's workdir (config.rl.reward_model), scored at the
                      completion's last token (align/reward_model.py)
 """
@@ -11,30 +11,32 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from align.tasks import arithmetic
+from align import reward_model
+from align.tasks import Problem, Task
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
-KINDS = tuple(arithmetic.REWARDS) + ("model",)
 
 
-def task_reward(kind: str) -> RewardFn:
-  """The arithmetic task's verifier of `kind` ('exact', 'digits' or 'solution'), applied to each (prompt, completion)."""
-  if kind not in arithmetic.REWARDS:
-    raise ValueError(f"reward {kind!r} is not one of {tuple(arithmetic.REWARDS)}")
-  score = arithmetic.REWARDS[kind]
+def task_reward(task: Task, name: str, problems: Sequence[Problem]) -> RewardFn:
+  """The task's verifier `name` for `problems`, each known by its prompt or its hinted prompt."""
+  score = task.reward(name)
+  by_prompt = {p.prompt: p for p in problems} | {p.hint(): p for p in problems}
 
   def reward_fn(prompts, completions):
-    return np.asarray([score(c, arithmetic.parse_prompt(p)) for p, c in zip(prompts, completions)], np.float64)
+    missing = [p for p in prompts if p not in by_prompt]
+    if missing:
+      raise KeyError(f"task {task.name!r} has no problem with the prompt {missing[0]!r:.80}")
+    return np.asarray([score(by_prompt[p], c) for p, c in zip(prompts, completions)], np.float64)
 
   return reward_fn
 
 
-def model_reward(model, tokenizer, *, seq_len: int, batch_size: int = 64) -> RewardFn:
-  """A trained align.reward_model.RewardModel as a reward function."""
-  from align import reward_model  # noqa: PLC0415 (reward_model imports dpo, which imports this package's data)
+def model_reward(path: str, tokenizer, *, seq_len: int, mesh=None, rules=None, batch_size: int = 64) -> RewardFn:
+  """The align.reward_model.RewardModel of a reward-model run's workdir as a reward function."""
+  module = reward_model.load(path, mesh=mesh, rules=rules)
 
   def reward_fn(prompts, completions):
-    return reward_model.score(model, tokenizer, list(prompts), list(completions), seq_len=seq_len,
+    return reward_model.score(module, tokenizer, list(prompts), list(completions), seq_len=seq_len,
                               batch_size=batch_size).astype(np.float64)
 
   return reward_fn

@@ -8,6 +8,8 @@ gradient. Every function is jit-able (no Python control flow on traced values); 
 return (loss, metrics) use the metric names TRL logs.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -119,32 +121,46 @@ def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float
   return _where(mask, out)
 
 
+def normalizer(mask: jax.Array, mode: str, *, max_length: int | None = None) -> jax.Array:  # scalar float32
+  """What `aggregate` divides by over `mask` [B, T]: the sequences with at least one token
+  (sequence_mean), the tokens (token_mean), or B * max_length, max_length defaulting to T (fixed_length)."""
+  if mode not in AGGREGATIONS:
+    raise ValueError(f"mode={mode!r} is not one of {AGGREGATIONS}")
+  m = jnp.asarray(mask) > 0
+  if mode == "sequence_mean":
+    return jnp.sum(jnp.any(m, axis=1)).astype(jnp.float32)
+  if mode == "token_mean":
+    return jnp.sum(m).astype(jnp.float32)
+  batch, length = m.shape
+  max_length = length if max_length is None else max_length
+  if max_length <= 0:
+    raise ValueError(f"max_length={max_length} must be positive")
+  return jnp.asarray(batch * max_length, jnp.float32)
+
+
 def aggregate(
     per_token_loss: jax.Array,  # [B, T]
     mask: jax.Array,  # [B, T]
     mode: str,
     *,
     max_length: int | None = None,
+    whole_mask: jax.Array | None = None,  # [B', T]: the whole batch's, when these rows are a micro-batch of it
 ) -> jax.Array:  # scalar
   """Reduce a per-token loss to a scalar:
   - sequence_mean: each sequence's mean over its tokens, then the mean over sequences that have
       at least one token (GRPO, Shao et al. 2024); long completions count less per token.
   - token_mean: sum over all masked tokens / their number (DAPO, Yu et al. 2025, sec. 3.3).
   - fixed_length: sum over masked tokens / (B * max_length), max_length defaulting to T
-      (Dr. GRPO, Liu et al. 2025): a constant normalizer, so no length bias."""
-  if mode not in AGGREGATIONS:
-    raise ValueError(f"mode={mode!r} is not one of {AGGREGATIONS}")
+      (Dr. GRPO, Liu et al. 2025): a constant normalizer, so no length bias.
+  The normalizer (`normalizer`) is counted on whole_mask when given: the sum over this batch is then
+  its share of the whole batch's aggregate, and the shares of its micro-batches add up to it."""
+  whole_count = normalizer(mask if whole_mask is None else whole_mask, mode, max_length=max_length)
   m = jnp.asarray(mask) > 0
   if mode == "sequence_mean":
-    per_seq = masked_mean(per_token_loss, m, axis=1)  # [B]
-    return masked_mean(per_seq, jnp.any(m, axis=1))
-  if mode == "token_mean":
-    return masked_mean(per_token_loss, m)
-  batch, length = per_token_loss.shape
-  max_length = length if max_length is None else max_length
-  if max_length <= 0:
-    raise ValueError(f"max_length={max_length} must be positive")
-  return jnp.sum(jnp.where(m, per_token_loss, 0.0)) / (batch * max_length)
+    total = jnp.sum(masked_mean(per_token_loss, m, axis=1))  # a sequence without tokens adds 0
+  else:
+    total = jnp.sum(jnp.where(m, per_token_loss, 0.0))
+  return total / jnp.maximum(whole_count, 1.0)
 
 
 def clipped_surrogate(
@@ -189,11 +205,15 @@ def clipped_policy_loss(
     clip_high: float,
     aggregation: str = "token_mean",
     max_length: int | None = None,  # for aggregation='fixed_length'; defaults to T
+    whole_mask: jax.Array | None = None,  # [B', T], see `aggregate`
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`clipped_surrogate` reduced to a scalar by `aggregate`."""
+  """`clipped_surrogate` reduced to a scalar by `aggregate` (a share of the whole batch's with
+  whole_mask); metrics['policy/loss'] is the aggregate over this batch alone."""
   per_token, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
                                          clip_high=clip_high)
-  return aggregate(per_token, mask, aggregation, max_length=max_length), metrics
+  reduce = functools.partial(aggregate, per_token, mask, aggregation, max_length=max_length)
+  metrics["policy/loss"] = jax.lax.stop_gradient(reduce())
+  return reduce(whole_mask=whole_mask), metrics
 
 
 def clipped_value_loss(
@@ -203,15 +223,19 @@ def clipped_value_loss(
     mask: jax.Array,  # [B, T]
     *,
     clip: float,
+    whole_mask: jax.Array | None = None,  # [B', T], see `aggregate`
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """PPO's clipped value loss (as in OpenAI baselines and TRL's PPOTrainer):
-  0.5 * max((V - R)^2, (clip(V, V_old - clip, V_old + clip) - R)^2), mean over masked tokens."""
+  0.5 * max((V - R)^2, (clip(V, V_old - clip, V_old + clip) - R)^2), mean over masked tokens (the
+  whole batch's with whole_mask, as `aggregate`); metrics['value/loss'] is the mean over this batch."""
   v, old, ret = _where(mask, values), _where(mask, old_values), _where(mask, returns)
   v_clipped = jnp.clip(v, old - clip, old + clip)
   loss_unclipped = jnp.square(v - ret)
   loss_clipped = jnp.square(v_clipped - ret)
-  loss = 0.5 * masked_mean(jnp.maximum(loss_unclipped, loss_clipped), mask)
+  reduce = functools.partial(aggregate, 0.5 * jnp.maximum(loss_unclipped, loss_clipped), mask, "token_mean")
+  loss = reduce(whole_mask=whole_mask)
   metrics = {
+      "value/loss": reduce(),
       "value/clip_fraction": masked_mean((loss_clipped > loss_unclipped).astype(jnp.float32), mask),
       "value/explained_variance": explained_variance(v, ret, mask),
       "value/mean": masked_mean(v, mask),

@@ -1,130 +1,125 @@
 """An alignment run: a method's loss and data on the one trainer loop of train/, with the task's
-exact-match accuracy (and, optionally, the KL to the starting policy) measured before and after."""
+held-out scores (and, optionally, the KL to the starting policy) measured before and after."""
+
+import functools
 
 import jax
 import ml_collections
 
-from align import distill, dpo, evaluation, grpo, ppo, rest, reward_model, sft
-from align.tasks import arithmetic
+import rundir
+from align import evaluation, registry
+from align.method import Method
+from align.tasks import Task, get_task
 from configs import validation
 from configs.align import common as align_common
 from train import trainer
-
-# A method is a module with loss_fn(config) and make_dataset(config, tokenizer, *, split, **context),
-# and optionally validate(config), wrap(decoder, ...) (the module it trains around the decoder) and
-# eval_prompt(config, problem) (how its policy is asked at test time).
-METHODS = {"sft": sft, "dpo": dpo, "reward": reward_model, "ppo": ppo, "grpo": grpo, "rest": rest, "distill": distill}
 
 
 def _reference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return align_common.align_config(config.get("method", "sft"))
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def _check_task_block(config: ml_collections.ConfigDict) -> None:
+  t = config.task
+  if t.sampled_samples < 0 or t.sampled_temperature <= 0:
+    raise validation.ConfigError(f"config.task.sampled_samples={t.sampled_samples} must be >= 0 and "
+                                 f"config.task.sampled_temperature={t.sampled_temperature} > 0")
+  for key in ("accuracy_problems", "accuracy_tokens", "train_size", "eval_size"):
+    if t[key] < 0:
+      raise validation.ConfigError(f"config.task.{key}={t[key]} must be >= 0")
+
+
+def validate(config: ml_collections.ConfigDict) -> tuple[Method, Task | None]:
+  """Start-up checks of the whole config, before anything trains; returns the method and the task
+  (the task's files are read here, so a bad one is named now)."""
+  if config.get("method") not in registry.METHODS:
+    raise validation.ConfigError(f"config.method={config.get('method')!r} is not one of {sorted(registry.METHODS)}")
+  method = registry.METHODS[config.method]
   trainer.validate(config, _reference(config))
-  if config.method not in METHODS:
-    raise validation.ConfigError(f"config.method={config.method!r} is not one of {sorted(METHODS)}")
-  for block in ("sft", "dpo", "rl"):
-    if config[block].on_error not in ("raise", "skip"):
-      raise validation.ConfigError(f"config.{block}.on_error={config[block].on_error!r} must be 'raise' or 'skip'")
-  if config.task.name not in ("", "arithmetic"):
-    raise validation.ConfigError(f"config.task.name={config.task.name!r} must be '' or 'arithmetic'")
-  if config.dpo.loss_type not in dpo.LOSS_TYPES:
-    raise validation.ConfigError(f"config.dpo.loss_type={config.dpo.loss_type!r} is not one of {dpo.LOSS_TYPES}")
-  if not 0 <= config.dpo.label_smoothing < 0.5:
-    raise validation.ConfigError(f"config.dpo.label_smoothing={config.dpo.label_smoothing} must be in [0, 0.5)")
-  if config.dpo.pairs not in ("data", "ai_feedback"):
-    raise validation.ConfigError(f"config.dpo.pairs={config.dpo.pairs!r} must be 'data' or 'ai_feedback'")
-  if config.dpo.beta <= 0:
-    raise validation.ConfigError(f"config.dpo.beta={config.dpo.beta} must be > 0")
-  if config.rl.reward not in (*arithmetic.REWARDS, "model"):
-    raise validation.ConfigError(f"config.rl.reward={config.rl.reward!r} must be one of {(*arithmetic.REWARDS, 'model')}")
-  for key in ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs"):
-    if config.rl[key] < 1:
-      raise validation.ConfigError(f"config.rl.{key}={config.rl[key]} must be >= 1")
-  if config.task.sampled_samples < 0 or config.task.sampled_temperature <= 0:
-    raise validation.ConfigError(f"config.task.sampled_samples={config.task.sampled_samples} must be >= 0 and "
-                                 f"config.task.sampled_temperature={config.task.sampled_temperature} > 0")
-  if config.rl.shuffle_rewards and config.method not in ("ppo", "grpo"):
-    raise validation.ConfigError(f"config.rl.shuffle_rewards is a control of the policy-gradient methods "
-                                 f"(ppo, grpo); config.method={config.method!r} does not use it")
-  if config.rl.temperature <= 0:
-    raise validation.ConfigError(f"config.rl.temperature={config.rl.temperature} must be > 0 (the losses divide by it)")
-  method = METHODS[config.method]
-  if hasattr(method, "validate"):
-    try:
-      method.validate(config)
-    except ValueError as e:
-      raise validation.ConfigError(str(e)) from e
+  _check_task_block(config)
+  try:
+    task = get_task(config.task)
+    method.validate(config, task)
+  except (ValueError, FileNotFoundError) as e:
+    raise validation.ConfigError(str(e)) from e
+  return method, task
 
 
-def _problems(config):
-  return arithmetic.problems(config.task.accuracy_problems, difficulty=config.task.difficulty, seed=config.task.seed + 1)
+def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.Run, Method, Task | None]:
+  """The trainer's Run for `config.method`, after validate; a notebook can step it itself."""
+  method, task = validate(config)
+  run = trainer.setup(config, workdir, loss_fn=method.loss_fn(config),
+                      make_dataset=functools.partial(method.make_dataset, task=task),
+                      reference=_reference(config), wrap_model=method.wrap)
+  return run, method, task
 
 
-def _scores(run: trainer.Run) -> dict[str, float]:
-  """Greedy scores (accuracy = exact match, digits, solution) and, with task.sampled_samples, the
-  sampled ones (sampled_exact, sampled_digits, sampled_solution, pass_at_k)."""
+def _problems(config: ml_collections.ConfigDict, task: Task):
+  return task.split("eval", config.task.accuracy_problems, config.task.seed)
+
+
+def _scores(run: trainer.Run, method: Method, task: Task) -> dict[str, float]:
+  """Greedy scores (accuracy = exact match, and each other reward of the task) and, with
+  task.sampled_samples, the sampled ones (sampled_<reward>, pass_at_k, best_of_n, self_consistency)."""
   c = run.config
-  method = METHODS[c.method]
-  prompt_of = (lambda p: method.eval_prompt(c, p)) if hasattr(method, "eval_prompt") else (lambda p: p.prompt)
-  problems, policy = _problems(c), run.policy()
-  scores = evaluation.task_scores(policy, run.tokenizer, problems, max_new_tokens=c.task.accuracy_tokens,
+  problems, policy, prompt_of = _problems(c, task), run.policy(), method.prompt_of(c)
+  scores = evaluation.task_scores(policy, run.tokenizer, problems, task, max_new_tokens=c.task.accuracy_tokens,
                                   rules=run.rules, prompt_of=prompt_of)
   scores["accuracy"] = scores.pop("exact")
   if c.task.sampled_samples > 0:
-    sampled = evaluation.sampled_scores(policy, run.tokenizer, problems, samples=c.task.sampled_samples,
+    sampled = evaluation.sampled_scores(policy, run.tokenizer, problems, task, samples=c.task.sampled_samples,
                                         temperature=c.task.sampled_temperature, max_new_tokens=c.task.accuracy_tokens,
                                         seed=c.seed + 1, rules=run.rules, prompt_of=prompt_of)
-    scores.update({f"sampled_{k}": v for k, v in sampled.items() if k != "pass@k"}, pass_at_k=sampled["pass@k"])
+    pass_at_k, best, consistent = sampled.pop("pass@k"), sampled.pop("best_of_n"), sampled.pop("self_consistency")
+    scores.update({f"sampled_{k}": v for k, v in sampled.items()}, pass_at_k=pass_at_k, best_of_n=best,
+                  self_consistency=consistent)
   return scores
 
 
 def _report(config, result: dict) -> None:
   """One line per score: before -> after, and the KL to the starting policy."""
   t = config.task
+  k, temp = t.sampled_samples, t.sampled_temperature
   names = {"accuracy": "exact-match accuracy (greedy)", "digits": "answer digits right (greedy)",
-           "solution": "worked solution right (greedy)",
-           "sampled_exact": f"exact match of one sample at T={t.sampled_temperature}",
-           "sampled_solution": f"worked solution right, one sample at T={t.sampled_temperature}",
-           "pass_at_k": f"pass@{t.sampled_samples} (exact) at T={t.sampled_temperature}"}
-  print(f"on {t.accuracy_problems} held-out problems:")
-  for key, name in names.items():
-    if f"{key}_after" in result:
-      before = result.get(f"{key}_before")
-      print(f"  {name}: " + (f"{before:.3f} before, " if before is not None else "") + f"{result[key + '_after']:.3f} after")
+           "solution": "worked solution right (greedy)", "sampled_exact": f"exact match of one sample at T={temp}",
+           "sampled_solution": f"worked solution right, one sample at T={temp}",
+           "pass_at_k": f"pass@{k} (exact) at T={temp}", "best_of_n": f"best-of-{k} (exact) at T={temp}",
+           "self_consistency": f"self-consistency over {k} samples (exact) at T={temp}"}
+  keys = [key[: -len("_after")] for key in result if key.endswith("_after")]
+  print(f"on {t.accuracy_problems} held-out problems of task {t.name!r}:")
+  for key in sorted(keys, key=lambda key: (key not in names, list(names).index(key) if key in names else key)):
+    before = result.get(f"{key}_before")
+    print(f"  {names.get(key, key + ' (greedy)' if not key.startswith('sampled_') else key)}: "
+          + (f"{before:.3f} before, " if before is not None else "") + f"{result[key + '_after']:.3f} after")
   if "kl_to_start" in result:
     print(f"  KL to the starting policy: {result['kl_to_start']:.3f} nats per completion")
 
 
-def _kl_to_start(run: trainer.Run) -> float:
+def _kl_to_start(run: trainer.Run, task: Task) -> float:
   """KL(policy || the init_from policy) on the held-out problems' prompts (nats per completion)."""
   c = run.config
-  start, _ = trainer.load_decoder(c.init_from, run.mesh, run.rules, {})
-  prompts = [p.prompt for p in _problems(c)]
+  start, _ = rundir.load_decoder(c.init_from, mesh=run.mesh, rules=run.rules, key="config.init_from")
+  prompts = [p.prompt for p in _problems(c, task)]
   return evaluation.kl_to_reference(run.policy(), start, run.tokenizer, prompts, max_new_tokens=c.task.accuracy_tokens,
                                     seed=c.seed, rules=run.rules)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.method` in `workdir`; returns the trainer's result plus, on the task, each score
-  of _scores before and after (accuracy_before/after: greedy exact match; digits_*, solution_*,
-  and with task.sampled_samples sampled_exact_*, sampled_solution_*, pass_at_k_*) and the KL to
-  the starting policy (kl_to_start, when task.measure_kl)."""
-  validate(config)
-  method = METHODS[config.method]
-  run_ = trainer.setup(config, workdir, loss_fn=method.loss_fn(config), make_dataset=method.make_dataset,
-                       reference=_reference(config), wrap_model=getattr(method, "wrap", None))
-  # Accuracy is measured by generating answers: a policy's business, not a reward model's.
-  measure = config.task.accuracy_problems > 0 and config.task.name == "arithmetic" and config.method != "reward"
+  of _scores before and after (accuracy_before/after: greedy exact match; <reward>_*, and with
+  task.sampled_samples sampled_<reward>_*, pass_at_k_*, best_of_n_*, self_consistency_*) and the KL
+  to the starting policy (kl_to_start, when task.measure_kl)."""
+  run_, method, task = setup(config, workdir)
+  # Scores are measured by generating answers: a policy's business, not a reward model's.
+  measure = config.task.accuracy_problems > 0 and task is not None and method.generates
   result = {}
   if measure and int(run_.state["step"]) == 0:
-    result.update({f"{key}_before": value for key, value in _scores(run_).items()})
+    result.update({f"{key}_before": value for key, value in _scores(run_, method, task).items()})
   result.update(trainer.train_loop(run_))
   if measure:
-    result.update({f"{key}_after": value for key, value in _scores(run_).items()})
+    result.update({f"{key}_after": value for key, value in _scores(run_, method, task).items()})
     if config.task.measure_kl and config.init_from:
-      result["kl_to_start"] = _kl_to_start(run_)
+      result["kl_to_start"] = _kl_to_start(run_, task)
   if jax.process_index() == 0 and measure:
     _report(config, result)
   result["run"] = run_

@@ -36,7 +36,6 @@ from align import data, grpo, rollout
 from align import run as align_run
 from align.tasks import arithmetic
 from configs.align import grpo_arithmetic
-from configs.align.common import align_config
 from train import losses as train_losses
 from train import trainer
 from train.noise_scale import noise_scale
@@ -88,9 +87,7 @@ def main():
   config = grpo_arithmetic.get_config(f"init={args.init},group={args.group},batch={b},accum=1,reward={args.reward}")
   config.rl.prompts_per_iteration = args.minibatches * b // args.group  # one rollout = K minibatches
   with tempfile.TemporaryDirectory() as workdir:
-    align_run.validate(config)
-    run = trainer.setup(config, workdir, loss_fn=grpo.loss_fn(config), make_dataset=grpo.make_dataset,
-                        reference=align_config("grpo"), wrap_model=grpo.wrap)
+    run, _, _ = align_run.setup(config, workdir)
     t = time.perf_counter()
     next(run.train_iter)  # samples and scores the first rollout, saved prompt-major in the workdir
     sample_seconds = time.perf_counter() - t

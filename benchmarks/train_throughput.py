@@ -40,6 +40,7 @@ from flax import nnx  # noqa: E402
 
 import model  # noqa: E402
 from train import losses  # noqa: E402
+from configs import common as configs_common  # noqa: E402
 from train import optimizer as optimizer_lib  # noqa: E402
 from train import step as step_lib  # noqa: E402
 
@@ -91,7 +92,7 @@ def make_ours(args, tokens, targets):
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
   num_params = sum(x.size for x in jax.tree.leaves(params))
 
-  opt_cfg = optimizer_lib.default_optimizer_config()
+  opt_cfg = configs_common.optimizer_config()
   opt_cfg.update(schedule="constant", warmup_steps=0, grad_clip_norm=0.0,  # torch's AdamW does not clip
                  learning_rate=LEARNING_RATE, b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY)
   tx, schedule = optimizer_lib.make_optimizer(opt_cfg, total_steps=1000)

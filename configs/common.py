@@ -82,17 +82,44 @@ def sharding_rules() -> tuple[tuple[str, tuple[str, ...]], ...]:
   return DEFAULT_RULES
 
 
+def tokenizer_config() -> ml_collections.ConfigDict:
+  """`config.tokenizer`: the run's sentencepiece model (keys explained in rundir/tokenizer.py)."""
+  return ml_collections.ConfigDict(
+      dict(path="", vocab_size=4096, model_type="bpe", byte_fallback=True, special_tokens="")
+  )
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """`config.data`: documents to pack (keys explained in train/data.py)."""
+  return ml_collections.ConfigDict(
+      dict(
+          source="default", paths="", eval_paths="", eval_percent=2.0, text_field="text",
+          text_unit="paragraph", num_threads=2, prefetch_buffer=4, process_sharding="rows",
+      )
+  )
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+  """`config.optimizer` (keys explained in train/optimizer.py)."""
+  return ml_collections.ConfigDict(
+      dict(
+          name="adamw", learning_rate=3e-4, schedule="warmup_cosine", warmup_steps=100, decay_steps=0,
+          min_learning_rate_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_norms=False,
+          decay_biases=False, decay_embeddings=False, grad_clip_norm=1.0,
+      )
+  )
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+  """`config.distributed`: how processes join a multi-host run (keys explained in train/distributed.py)."""
+  return ml_collections.ConfigDict(dict(coordinator_address="", num_processes=-1, process_id=-1, auto=False))
+
+
 def train_config(**overrides: Any) -> ml_collections.ConfigDict:
   """Every key of a training run, with defaults; experiment files start here and change what they need.
 
   This dict is also the reference of the start-up check: a key not in it is a typo.
   """
-  # Imported here: configs is data, and only training configs need the trainer's defaults.
-  from train.distributed import default_distributed_config  # noqa: PLC0415
-  from train.data import default_data_config  # noqa: PLC0415
-  from train.optimizer import default_optimizer_config  # noqa: PLC0415
-  from train.tokenizer import default_tokenizer_config  # noqa: PLC0415
-
   config = ml_collections.ConfigDict()
   config.total_steps = 1000
   config.batch_size = 32  # global, across all processes
@@ -107,16 +134,19 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
   config.init_from = ""  # a Hugging Face directory or another run's workdir
   config.z_loss = 0.0
   config.max_nonfinite_in_row = 20  # 0: never stop for non-finite steps
-  # `python -m train` ends by printing the model's greedy continuation of this prompt ('': no sample).
+  # `python -m train` ends by printing the model's continuation of this prompt ('': no sample).
   config.sample_prompt = ""
   config.sample_tokens = 48
+  config.sample_temperature = 0.0  # 0: greedy
+  config.sample_top_p = 1.0  # nucleus sampling; 1: off
+  config.sample_seed = 0
   config.mesh = mesh_config()
   config.sharding_rules = sharding_rules()
   # Mixed precision: bf16 activations and matmuls, fp32 parameters and optimizer state.
   config.model = model_config("tiny", dtype="bfloat16", param_dtype="float32")
-  config.tokenizer = default_tokenizer_config()
-  config.data = default_data_config()
-  config.optimizer = default_optimizer_config()
-  config.distributed = default_distributed_config()
+  config.tokenizer = tokenizer_config()
+  config.data = data_config()
+  config.optimizer = optimizer_config()
+  config.distributed = distributed_config()
   config.update(overrides)
   return config

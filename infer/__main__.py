@@ -1,11 +1,13 @@
 """python -m infer --config=configs/infer/generate.py --config.checkpoint=DIR --config.prompt="..."
 
-Only parses flags; the work is in infer.cli.run, importable from a notebook.
+Only parses flags; the work is in infer.cli.run, importable from a notebook. A bad config, key or
+path is reported in one line with exit status 2; --verbosity=1 shows its traceback (configs/cli.py).
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from configs import cli as configs_cli
 from infer import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Generation config file (configs/infer/...py[:arg]).")
@@ -21,4 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  configs_cli.run(main)

@@ -3,7 +3,7 @@
 `run(config)` is the body of `python -m infer` (configs/infer/generate.py): load a run's workdir or
 a Hugging Face directory, stream the continuation of `config.prompt` to `out`, and end with a
 summary line. `complete` is the one-call form (the quickstart's closing sample uses it). A
-tokenizer here is anything with encode, decode, bos_id and eos_id (train.tokenizer.Tokenizer).
+tokenizer here is anything with encode, decode, bos_id and eos_id (rundir.Tokenizer).
 """
 
 import dataclasses
@@ -19,7 +19,7 @@ from flax import nnx
 import infer
 from configs import validation
 from configs.infer import generate as generate_config
-from infer import loading
+import rundir
 from model import sharding
 
 
@@ -175,8 +175,10 @@ def run(config: ml_collections.ConfigDict, out: TextIO = sys.stdout) -> Completi
   rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.sharding_rules)
 
   # ------------------------------------------------------------------ load the model, sharded, and its tokenizer
+  if not os.path.isdir(config.checkpoint):  # a typo, not a bug: say so in one line (configs/cli.py)
+    raise validation.ConfigError(f"config.checkpoint={config.checkpoint!r} does not exist or is not a directory")
   step = None if config.step < 0 else config.step
-  module, tokenizer = loading.load(config.checkpoint, mesh=mesh, rules=rules, step=step)
+  module, tokenizer = rundir.load(config.checkpoint, mesh=mesh, rules=rules, step=step)
 
   # ------------------------------------------------------------------ generate
   completion = stream_completion(

@@ -65,6 +65,15 @@ class SelfConsistency:
   samples: Generation  # all P * N samples, prompt-major
 
 
+def majority_vote(answers: Sequence[Hashable | None]) -> tuple[Hashable | None, int, collections.Counter]:
+  """The most common answer that is not None (the first seen among ties), its count, and the counts."""
+  counter = collections.Counter(a for a in answers if a is not None)
+  if not counter:
+    return None, 0, counter
+  answer, count = counter.most_common(1)[0]  # most_common keeps first-seen order among ties
+  return answer, count, counter
+
+
 def self_consistency(
     model,
     prompts: Sequence[Sequence[int]],
@@ -84,16 +93,8 @@ def self_consistency(
                      stop_tokens=stop_tokens)
   answers, votes, agreement = [], [], []
   for p in range(len(prompts)):
-    counter = collections.Counter()
-    for completion in samples.tokens[p * n: (p + 1) * n]:
-      answer = extract_answer(completion)
-      if answer is not None:
-        counter[answer] += 1
+    answer, count, counter = majority_vote([extract_answer(c) for c in samples.tokens[p * n: (p + 1) * n]])
     votes.append(counter)
-    if counter:
-      answer, count = counter.most_common(1)[0]  # most_common keeps first-seen order among ties
-    else:
-      answer, count = None, 0
     answers.append(answer)
     agreement.append(count / n)
   return SelfConsistency(answers, votes, np.asarray(agreement), samples)

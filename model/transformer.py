@@ -55,9 +55,8 @@ class Transformer(nnx.Module):
       segment_ids: jax.Array | None = None,  # [B, T]; tokens attend only within their segment
       cache: KVCache | None = None,  # [L, B, S, K, H]; tokens sit at slots positions[:, 0] + 0..T-1
   ):
-    """Final-normed hidden states [B, T, D] (the input of the output projection, or of a head).
-
-    With a cache (decoding), returns (features, cache with this chunk's keys and values written).
+    """(final-normed hidden states [B, T, D], cache): the input of the output projection or of a
+    head, and the cache with this chunk's keys and values written (None when decoding without one).
     """
     c = self.config
     if tokens.ndim != 2:
@@ -75,8 +74,7 @@ class Transformer(nnx.Module):
     x = shard(x, BTD)
 
     if cache is None:
-      x = self._blocks(x, positions, segment_ids)
-      return self.final_norm(x)
+      return self.final_norm(self._blocks(x, positions, segment_ids)), None
     x, cache = self._cached_blocks(x, positions, cache)
     return self.final_norm(x), cache
 
@@ -157,7 +155,6 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None):
     """[B, T] tokens -> [B, T, V] float32 logits; with a cache, (logits, updated cache)."""
-    if cache is None:
-      return self.logits(self.features(tokens, positions=positions, segment_ids=segment_ids))
-    features, cache = self.features(tokens, positions=positions, cache=cache)
-    return self.logits(features), cache
+    features, new_cache = self.features(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    logits = self.logits(features)
+    return logits if cache is None else (logits, new_cache)

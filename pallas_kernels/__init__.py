@@ -1,5 +1,6 @@
 """Our Pallas kernels, each with a plain-jnp reference beside it."""
 
-from pallas_kernels.flash_attention import BlockSizes, flash_attention, reference_attention
+from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.reference import reference_attention
 
 __all__ = ["BlockSizes", "flash_attention", "reference_attention"]

@@ -8,7 +8,7 @@ from flax import nnx
 from align import ai_feedback
 from align.tasks import arithmetic
 from model import Transformer, get_preset
-from train import tokenizer as tokenizer_lib
+from rundir import tokenizer as tokenizer_lib
 
 VOCAB = 320
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from align import data
-from train import tokenizer as tokenizer_lib
+from rundir import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope="module")

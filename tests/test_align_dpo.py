@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align import dpo, run as align_run
+from align import dpo, preferences, tasks, run as align_run
 from align.tasks import arithmetic
 from configs import common
 from configs.align.common import align_config
-from train import tokenizer as tokenizer_lib
+from rundir import tokenizer as tokenizer_lib
 from train import trainer
 
 VOCAB = 320
@@ -49,12 +49,15 @@ def _config(tokenizer_path, **overrides):
   return config
 
 
+def _context(run):
+  return trainer.DataContext(workdir=run.workdir, mesh=run.mesh, rules=run.rules)
+
+
 @pytest.fixture(scope="module")
 def dpo_run(tokenizer_path, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("dpo")
   config = _config(tokenizer_path)
-  run = trainer.setup(config, workdir, loss_fn=dpo.loss_fn(config), make_dataset=dpo.make_dataset,
-                      reference=align_config("dpo"))
+  run, _, _ = align_run.setup(config, workdir)
   return run, workdir
 
 
@@ -63,7 +66,8 @@ def test_reference_logps_are_the_starting_model_s(dpo_run):
   reference = np.load(workdir / "reference_logps_train.npz")
   assert reference["chosen"].shape == (32,) and np.all(reference["chosen"] < 0)
   # Independently: the starting model's summed completion log-probs of the first pair.
-  pair = dpo.pair_features(dpo.records(run.config, "train")[0], run.tokenizer, seq_len=96)
+  task = tasks.get_task(run.config.task)
+  pair = preferences.pair_features(preferences.records(run.config, "train", task)[0], run.tokenizer, seq_len=96)
   logits = np.asarray(run.model()(pair["chosen_tokens"][None]), np.float64)[0]
   logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
   picked = logprobs[np.arange(96), pair["chosen_targets"]]
@@ -101,8 +105,8 @@ def test_ai_feedback_pairs_come_from_the_starting_policy(tokenizer_path, tmp_pat
 
 def test_rpo_adds_the_chosen_nll(dpo_run):
   run, _ = dpo_run
-  batch = {k: np.asarray(v) for k, v in next(iter(dpo.make_dataset(run.config, run.tokenizer, split="eval",
-                                                                    workdir=run.workdir))).items()}
+  batch = {k: np.asarray(v) for k, v in next(iter(run.make_dataset(run.config, run.tokenizer, split="eval",
+                                                                    context=_context(run)))).items()}
   model = run.model()
   plain, _ = dpo.dpo_loss_fn(model, batch, None, beta=0.1, label_smoothing=0.0, loss_type="sigmoid", gamma=0.0)
   rpo, metrics = dpo.dpo_loss_fn(model, batch, None, beta=0.1, label_smoothing=0.0, loss_type="sigmoid", gamma=0.0,
@@ -119,8 +123,8 @@ def test_orpo_on_the_trainer_batch_matches_its_closed_form(dpo_run):
   """ORPO through the trainer's loss (reference-free): mean chosen NLL - beta * log sigmoid of the
   log odds ratio, odds = p / (1 - p) with p the per-token mean probability, computed here in float64."""
   run, _ = dpo_run
-  batch = {k: np.asarray(v) for k, v in next(iter(dpo.make_dataset(run.config, run.tokenizer, split="eval",
-                                                                    workdir=run.workdir))).items()}
+  batch = {k: np.asarray(v) for k, v in next(iter(run.make_dataset(run.config, run.tokenizer, split="eval",
+                                                                    context=_context(run)))).items()}
   model = run.model()
   loss, metrics = dpo.dpo_loss_fn(model, batch, None, beta=0.25, label_smoothing=0.0, loss_type="orpo", gamma=0.0)
 

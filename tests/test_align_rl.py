@@ -12,13 +12,13 @@ import pytest
 from flax import nnx
 
 import infer
-from align import online, rewards, rollout
+from align import online, rewards, rollout, tasks
 from align import run as align_run
 from align.tasks import arithmetic
 from configs import common, validation
 from configs.align.common import align_config
 from model import sharding
-from train import tokenizer as tokenizer_lib
+from rundir import tokenizer as tokenizer_lib
 from train import trainer
 
 VOCAB = 320
@@ -63,17 +63,19 @@ def start(tmp_path_factory):
 
 def _fixed_prompt_reward(policy, tokenizer, config, n=16) -> float:
   """Mean exact-match reward of n temperature-1 samples per training prompt (one fixed seed)."""
-  prompts = online.prompts(config)
+  task = tasks.get_task(config.task)
+  problems = tasks.split_problems(task, config.task, "train")
+  prompts = online.prompts(config, task)
   samples = rollout.sample(policy, tokenizer, prompts, n=n, max_new_tokens=config.rl.max_new_tokens,
                            sampling=infer.Sampling(temperature=1.0), seed=123)
-  return float(np.mean(rewards.task_reward("exact")([p for p in prompts for _ in range(n)], samples.texts)))
+  reward = rewards.task_reward(task, "exact", problems)
+  return float(np.mean(reward([p for p in prompts for _ in range(n)], samples.texts)))
 
 
 def _train(method, config, workdir):
-  m = align_run.METHODS[method]
-  align_run.validate(config)
-  return trainer.setup(config, workdir, loss_fn=m.loss_fn(config), make_dataset=m.make_dataset,
-                       reference=align_config(method), wrap_model=getattr(m, "wrap", None))
+  assert config.method == method
+  run, _, _ = align_run.setup(config, workdir)
+  return run
 
 
 # A small fixed prompt set (16 problems) that every iteration samples from: a few iterations move it.

@@ -12,7 +12,7 @@ from align import data, run as align_run
 from align.tasks import arithmetic
 from configs import common
 from configs.align.common import align_config
-from train import tokenizer as tokenizer_lib
+from rundir import tokenizer as tokenizer_lib
 from train import losses, trainer
 
 VOCAB = 320
@@ -63,7 +63,8 @@ def test_sft_runs_through_the_shared_trainer(sft_run):
 def test_sft_loss_falls_on_a_fixed_batch(sft_run):
   result, _ = sft_run
   run = result["run"]
-  batch = trainer.global_batch(run, next(iter(run.make_dataset(run.config, run.tokenizer, split="train"))))
+  batch = trainer.global_batch(run, next(iter(run.make_dataset(run.config, run.tokenizer, split="train",
+                                                                       context=None))))
   state = run.state
   first = None
   for _ in range(8):
@@ -109,5 +110,12 @@ def test_bad_align_config_keys_are_named(tokenizer_path, tmp_path):
     align_run.run(_config(tokenizer_path, method="kto"), tmp_path)
   with pytest.raises(Exception, match="config.task.name"):
     align_run.run(_config(tokenizer_path, **{"task.name": "chess"}), tmp_path)
-  with pytest.raises(Exception, match="config.dpo.loss_type"):
-    align_run.run(_config(tokenizer_path, method="dpo", **{"dpo.loss_type": "kto"}), tmp_path)
+  dpo = align_config("dpo")
+  for key, value in _config(tokenizer_path).items():
+    if key not in ("method", "sft"):
+      dpo[key] = value
+  dpo.dpo.loss_type = "kto"
+  with pytest.raises(Exception, match="config.dpo.loss_type='kto'"):
+    align_run.run(dpo, tmp_path)
+  with pytest.raises(Exception, match="sft"):  # a block the method does not read is an unknown key
+    align_run.run(_config(tokenizer_path, method="dpo"), tmp_path)

@@ -60,9 +60,13 @@ def test_task_scores_grade_the_generated_answers(tmp_path, monkeypatch):
 
   import infer
   from align import evaluation
-  from train import tokenizer as tokenizer_lib
+  from rundir import tokenizer as tokenizer_lib
 
-  problems = [arithmetic.Problem(12, 30, "+"), arithmetic.Problem(45, 3, "+"), arithmetic.Problem(9, 1, "-")]
+  from align import tasks
+
+  task = tasks.get_task({"name": "arithmetic", "difficulty": 2})
+  problems = [arithmetic._task_problem(p, 0) for p in
+              (arithmetic.Problem(12, 30, "+"), arithmetic.Problem(45, 3, "+"), arithmetic.Problem(9, 1, "-"))]
   texts = [r["prompt"] + r["completion"] for r in arithmetic.sft_examples(200, difficulty=2, seed=3)]
   tokenizer_lib.train_tokenizer(texts, tmp_path / "tok.model", vocab_size=320)
   tokenizer = tokenizer_lib.load_tokenizer(tmp_path / "tok.model")
@@ -73,10 +77,10 @@ def test_task_scores_grade_the_generated_answers(tmp_path, monkeypatch):
     return types.SimpleNamespace(tokens=[[*tokenizer.encode(c), tokenizer.eos_id] for c in completions])
 
   monkeypatch.setattr(infer, "generate", scripted_generate)
-  scores = evaluation.task_scores(None, tokenizer, problems)
+  scores = evaluation.task_scores(None, tokenizer, problems, task)
   assert scores["exact"] == pytest.approx(1 / 3)
   assert scores["digits"] == pytest.approx((1 + 0.5 + 0) / 3)
-  assert evaluation.task_accuracy(None, tokenizer, problems) == pytest.approx(1 / 3)
+  assert evaluation.task_accuracy(None, tokenizer, problems, task) == pytest.approx(1 / 3)
 
   # Sampled: 3 samples per problem (problem-major); problems 0 and 2 right twice each, 1 never.
   completions = [" 2 + 0 = 2, write 2.\nAnswer: 42", " x\nAnswer: 41", " 2 + 0 = 2, write 2. 1 + 3 = 4, write 4.\nAnswer: 42",
@@ -89,9 +93,12 @@ def test_task_scores_grade_the_generated_answers(tmp_path, monkeypatch):
                                  finish_reasons=["stop"] * 9)
 
   monkeypatch.setattr(infer, "generate", scripted_samples)
-  sampled = evaluation.sampled_scores(None, tokenizer, problems, samples=3, temperature=0.7)
+  sampled = evaluation.sampled_scores(None, tokenizer, problems, task, samples=3, temperature=0.7)
   assert sampled["exact"] == pytest.approx(4 / 9)
   assert sampled["pass@k"] == pytest.approx(2 / 3)
+  # Best-of-3 by the exact reward picks a right sample where there is one; the majority answers are
+  # 42 (right), 58 (first seen of a three-way tie: wrong) and 8 (right).
+  assert sampled["best_of_n"] == pytest.approx(2 / 3) and sampled["self_consistency"] == pytest.approx(2 / 3)
   # solution, by hand: problem 0's gold has 3 parts (2 steps, the answer line): samples score 1/3
   # (first step right, answer out of place), 0, 1; problem 1: 0, 0, 0; problem 2's gold has 2 parts:
   # 1/2 (the answer line in place), 0, 1.

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from configs import common
 from train import corpus, data
-from train import tokenizer as tokenizer_lib
+from rundir import tokenizer as tokenizer_lib
 
 SEQ = 16
 
@@ -39,7 +40,7 @@ def text_config(tmp_path):
 
 
 def _config(**overrides):
-  config = data.default_data_config()
+  config = common.data_config()
   config.update(overrides)
   return config
 

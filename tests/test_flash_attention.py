@@ -2,7 +2,6 @@
 reference computed in float64, over causal/bidirectional, T == S and T < S, GQA ratios, windows,
 packed segments, soft-cap and lengths off the block size."""
 
-import importlib
 import re
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from pallas_kernels import BlockSizes, flash_attention, reference_attention
+from pallas_kernels import BlockSizes, flash_attention, flash_geometry, reference_attention
 
 # Small blocks: several per row, and ragged ends (16 on a GPU, the least Triton's dot takes; these
 # tests then run the compiled kernels there: `python -m pytest tests/test_flash_attention.py`).
@@ -91,10 +90,9 @@ def test_backward_blocks_differ_from_the_forward_blocks():
 def test_block_ranges_against_brute_force_visibility():
   """The block ranges the kernels walk, against visibility computed pair by pair from the
   definitions (query t sees key s iff s <= t + S - T when causal and t + S - T - s < window): every
-  block holding a visible pair is walked (_kv_range, _q_range), and the mask-free ranges
-  (_full_kv_range, _full_q_range) hold exactly the blocks where every pair is visible and no row
+  block holding a visible pair is walked (kv_range, q_range), and the mask-free ranges
+  (full_kv_range, full_q_range) hold exactly the blocks where every pair is visible and no row
   or column is padding, so the unmasked loop is exact and not vacuous."""
-  fa = importlib.import_module("pallas_kernels.flash_attention")  # the module: its private helpers
   checked_full = 0
   for block_q, block_kv in [(8, 8), (8, 16), (16, 8)]:
     for q_len, kv_len in [(20, 20), (13, 37), (10, 16), (5, 12), (40, 40), (8, 64), (33, 18)]:
@@ -117,15 +115,15 @@ def test_block_ranges_against_brute_force_visibility():
           geometry = dict(block_q=block_q, block_kv=block_kv, offset=offset, causal=causal, window=window)
           full = dict(geometry, q_len=q_len, kv_len=kv_len)
           for i in range(num_q):
-            lo, hi = (int(x) for x in fa._kv_range(i, num_kv_blocks=num_kv, **geometry))
+            lo, hi = (int(x) for x in flash_geometry.kv_range(i, num_kv_blocks=num_kv, **geometry))
             assert all(lo <= j < hi for j in np.flatnonzero(any_pair[i])), (i, lo, hi, geometry)
-            lo, hi = (int(x) for x in fa._full_kv_range(i, **full))
+            lo, hi = (int(x) for x in flash_geometry.full_kv_range(i, **full))
             assert set(range(lo, hi)) == set(np.flatnonzero(every_pair[i])), (i, lo, hi, geometry)
             checked_full += hi > lo
           for j in range(num_kv):
-            lo, hi = (int(x) for x in fa._q_range(j, num_q_blocks=num_q, **geometry))
+            lo, hi = (int(x) for x in flash_geometry.q_range(j, num_q_blocks=num_q, **geometry))
             assert all(lo <= i < hi for i in np.flatnonzero(any_pair[:, j])), (j, lo, hi, geometry)
-            lo, hi = (int(x) for x in fa._full_q_range(j, **full))
+            lo, hi = (int(x) for x in flash_geometry.full_q_range(j, **full))
             assert set(range(lo, hi)) == set(np.flatnonzero(every_pair[:, j])), (j, lo, hi, geometry)
   assert checked_full > 100  # the mask-free path is common, not an edge case
 
@@ -157,7 +155,6 @@ def test_segment_block_ranges_against_brute_force():
   blocks that can share a segment id: every block pair sharing an id is inside (any ids, padding
   included); for packed rows (non-decreasing ids) they are exactly those pairs, so documents
   packed into one row cost about their own lengths."""
-  fa = importlib.import_module("pallas_kernels.flash_attention")
   rng = np.random.default_rng(0)
   skipped = 0
   for trial in range(60):
@@ -173,7 +170,7 @@ def test_segment_block_ranges_against_brute_force():
     q_seg = np.full((1, padded), -2, np.int32)
     kv_seg = np.full((1, padded), -1, np.int32)
     q_seg[0, :length] = kv_seg[0, :length] = ids
-    kv_ranges, q_ranges = (np.asarray(x[0]) for x in fa._segment_block_ranges(
+    kv_ranges, q_ranges = (np.asarray(x[0]) for x in flash_geometry.segment_block_ranges(
         jnp.asarray(q_seg), jnp.asarray(kv_seg), block_q, block_kv, length, length))
     shared = q_seg[0][:, None] == kv_seg[0][None, :]  # padding (-2 / -1) shares no id
     tiles = shared.reshape(padded // block_q, block_q, padded // block_kv, block_kv).any(axis=(1, 3))
@@ -288,16 +285,36 @@ def test_tpu_layout_under_tpu_interpret_mode(q_len, kv_len, heads, kv_heads, kwa
 
 
 _KERNELS = ["flash_attention_dkv", "flash_attention_dq", "flash_attention_forward"]
+_LOWERING_CASES = [(256, 256, 4, 2, 64, dict()),
+                   (100, 300, 8, 2, 80, dict(sliding_window=33, logit_softcap=30.0, segments=True)),
+                   (128, 128, 4, 1, 128, dict(causal=False))]
+
+
+def _lowered(platform, q_len, kv_len, heads, kv_heads, head_dim, kwargs):
+  """The text of forward+backward lowered for `platform` on this host (bfloat16; segment ids in
+  the default integer type: int64 under x64)."""
+  kwargs = dict(kwargs)
+  q = jax.ShapeDtypeStruct((2, q_len, heads, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, kv_len, kv_heads, head_dim), jnp.bfloat16)
+  segments = kwargs.pop("segments", False)
+  int_type = jnp.asarray(0).dtype
+  seg = (jax.ShapeDtypeStruct((2, q_len), int_type), jax.ShapeDtypeStruct((2, kv_len), int_type))
+
+  def loss(q, k, v, q_seg, kv_seg):
+    segment_ids = (q_seg, kv_seg) if segments else None
+    return flash_attention(q, k, v, segment_ids=segment_ids, **kwargs).astype(jnp.float32).sum()
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return grad.trace(q, kv, kv, *seg).lower(lowering_platforms=(platform,)).as_text()
+
+
+def _kernel_calls(text):
+  return [line for line in text.splitlines() if "stablehlo.custom_call" in line]
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu", "cpu"])
-@pytest.mark.parametrize(
-    "q_len,kv_len,heads,kv_heads,head_dim,kwargs",
-    [(256, 256, 4, 2, 64, dict()),
-     (100, 300, 8, 2, 80, dict(sliding_window=33, logit_softcap=30.0, segments=True)),
-     (128, 128, 4, 1, 128, dict(causal=False))],
-    ids=["causal_gqa2_h64", "T<S_window_softcap_segments_h80", "bidirectional_mqa_h128"],
-)
+@pytest.mark.parametrize("q_len,kv_len,heads,kv_heads,head_dim,kwargs", _LOWERING_CASES,
+                         ids=["causal_gqa2_h64", "T<S_window_softcap_segments_h80", "bidirectional_mqa_h128"])
 def test_each_platform_lowers_its_own_kernels(platform, q_len, kv_len, heads, kv_heads, head_dim, kwargs):
   """Forward+backward lowered on this CPU host for each platform (the kernels are picked when the
   computation is lowered, jax.lax.platform_dependent): for CUDA all three kernels take Pallas's
@@ -308,19 +325,8 @@ def test_each_platform_lowers_its_own_kernels(platform, q_len, kv_len, heads, kv
   not a power of two (head dim 80 is padded to 128) or a block shape Mosaic rejects fails here;
   Triton's and Mosaic's compilers and the chips are not exercised (benchmarks/triton_resources.py
   runs Triton's)."""
-  kwargs = dict(kwargs)
-  q = jax.ShapeDtypeStruct((2, q_len, heads, head_dim), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((2, kv_len, kv_heads, head_dim), jnp.bfloat16)
-  segments = kwargs.pop("segments", False)
-  seg = (jax.ShapeDtypeStruct((2, q_len), jnp.int32), jax.ShapeDtypeStruct((2, kv_len), jnp.int32))
-
-  def loss(q, k, v, q_seg, kv_seg):
-    segment_ids = (q_seg, kv_seg) if segments else None
-    return flash_attention(q, k, v, segment_ids=segment_ids, **kwargs).astype(jnp.float32).sum()
-
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  text = grad.trace(q, kv, kv, *seg).lower(lowering_platforms=(platform,)).as_text()
-  calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+  text = _lowered(platform, q_len, kv_len, heads, kv_heads, head_dim, kwargs)
+  calls = _kernel_calls(text)
   if platform == "cpu":
     assert not calls
     return
@@ -337,3 +343,62 @@ def test_each_platform_lowers_its_own_kernels(platform, q_len, kv_len, heads, kv
     assert re.search(r"num_warps = (\d+)", line).group(1) == str(defaults.num_warps)
     assert re.search(r"num_stages = (\d+)", line).group(1) == str(defaults.num_stages)
   assert "mosaic" not in text.lower()
+
+
+# With jax_enable_x64 on, a Python int or a default iota is int64 and a Python float in a jnp.where
+# a float64 constant; the kernels' index arithmetic (program ids, index maps, block ranges, the
+# prefetched segment tables) must stay int32 and their constants float32 all the same.
+
+
+@pytest.fixture
+def x64():
+  """jax_enable_x64 on for one test; `jax.enable_x64` is a context, restored when the test ends."""
+  before = jnp.asarray(0).dtype
+  with jax.enable_x64(True):
+    yield
+  assert jnp.asarray(0).dtype == before, "x64 leaked out of the test"
+
+
+# ids other than the bare "tpu": conftest skips an item with a "tpu" keyword off a TPU.
+@pytest.mark.parametrize("platform", ["cuda", "tpu"], ids=["triton", "mosaic"])
+def test_x64_lowers_the_same_kernels(x64, platform):
+  """Each platform's kernels lowered with x64 on are the very kernels lowered with it off (Triton
+  IR and Mosaic module, byte for byte), int64 segment ids included: no int64 index or float64
+  constant reaches Triton or Mosaic, which have no use for them (and TPUs have no float64)."""
+  case = _LOWERING_CASES[1]  # T < S, window, soft-cap, segments, GQA 4
+
+  def payloads(calls):  # each call's attributes (the serialized kernel among them), not its operand names
+    return sorted(line.split(") {", 1)[1] for line in calls)
+
+  with_x64 = payloads(_kernel_calls(_lowered(platform, *case)))
+  with jax.enable_x64(False):
+    without = payloads(_kernel_calls(_lowered(platform, *case)))
+  assert len(with_x64) == 3 and with_x64 == without
+
+
+@pytest.mark.parametrize("layout", ["default", "tpu_interpret"])
+@pytest.mark.parametrize(
+    "q_len,kv_len,heads,kv_heads,kwargs",
+    [(24, 40, 4, 1, dict(causal=True, sliding_window=9, logit_softcap=3.0, segments=True)),
+     (28, 44, 4, 2, dict(causal=True, sliding_window=20, segments=False))],
+    ids=["causal_T<S_window_softcap_gqa4_segments", "causal_T<S_window_gqa2_no_segments"],
+)
+def test_forward_and_gradients_with_x64(x64, layout, q_len, kv_len, heads, kv_heads, kwargs):
+  """float32 inputs and int64 segment ids with x64 on, against the float64 reference: the default
+  call (on CPU Pallas interpret mode, with the TPU layout traced too, in jax.lax.platform_dependent's
+  other branch) and the TPU layout in TPU interpret mode; the shapes of
+  test_tpu_layout_under_tpu_interpret_mode."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+  kwargs = dict(kwargs)
+  if kwargs.pop("segments"):
+    kwargs["segment_ids"] = tuple(jnp.asarray(np.asarray(x), jnp.int64) for x in _segments(q_len, kv_len))
+  q, k, v, cotangent = _inputs(q_len, kv_len, heads, kv_heads, jnp.float32, seed=3)
+  interpret = pltpu.InterpretParams() if layout == "tpu_interpret" else None
+  out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, interpret=interpret, **kwargs),
+                     q, k, v)
+  grads = vjp(cotangent)
+  expected = _float64_reference(q, k, v, cotangent, kwargs)
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+    assert got.dtype == jnp.float32, (name, got.dtype)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, err_msg=name)

@@ -15,9 +15,10 @@ from flax import nnx
 import infer
 from configs import validation
 from configs.infer import generate as generate_config
-from infer import cli, loading
+import rundir
+from infer import cli
 from tests.test_train import _config  # the same tiny run the trainer tests use
-from train import tokenizer as tokenizer_lib
+from rundir import tokenizer as tokenizer_lib
 from train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,14 +51,14 @@ def _params(module):
 def test_load_run_restores_the_trained_parameters_and_generates_the_same(trained):
   workdir, result = trained
   run = result["run"]
-  module, tokenizer = loading.load(workdir)  # no mesh: on one device
+  module, tokenizer = rundir.load(workdir)  # no mesh: on one device
   assert module.config == run.model_config and tokenizer.vocab_size == run.tokenizer.vocab_size
   for restored, trained_param in zip(_params(module), _params(run.model()), strict=True):
     np.testing.assert_array_equal(restored, trained_param)
   assert all(x.sharding.device_set == {jax.devices()[0]} for x in jax.tree.leaves(_state(module)))
 
   # On the run's own mesh, greedy generation is that of the in-memory model, token for token.
-  module, _ = loading.load(workdir, mesh=run.mesh, rules=run.rules, step=STEPS)
+  module, _ = rundir.load(workdir, mesh=run.mesh, rules=run.rules, step=STEPS)
   prompt = cli.encode_prompt(tokenizer, PROMPT)
   expected = infer.generate(run.model(), [prompt], max_new_tokens=10, rules=run.rules)
   got = infer.generate(module, [prompt], max_new_tokens=10, rules=run.rules)
@@ -73,8 +74,8 @@ def test_a_run_trained_on_8_devices_loads_on_1(trained):
   workdir, result = trained
   checksum = sum(float(np.asarray(x, np.float64).sum()) for x in _params(result["run"].model()))
   script = (
-      "import jax, numpy as np; from infer import loading; "
-      f"m, _ = loading.load({str(workdir)!r}); "
+      "import jax, numpy as np; import rundir; "
+      f"m, _ = rundir.load({str(workdir)!r}); "
       "print(jax.device_count(), sum(float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(m)))"
   )
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device
@@ -111,18 +112,18 @@ def test_cli_streams_the_decoded_text_and_a_summary(trained):
 def test_load_errors_name_what_is_wrong(trained, tmp_path):
   workdir, _ = trained
   with pytest.raises(ValueError, match=r"step=7 has no checkpoint in .*saved steps: \[3\]"):
-    loading.load(workdir, step=7)
+    rundir.load(workdir, step=7)
   with pytest.raises(ValueError, match=r"'.*nowhere' is neither a training run's workdir .* nor a Hugging Face"):
-    loading.load(tmp_path / "nowhere")
+    rundir.load(tmp_path / "nowhere")
   (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
   shutil.copy(workdir / "tokenizer.model", tmp_path / "empty_run")
   with pytest.raises(FileNotFoundError, match="holds no checkpoint yet"):
-    loading.load(tmp_path / "empty_run")
+    rundir.load(tmp_path / "empty_run")
 
 
 def test_load_hf_directory_needs_a_sentencepiece_tokenizer(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"llama has no tokenizer.model: only sentencepiece tokenizers"):
-    loading.load(FIXTURES / "llama")
+    rundir.load(FIXTURES / "llama")
 
   directory = tmp_path / "llama"
   shutil.copytree(FIXTURES / "llama", directory)
@@ -132,9 +133,9 @@ def test_load_hf_directory_needs_a_sentencepiece_tokenizer(tmp_path):
   texts = [" ".join(rng.choice(words, size=20)) for _ in range(100)]
   tokenizer_lib.train_tokenizer(texts, directory / "tokenizer.model", vocab_size=64, byte_fallback=False)
   with pytest.raises(ValueError, match="is a Hugging Face directory"):
-    loading.load(directory, step=1)
+    rundir.load(directory, step=1)
 
-  module, tokenizer = loading.load(directory)
+  module, tokenizer = rundir.load(directory)
   assert module.config.vocab_size == 128 and tokenizer.vocab_size == 64
   completion = cli.complete(module, tokenizer, PROMPT, max_new_tokens=5)
   expected = infer.generate(module, [cli.encode_prompt(tokenizer, PROMPT)], max_new_tokens=5,

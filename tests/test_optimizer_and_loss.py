@@ -9,11 +9,12 @@ import pytest
 from flax import nnx
 
 import model
+from configs import common
 from train import losses, optimizer
 
 
 def _config(**overrides):
-  config = optimizer.default_optimizer_config()
+  config = common.optimizer_config()
   config.update({**dict(learning_rate=1.0, warmup_steps=10, min_learning_rate_ratio=0.1), **overrides})
   return config
 

@@ -14,7 +14,7 @@ from align.tasks import arithmetic
 from configs import common
 from configs.align.common import align_config
 from model import Transformer, get_preset
-from train import tokenizer as tokenizer_lib
+from rundir import tokenizer as tokenizer_lib
 from train import trainer
 
 VOCAB = 320
@@ -27,7 +27,7 @@ def test_scores_the_last_real_token_whatever_the_padding():
   rng = np.random.default_rng(0)
   lengths = [5, 9, 3]
   sequences = [rng.integers(1, 200, n) for n in lengths]
-  expected = [float(np.asarray(decoder.features(jnp.asarray(s)[None]))[0, -1] @ np.asarray(head)) for s in sequences]
+  expected = [float(np.asarray(decoder.features(jnp.asarray(s)[None])[0])[0, -1] @ np.asarray(head)) for s in sequences]
   for fill in (0, 7, None):  # zeros, a constant, random garbage after the last token
     tokens = np.zeros((3, 12), np.int32)
     mask = np.zeros((3, 12), np.int32)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from align import distill, online, ppo, rest, rewards, rollout
+from align import distill, online, ppo, rest, rewards, rollout, tasks
 from align.tasks import arithmetic
 
 
@@ -97,9 +97,17 @@ class _ScriptedTokenizer:
     return [ord(ch) % 90 + 5 for ch in text]
 
 
+def _exact(problems):
+  """The arithmetic task's exact reward for these arithmetic.Problems."""
+  task = tasks.get_task({"name": "arithmetic", "difficulty": 1})
+  wrapped = [arithmetic._task_problem(p, 0) for p in problems]
+  return rewards.task_reward(task, "exact", wrapped), {p.prompt: p.hint() for p in wrapped}
+
+
 def test_star_rationalizes_failures_with_a_hint_and_trains_without_it():
   problems = [arithmetic.Problem(2, 3, "+"), arithmetic.Problem(4, 4, "+")]
   prompts = [p.prompt for p in problems]
+  reward, hints = _exact(problems)
   seen = []
 
   def sampler(batch, iteration, n=None):
@@ -111,7 +119,7 @@ def test_star_rationalizes_failures_with_a_hint_and_trains_without_it():
     ids = [[50 + i] for i in range(len(texts))]
     return rollout.Samples([[1, 7]] * len(texts), ids, np.ones(len(texts), bool), texts)
 
-  keep, summary = rest._star_samples(sampler, _ScriptedTokenizer(), prompts, 0, rewards.task_reward("exact"), 1.0)
+  keep, summary = rest._star_samples(sampler, _ScriptedTokenizer(), prompts, 0, reward, 1.0, hints.__getitem__)
   assert seen[1] == [problems[1].hinted_prompt] and "the answer is 8" in seen[1][0]
   assert summary == {"reward": 0.5, "rationalized": 1, "failed": 1}
   assert len(keep) == 2
@@ -158,8 +166,9 @@ def test_digit_reward_and_prompt_parsing():
 
 
 def test_step_by_step_splits_rationale_from_answer():
-  assert distill.split_rationale(" 2 + 3 = 5, write 5.\nAnswer: 5") == (" 2 + 3 = 5, write 5.", " Answer: 5")
-  assert distill.split_rationale(" 2 + 3 = 5, write 5.") is None
+  extract = arithmetic.extract_answer
+  assert distill.split_rationale(" 2 + 3 = 5, write 5.\nAnswer: 5", extract) == (" 2 + 3 = 5, write 5.", " Answer: 5")
+  assert distill.split_rationale(" 2 + 3 = 5, write 5.", extract) is None
 
 
 def test_rest_improve_steps_train_on_their_own_thresholds_rows_in_order():
@@ -188,6 +197,7 @@ def test_scored_rollout_scores_penalizes_unfinished_and_shuffles_as_a_control():
   problems = arithmetic.problems(4, difficulty=1, seed=0)
   pool = [p.prompt for p in problems]
   right = {p.prompt: p.solution() for p in problems}
+  reward, _ = _exact(problems)
 
   def sampler(prompts, iteration):  # 2 samples per prompt: the right solution, then a wrong one
     texts = [t for p in prompts for t in (right[p], " no\nAnswer: -1")]
@@ -200,11 +210,11 @@ def test_scored_rollout_scores_penalizes_unfinished_and_shuffles_as_a_control():
   config.task.name = "arithmetic"
   config.rl.prompts_per_iteration, config.rl.samples_per_prompt, config.seq_len = 4, 2, 8
   config.rl.missing_eos_penalty = 0.5
-  _, rows, scores = online.scored_rollout(sampler, rewards.task_reward("exact"), pool, 0, config)
+  _, rows, scores = online.scored_rollout(sampler, reward, pool, 0, config)
   np.testing.assert_allclose(scores, [1, 0, 1, 0, 1, 0, 0.5, 0])
   assert rows["tokens"].shape == (8, 8)
   config.rl.shuffle_rewards = True
-  _, _, shuffled = online.scored_rollout(sampler, rewards.task_reward("exact"), pool, 0, config)
+  _, _, shuffled = online.scored_rollout(sampler, reward, pool, 0, config)
   assert sorted(shuffled) == sorted(scores) and not np.array_equal(shuffled, scores)
-  _, _, again = online.scored_rollout(sampler, rewards.task_reward("exact"), pool, 0, config)
+  _, _, again = online.scored_rollout(sampler, reward, pool, 0, config)
   np.testing.assert_array_equal(again, shuffled)  # a pure function of (seed, iteration)

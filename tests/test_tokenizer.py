@@ -4,7 +4,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from train import tokenizer as tokenizer_lib
+from configs import common
+from rundir import tokenizer as tokenizer_lib
 
 VOCAB = 300  # 256 byte pieces, 4 control ids, and a few dozen characters and merges
 
@@ -67,7 +68,7 @@ def test_training_errors_are_clear(tmp_path):
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
-  config = tokenizer_lib.default_tokenizer_config()
+  config = common.tokenizer_config()
   config.vocab_size = VOCAB
   config.update(overrides)
   return config

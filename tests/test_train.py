@@ -27,7 +27,8 @@ def corpus(tmp_path_factory):
     (root / f"part{f}.txt").write_text("\n\n".join(docs))
   tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
   config = _config(root, "")
-  from train import data as data_lib, tokenizer as tokenizer_lib
+  from rundir import tokenizer as tokenizer_lib
+  from train import data as data_lib
 
   tokenizer_lib.get_tokenizer(config.tokenizer, tokenizer_dir, lambda: data_lib.training_texts(config.data, seed=0))
   return root, tokenizer_dir / "tokenizer.model"
@@ -166,5 +167,5 @@ def test_init_from_another_run_starts_from_its_weights(corpus, baseline, tmp_pat
   trainer.train(_config(root, tokenizer, total_steps=2, init_from=str(source)), tuned)
   first_fresh, first_tuned = baseline[0][1], _losses(tuned)[1]
   assert first_tuned < first_fresh - 0.5  # already trained: far below a random start
-  with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory"):
+  with pytest.raises(ValueError, match="config.init_from=.* is neither a training run.s workdir .* nor a Hugging Face"):
     trainer.train(_config(root, tokenizer, init_from=str(tmp_path / "nothing")), tmp_path / "x")

@@ -1,6 +1,6 @@
 """Documents -> packed, batched, checkpointable token rows, with grain.
 
-`config.data` keys (defaults in `default_data_config()`):
+`config.data` keys (defaults in configs/common.py, `data_config()`):
   source         'default': the embedded corpus (docstrings and comments of Python's stdlib);
                  'text': UTF-8 files, documents separated by blank lines (text_unit='paragraph')
                          or one document per file (text_unit='file');
@@ -72,15 +72,6 @@ PROCESS_SHARDINGS = ("rows", "documents")
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 _DOCS_IN_FLIGHT = 256  # documents tokenized ahead of packing
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-      dict(
-          source="default", paths="", eval_paths="", eval_percent=2.0, text_field="text",
-          text_unit="paragraph", num_threads=2, prefetch_buffer=4, process_sharding="rows",
-      )
-  )
 
 
 # ---------------------------------------------------------------------------- reading documents

@@ -12,10 +12,6 @@ import jax
 import ml_collections
 
 
-def default_distributed_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(coordinator_address="", num_processes=-1, process_id=-1, auto=False))
-
-
 def initialize(config: ml_collections.ConfigDict) -> None:
   """Joins the processes of a multi-host run; a no-op for a single process."""
   address = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")

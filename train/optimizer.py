@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules from `config.optimizer`, built with optax.
 
-Keys of `config.optimizer` (see `default_optimizer_config`):
+Keys of `config.optimizer` (defaults in configs/common.py, `optimizer_config()`):
   name                  adamw | adafactor | lion
   learning_rate         peak learning rate
   schedule              warmup_cosine | warmup_linear | wsd (warmup-stable-decay) | constant
@@ -22,27 +22,6 @@ from flax import nnx
 
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 SCHEDULES = ("warmup_cosine", "warmup_linear", "wsd", "constant")
-
-
-def default_optimizer_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-      dict(
-          name="adamw",
-          learning_rate=3e-4,
-          schedule="warmup_cosine",
-          warmup_steps=100,
-          decay_steps=0,
-          min_learning_rate_ratio=0.1,
-          b1=0.9,
-          b2=0.95,
-          eps=1e-8,
-          weight_decay=0.1,
-          decay_norms=False,
-          decay_biases=False,
-          decay_embeddings=False,
-          grad_clip_norm=1.0,
-      )
-  )
 
 
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

@@ -4,17 +4,47 @@ State is a plain pytree (a dict): step, params, opt_state, rng, and counters of 
 non-finite updates. `rest` is the model's variables that are not trained (a frozen reference
 or teacher, buffers): an argument, not a closure, so large frozen weights are never baked into
 the compiled program as constants. The model's structure (graphdef) is closed over.
+
+Gradient accumulation is exact: with grad_accum_steps=A the batch splits into A micro-batches,
+each loss is told the whole batch (`LossFn`) and returns its micro-batch's share of the whole
+batch's loss, and the step sums the shares and their gradients, which equal one step's over the
+whole batch. Averaging micro-batch means weighted by one scalar is not exact in general: the weight
+must be the loss's own normalizer (a GRPO sequence mean weighted by tokens biases the gradient), and
+a loss whose terms have different normalizers (distillation step by step: token means over two
+different sets of tokens) has no right weight at all.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+class LossFn(Protocol):
+  """`loss_fn(model, batch, rng, *, whole_batch=None) -> (loss, metrics)`, what a method plugs in.
+
+  `batch` may be a micro-batch of `whole_batch` (None: `batch` is the whole batch). The loss is
+  then the micro-batch's share of the whole batch's loss: each term's numerator summed over
+  `batch` (its tokens, sequences or pairs), over its normalizer counted on `whole_batch`, so the
+  shares of the micro-batches sum to the whole batch's loss, in value and in gradient.
+  metrics:
+    'tokens'  the tokens that count in `batch` (its loss mask's sum), for throughput. Required.
+    'weight'  the loss's normalizer on `batch` alone (its tokens, sequences or pairs; default 1):
+              how much a batch counts when losses of batches computed apart are averaged (the
+              eval step), and the weight of the other metrics, means over `batch` alone, when the
+              train step averages them over micro-batches.
+  """
+
+  def __call__(self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array, *,
+               whole_batch: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    ...
+
+
+def _weight(metrics: dict[str, jax.Array]) -> jax.Array:
+  return jnp.asarray(metrics.get("weight", 1.0), jnp.float32)
 
 
 def init_state(params: nnx.State, optimizer: optax.GradientTransformation, seed: int) -> dict[str, Any]:
@@ -47,12 +77,12 @@ def make_train_step(
     *,
     grad_accum_steps: int = 1,
 ) -> Callable[[dict[str, Any], dict[str, jax.Array]], tuple[dict[str, Any], dict[str, jax.Array]]]:
-  """A pure train step; micro-batch losses and gradients are averaged weighted by metrics['weight']."""
+  """A pure train step: the micro-batches' losses and gradients (shares of the whole batch's, see
+  `LossFn`) are summed; their other metrics averaged weighted by metrics['weight']; tokens summed."""
 
-  def loss_of_params(params, rest, batch, rng):
-    loss, metrics = loss_fn(nnx.merge(graphdef, params, rest), batch, rng)
-    weight = metrics.get("weight", jnp.ones((), jnp.float32))
-    return loss * weight, (loss, metrics, weight)
+  def loss_of_params(params, rest, batch, whole_batch, rng):
+    loss, metrics = loss_fn(nnx.merge(graphdef, params, rest), batch, rng, whole_batch=whole_batch)
+    return loss, (loss, metrics)
 
   # `rest` is differentiated too and its gradient dropped (dead code, pruned by the compiler): nnx
   # transforms inside the loss (the layer scan) refuse a module whose variables hold tracers of
@@ -65,29 +95,35 @@ def make_train_step(
     micro_batches = _split_micro_batches(batch, grad_accum_steps)
     micro_rngs = jax.random.split(step_rng, grad_accum_steps)
 
-    def accumulate(carry, inputs):
-      grad_sum, metric_sums, weight_sum = carry
+    def accumulate(sums, inputs):
       micro_batch, micro_rng = inputs
-      (grads, _), (loss, metrics, weight) = grad_fn(state["params"], rest, micro_batch, micro_rng)
-      metrics = {**metrics, "loss": loss}
-      metric_sums = {k: metric_sums[k] + metrics[k] * weight for k in metric_sums}
-      return (jax.tree.map(jnp.add, grad_sum, grads), metric_sums, weight_sum + weight), None
+      (grads, _), (loss, metrics) = grad_fn(state["params"], rest, micro_batch, batch, micro_rng)
+      weight = _weight(metrics)
+      return {
+          "grads": jax.tree.map(jnp.add, sums["grads"], grads),
+          "loss": sums["loss"] + loss,
+          "tokens": sums["tokens"] + metrics["tokens"],
+          "weight": sums["weight"] + weight,
+          "metrics": {k: v + metrics[k] * weight for k, v in sums["metrics"].items()},
+      }, None
 
     # The metric names come from one abstract evaluation of the loss (no compute).
-    _, (_, metric_shapes, _) = jax.eval_shape(
-        loss_of_params, state["params"], rest, jax.tree.map(lambda x: x[0], micro_batches), micro_rngs[0]
+    _, (_, metric_shapes) = jax.eval_shape(
+        loss_of_params, state["params"], rest, jax.tree.map(lambda x: x[0], micro_batches), batch, micro_rngs[0]
     )
-    names = [k for k in metric_shapes if k != "weight"] + ["loss"]
-    zeros = (
-        jax.tree.map(jnp.zeros_like, state["params"]),
-        {k: jnp.zeros((), jnp.float32) for k in names},
-        jnp.zeros((), jnp.float32),
-    )
-    (grad_sum, metric_sums, weight_sum), _ = jax.lax.scan(accumulate, zeros, (micro_batches, micro_rngs))
-    denom = jnp.maximum(weight_sum, 1e-9)
-    grads = jax.tree.map(lambda g: g / denom, grad_sum)
-    metrics = {k: v / denom for k, v in metric_sums.items()}
-
+    if "tokens" not in metric_shapes:
+      raise ValueError(f"the loss function's metrics {sorted(metric_shapes)} lack 'tokens', the number of tokens "
+                       "that count in its batch (for throughput); see train.step.LossFn")
+    zero = jnp.zeros((), jnp.float32)
+    sums = {
+        "grads": jax.tree.map(jnp.zeros_like, state["params"]),
+        "loss": zero, "tokens": zero, "weight": zero,
+        "metrics": {k: zero for k in metric_shapes if k not in ("loss", "tokens", "weight")},
+    }
+    sums, _ = jax.lax.scan(accumulate, sums, (micro_batches, micro_rngs))
+    grads = sums["grads"]
+    metrics = {k: v / jnp.maximum(sums["weight"], 1e-9) for k, v in sums["metrics"].items()}
+    metrics["loss"] = sums["loss"]
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -105,7 +141,7 @@ def make_train_step(
     metrics.update(
         grad_norm=grad_norm,
         learning_rate=schedule(state["step"]),
-        tokens=weight_sum,
+        tokens=sums["tokens"],
         skipped=jnp.where(finite, 0.0, 1.0),
         param_norm=optax.tree.norm(state["params"]),
     )
@@ -115,11 +151,12 @@ def make_train_step(
 
 
 def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn):
-  """eval_step(params, rest, batch) -> (weighted loss sum, weight): summed over batches by the caller."""
+  """eval_step(params, rest, batch) -> (loss * weight, weight): summed over batches by the caller,
+  so batches combine by their loss's normalizer (metrics['weight'], see `LossFn`)."""
 
   def eval_step(params, rest, batch):
     loss, metrics = loss_fn(nnx.merge(graphdef, params, rest), batch, jax.random.PRNGKey(0))
-    weight = metrics.get("weight", jnp.ones((), jnp.float32))
+    weight = _weight(metrics)
     return loss * weight, weight
 
   return eval_step

@@ -8,7 +8,6 @@ the latest checkpoint in `workdir` if there is one, and runs the jitted step to
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -26,32 +25,40 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 import model as model_lib
-from configs import validation
-from model import hf, sharding
-from train import checkpoint as checkpoint_lib
+import rundir
+from configs import common, validation
+from model import sharding
+from rundir import checkpoint as checkpoint_lib
+from rundir import loading
+from rundir import tokenizer as tokenizer_lib
 from train import data as data_lib
 from train import distributed, losses, metrics as metrics_lib, optimizer as optimizer_lib
 from train import step as step_lib
-from train import tokenizer as tokenizer_lib
 
 BATCH_AXES = ("activation_batch", "activation_length")
 # What the optimizer updates: every parameter except those of a module kept under an attribute
 # named `frozen` (PPO's reference policy, a distillation teacher), which ride in `Run.rest`.
 TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("frozen")))
-# A method that wraps the decoder (a reward or value head, a frozen teacher) keeps the decoder at
-# this attribute; checkpoints record it, so loaders can take the decoder alone.
-DECODER_ATTR = "decoder"
+DECODER_ATTR = loading.DECODER_ATTR
 
 
-# (config, tokenizer, *, split, **context) -> a grain IterDataset of this process's batches (dicts
-# of [B, ...] arrays). context: `model`, the run's starting module (for 'train'; None for 'eval');
-# `workdir`, the run's directory (for what a method computes once and keeps, e.g. DPO's
-# reference); `live()`, the module with the current parameters (online methods sample from it
-# between steps); `mesh` and `rules`, where the run's arrays live.
+@dataclasses.dataclass(frozen=True)
+class DataContext:
+  """What a method's data may read besides the config and the tokenizer."""
+
+  workdir: Path  # the run's directory: what a method computes once and keeps (DPO's reference log-probs)
+  mesh: jax.sharding.Mesh  # where the run's arrays live
+  rules: sharding.Rules
+  start: nnx.Module | None = None  # the run's starting module (the 'train' split only)
+  live: Callable[[], nnx.Module] | None = None  # the current model: online methods sample from it between steps
+
+
+# make_dataset(config, tokenizer, *, split, context: DataContext) -> a grain IterDataset of this
+# process's batches (dicts of [B, ...] arrays).
 DatasetFn = Callable[..., Any]
 
 
-def pretraining_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, **context):
+def pretraining_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, context: DataContext):
   """The default data: config.data's documents, packed by train/data.py."""
   del context
   return data_lib.make_dataset(
@@ -79,14 +86,13 @@ class Run:
   state: dict[str, Any]
   state_shardings: Any
   batch_sharding: NamedSharding
-  train_iter: Any
   checkpointer: checkpoint_lib.Checkpointer
   loss_fn: step_lib.LossFn
-  make_dataset: "DatasetFn"
-  train_step: Any
-  eval_step: Any
-
+  make_dataset: DatasetFn
+  train_step: Any  # (state, batch) -> (state, metrics)
+  eval_step: Any  # (params, batch) -> (weighted loss sum, weight)
   decoder_path: str = ""  # DECODER_ATTR when a method wrapped the decoder, else ''
+  train_iter: Any = None  # the checkpointable iterator of the train split (set once the Run exists)
 
   def model(self) -> nnx.Module:
     """The current model (parameters of the current state)."""
@@ -100,8 +106,6 @@ class Run:
 
 def validate(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None) -> None:
   """Start-up checks: unknown keys, wrong types, impossible combinations, each naming the key."""
-  from configs import common  # noqa: PLC0415 (configs imports train for its defaults)
-
   reference = common.train_config() if reference is None else reference
   validation.check_keys(config.to_dict(), reference.to_dict())
   for key in ("total_steps", "batch_size", "seq_len", "log_every", "keep_checkpoints", "grad_accum_steps"):
@@ -116,12 +120,6 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
     )
   validation.check_sharding_rules(config.sharding_rules)
   validation.build_model_config(config.model)
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(value, indent=2, default=str))
-  os.replace(tmp, path)
 
 
 def _model_config(config, tokenizer) -> model_lib.ModelConfig:
@@ -142,42 +140,42 @@ def _tokenizer_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
   return tokenizer_config
 
 
-def restore_run_module(path: str | os.PathLike, build: Callable[[model_lib.ModelConfig], nnx.Module], mesh, rules, *,
-                       overrides: dict[str, Any] | None = None, decoder_only: bool = True) -> tuple[nnx.Module, str]:
-  """`build(model_config)` with the parameters of the latest checkpoint of the run in `path`, sharded.
-
-  decoder_only: read the decoder alone out of a run that trained a wrapper (a reward model, a policy
-  with a value head); False: the whole trained module (build must then make that wrapper).
-  """
-  run_dir = Path(path)
-  source = checkpoint_lib.Checkpointer(run_dir / "checkpoints", keep=1_000_000, async_save=False, read_only=True)
-  try:
-    step = source.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{str(path)!r} has no checkpoint in {run_dir / 'checkpoints'}")
-    saved = source.restore_config(step)
-    model_config = model_lib.ModelConfig(**saved["resolved_model"]).replace(**(overrides or {}))
-    module = sharding.create_sharded(lambda: build(model_config), mesh, rules)
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    prefix = saved.get("decoder_path", "") if decoder_only else ""
-    params = source.restore_params(step, checkpoint_lib.abstract_with_shardings(params), prefix=prefix)
-  finally:
-    source.close()
-  return nnx.merge(graphdef, params, rest), f"checkpoint {run_dir} step {step}"
+def _mesh_and_rules(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, sharding.Rules]:
+  mesh = sharding.make_mesh(validation.check_mesh(config.mesh, jax.device_count()))
+  rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.sharding_rules)
+  return mesh, rules
 
 
-def load_decoder(path: str, mesh, rules, overrides: dict[str, Any]) -> tuple[nnx.Module, str]:
-  """A decoder with the weights of a Hugging Face directory or of another run's latest checkpoint
-  (of its decoder, when that run trained a wrapper such as a reward model or a policy with a value head)."""
-  p = Path(path)
-  if (p / "config.json").exists() and any(p.glob("*.safetensors")):
-    return hf.from_pretrained(p, mesh=mesh, rules=rules, **overrides), "huggingface"
-  if not (p / "checkpoints").is_dir():
-    raise FileNotFoundError(
-        f"config.init_from={path!r} is neither a Hugging Face directory (config.json + *.safetensors) "
-        "nor a run's workdir (with checkpoints/)"
-    )
-  return restore_run_module(p, lambda c: model_lib.Transformer(c, rngs=nnx.Rngs(0)), mesh, rules, overrides=overrides)
+def _model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {k: v for k, v in config.model.items() if k != "preset" and v is not None}
+
+
+def _starting_module(config, tokenizer, saved: dict, mesh, rules) -> tuple[nnx.Module, str]:
+  """The decoder a run starts from: init_from's weights (a new run), else a random init of the
+  architecture the run began with (its saved config) or of config.model."""
+  if config.init_from and not saved:
+    return rundir.load_decoder(config.init_from, mesh=mesh, rules=rules, overrides=_model_overrides(config),
+                               key="config.init_from")
+  if saved.get("resolved_model"):
+    model_config = model_lib.ModelConfig(**saved["resolved_model"])
+  else:
+    model_config = _model_config(config, tokenizer)
+  module = sharding.create_sharded(lambda: model_lib.Transformer(model_config, rngs=nnx.Rngs(config.seed)), mesh, rules)
+  return module, "random init"
+
+
+def _wrapped(decoder: nnx.Module, wrap_model, config, mesh, rules) -> tuple[nnx.Module, str]:
+  """The module a method trains around the decoder (a reward head, a frozen reference), built after
+  init_from's weights load, and the attribute that holds the decoder ('' when not wrapped)."""
+  if wrap_model is None:
+    return decoder, ""
+  overrides = _model_overrides(config)
+
+  def load(path, overrides=overrides):
+    return rundir.load_decoder(path, mesh=mesh, rules=rules, overrides=overrides)[0]
+
+  module = wrap_model(decoder, mesh=mesh, rules=rules, seed=config.seed, config=config, load=load)
+  return module, (DECODER_ATTR if hasattr(module, DECODER_ATTR) else "")
 
 
 def setup(
@@ -201,58 +199,37 @@ def setup(
   distributed.initialize(config.distributed)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh(validation.check_mesh(config.mesh, jax.device_count()))
-  rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.sharding_rules)
+  mesh, rules = _mesh_and_rules(config)
 
-  # ------------------------------------------------------------------ tokenizer and data
+  # ------------------------------------------------------------------ tokenizer
   tokenizer = tokenizer_lib.get_tokenizer(
       _tokenizer_config(config), workdir, lambda: data_lib.training_texts(config.data, seed=config.seed)
   )
   batch_shape = (config.batch_size, config.seq_len)
   batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(BATCH_AXES, batch_shape, mesh, rules))
-  make_dataset = make_dataset or pretraining_dataset
 
   # ------------------------------------------------------------------ create the model, sharded
-  checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+  checkpointer = checkpoint_lib.Checkpointer(workdir / loading.CHECKPOINTS, keep=config.keep_checkpoints)
   latest = checkpointer.latest_step()
+  saved = checkpointer.restore_config(latest) if latest is not None else {}
   with sharding.axis_rules(mesh, rules):
-    init_note = "random init"
-    if config.init_from and latest is None:
-      overrides = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
-      module, init_note = load_decoder(config.init_from, mesh, rules, overrides)
-      model_config = module.config
-    else:
-      saved = checkpointer.restore_config(latest) if latest is not None else {}
-      if saved.get("resolved_model"):  # the architecture the run began with
-        model_config = model_lib.ModelConfig(**saved["resolved_model"])
-      else:
-        model_config = _model_config(config, tokenizer)
-      module = sharding.create_sharded(lambda: model_lib.Transformer(model_config, rngs=nnx.Rngs(config.seed)), mesh, rules)
-    decoder_path = ""
-    if wrap_model is not None:  # e.g. a reward head on the decoder; built after init_from's weights load
-      overrides = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
-      load = lambda path, overrides=overrides: load_decoder(path, mesh, rules, overrides)[0]  # noqa: E731
-      module = wrap_model(module, mesh=mesh, rules=rules, seed=config.seed, config=config, load=load)
-      decoder_path = DECODER_ATTR if hasattr(module, DECODER_ATTR) else ""
+    decoder, init_note = _starting_module(config, tokenizer, saved, mesh, rules)
+    model_config = decoder.config
+    module, decoder_path = _wrapped(decoder, wrap_model, config, mesh, rules)
     if model_config.vocab_size < tokenizer.vocab_size:
       raise validation.ConfigError(
           f"the model's vocab_size={model_config.vocab_size} ({init_note}) is smaller than the tokenizer's "
           f"{tokenizer.vocab_size} ({tokenizer.path}); give config.tokenizer.path the model's own tokenizer"
       )
     graphdef, params, rest = nnx.split(module, TRAINABLE, ...)
-    # The data may depend on the starting weights (DPO's reference log-probs, computed once) or,
-    # for online methods, on the current ones: `live` resolves to the Run once it exists.
-    runs: list[Run] = []
-    context = dict(model=module, workdir=workdir, live=lambda: runs[0].model(), mesh=mesh, rules=rules)
-    train_iter = iter(data_lib.checkpointable(make_dataset(config, tokenizer, split="train", **context)))
 
     # ---------------------------------------------------------------- optimizer and state
     optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
     state = jax.jit(functools.partial(step_lib.init_state, optimizer=optimizer, seed=config.seed))(params)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    data_state = None
     if latest is not None:
       state, data_state = checkpointer.restore(latest, checkpoint_lib.abstract_with_shardings(state))
-      train_iter.set_state(data_state)
       init_note = f"resumed from step {latest}"
   logging.info("model: %s (%s), %d parameters", model_config, init_note, model_lib.param_count(model_config))
 
@@ -266,13 +243,23 @@ def setup(
   )
   eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(state_shardings["params"], None, None))
   run = Run(
-      config, workdir, mesh, rules, model_config, tokenizer, graphdef, rest, state, state_shardings, batch_sharding,
-      train_iter, checkpointer, loss_fn, make_dataset, functools.partial(_with_rest, train_step, rest),
-      functools.partial(_with_rest, eval_step, rest), decoder_path,
+      config=config, workdir=workdir, mesh=mesh, rules=rules, model_config=model_config, tokenizer=tokenizer,
+      graphdef=graphdef, rest=rest, state=state, state_shardings=state_shardings, batch_sharding=batch_sharding,
+      checkpointer=checkpointer, loss_fn=loss_fn, make_dataset=make_dataset or pretraining_dataset,
+      train_step=functools.partial(_with_rest, train_step, rest), eval_step=functools.partial(_with_rest, eval_step, rest),
+      decoder_path=decoder_path,
   )
-  runs.append(run)
+
+  # ------------------------------------------------------------------ data
+  # It may depend on the starting weights (DPO's reference log-probs, computed once) or, for online
+  # methods, on the current ones (run.model, read when a batch is made).
+  context = DataContext(workdir=workdir, mesh=mesh, rules=rules, start=module, live=run.model)
+  with sharding.axis_rules(mesh, rules):
+    run.train_iter = iter(data_lib.checkpointable(run.make_dataset(config, tokenizer, split="train", context=context)))
+    if data_state is not None:
+      run.train_iter.set_state(data_state)
   if jax.process_index() == 0:
-    _write_json_atomic(workdir / "config.json", _saved_config(run))
+    loading.write_json_atomic(workdir / loading.CONFIG_FILE, _saved_config(run))
   return run
 
 
@@ -282,9 +269,7 @@ def _with_rest(step, rest, first, batch):
 
 
 def _saved_config(run: Run) -> dict[str, Any]:
-  """The resolved config kept beside the checkpoints: the config, the architecture, where the decoder is."""
-  return {**run.config.to_dict(), "resolved_model": dataclasses.asdict(run.model_config),
-          "decoder_path": run.decoder_path}
+  return loading.saved_config(run.config.to_dict(), run.model_config, run.decoder_path)
 
 
 def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -304,8 +289,8 @@ def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]
 
 def evaluate(run: Run) -> dict[str, float]:
   """Loss and perplexity over the held-out split (at most config.eval_steps batches; 0: all of it)."""
-  dataset = run.make_dataset(run.config, run.tokenizer, split="eval", model=None, workdir=run.workdir,
-                             live=run.model, mesh=run.mesh, rules=run.rules)
+  context = DataContext(workdir=run.workdir, mesh=run.mesh, rules=run.rules, live=run.model)
+  dataset = run.make_dataset(run.config, run.tokenizer, split="eval", context=context)
   total, weight = 0.0, 0.0
   with sharding.axis_rules(run.mesh, run.rules):
     for i, local in enumerate(dataset):
@@ -343,8 +328,7 @@ class _StopRequest:
 
 
 def _save(run: Run, step: int) -> None:
-  config = json.loads(json.dumps(_saved_config(run), default=str))
-  run.checkpointer.save(step, run.state, run.train_iter.get_state(), config)
+  run.checkpointer.save(step, run.state, run.train_iter.get_state(), _saved_config(run))
 
 
 def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:

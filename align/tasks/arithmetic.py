@@ -15,7 +15,9 @@ import dataclasses
 import random
 import re
 
-ANSWER_PREFIX = "Answer:"
+from align.tasks import base
+
+ANSWER_PREFIX = base.ANSWER_PREFIX
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 _PROMPT = re.compile(r"Question: What is (\d+) ([+-]) (\d+)\?")
 MAX_DIFFICULTY = 6
@@ -175,3 +177,42 @@ def sft_examples(n: int, *, difficulty: int, seed: int) -> list[dict[str, str]]:
 def preference_pairs(n: int, *, difficulty: int, seed: int) -> list[dict[str, str]]:
   return [{"prompt": p.prompt, "chosen": p.solution(), "rejected": wrong_solution(p, seed)}
           for p in problems(n, difficulty=difficulty, seed=seed)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  problem: Problem
+  seed: int  # the stream it came from: its wrong solution is drawn with it
+
+
+def _task_problem(problem: Problem, seed: int) -> base.Problem:
+  return base.Problem(prompt=problem.prompt, answer=str(problem.answer), solution=problem.solution(),
+                      hinted_prompt=problem.hinted_prompt, source=_Source(problem, seed))
+
+
+def _verifier(score):
+  return lambda problem, completion: score(completion, problem.source.problem)
+
+
+def make_task(config) -> base.Task:
+  """The task of `config.task` (its `difficulty`): train problems from the stream `seed`, held-out
+  ones from `seed + 1`, so the splits never share a problem."""
+  difficulty = int(config["difficulty"])
+  if not 1 <= difficulty <= MAX_DIFFICULTY:
+    raise ValueError(f"config.task.difficulty={difficulty} must be in 1..{MAX_DIFFICULTY}")
+
+  def split_problems(split: str, n: int | None, seed: int) -> list[base.Problem]:
+    if n is None:
+      raise ValueError("the arithmetic task generates problems without end: give how many (n)")
+    stream = seed if split == "train" else seed + 1
+    return [_task_problem(p, stream) for p in problems(n, difficulty=difficulty, seed=stream)]
+
+  def extract(text: str) -> str | None:
+    answer = extract_answer(text)
+    return None if answer is None else str(answer)
+
+  return base.Task(
+      name="arithmetic", problems=split_problems, extract_answer=extract,
+      rewards={name: _verifier(score) for name, score in REWARDS.items()},
+      wrong_completion=lambda problem: wrong_solution(problem.source.problem, problem.source.seed),
+  )

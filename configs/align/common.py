@@ -1,4 +1,4 @@
-"""Keys shared by the align/ configs: the trainer's keys plus `method`, the task and each method's block."""
+"""Keys of the align/ configs: the trainer's keys plus `method`, the task, and the blocks that method reads."""
 
 from typing import Any
 
@@ -6,16 +6,31 @@ import ml_collections
 
 from configs import common
 
-METHODS = ("sft", "dpo", "reward", "ppo", "grpo", "rest", "distill")
+# The config blocks each method reads (besides the trainer's keys and config.task).
+METHOD_BLOCKS = {
+    "sft": ("sft",),
+    "dpo": ("dpo",),
+    "reward": ("dpo", "reward"),  # a reward model learns from the DPO family's preference pairs
+    "ppo": ("rl", "ppo"),
+    "grpo": ("rl", "grpo"),
+    "rest": ("rl", "rest"),
+    "distill": ("rl", "distill", "sft"),  # sft: the reference completions when there is no task
+}
+METHODS = tuple(METHOD_BLOCKS)
 
 
 def task_config() -> ml_collections.ConfigDict:
-  """Where examples come from: 'arithmetic' (align/tasks) generates them; '' reads the method's JSONL files."""
+  """Where problems come from (align/tasks): 'arithmetic' generates them, 'jsonl' reads
+  {"prompt", "answer"[, "solution"]} records, 'package.module:function' is a factory called with
+  this block; '' means no task (the methods read their own JSONL files)."""
   c = ml_collections.ConfigDict()
   c.name = ""
-  c.difficulty = 2
-  c.train_size = 4000
-  c.eval_size = 200  # held-out examples / pairs (another seed)
+  c.path = ""  # jsonl: comma-separated train files
+  c.eval_path = ""  # jsonl: held-out files ('': the last eval_size records of path)
+  c.answer_pattern = ""  # jsonl: a regex with one group ('': an Answer: line, else #### N, else the last number)
+  c.difficulty = 2  # arithmetic: digits per operand
+  c.train_size = 4000  # problems of the train split (at most: a file may hold fewer)
+  c.eval_size = 200  # held-out problems / pairs
   c.seed = 0
   c.accuracy_problems = 0  # >0: exact-match accuracy of greedy answers on that many held-out problems
   c.accuracy_tokens = 64  # the generation budget for those answers
@@ -125,16 +140,17 @@ def distill_config() -> ml_collections.ConfigDict:
   return c
 
 
+BLOCKS = {"sft": sft_config, "dpo": dpo_config, "reward": reward_config, "rl": rl_config, "ppo": ppo_config,
+          "grpo": grpo_config, "rest": rest_config, "distill": distill_config}
+
+
 def align_config(method: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """The trainer's keys, `method`, `task`, and only the blocks `method` reads (METHOD_BLOCKS)."""
+  if method not in METHOD_BLOCKS:
+    raise ValueError(f"config.method={method!r} is not one of {METHODS}")
   config = common.train_config(**overrides)
   config.method = method
   config.task = task_config()
-  config.sft = sft_config()
-  config.dpo = dpo_config()
-  config.reward = reward_config()
-  config.rl = rl_config()
-  config.ppo = ppo_config()
-  config.grpo = grpo_config()
-  config.rest = rest_config()
-  config.distill = distill_config()
+  for block in METHOD_BLOCKS[method]:
+    config[block] = BLOCKS[block]()
   return config

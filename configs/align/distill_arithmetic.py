@@ -11,18 +11,15 @@ Variants: `:kind=forward_kl|reverse_kl|jsd|sequence|step_by_step`, `:teacher=DIR
 """
 
 from configs import common
-from configs.align.rl_common import online_config
+from configs.align import distill
+from configs.align.rl_common import on_arithmetic
+
+DEFAULTS = {**distill.DEFAULTS, "reward": "solution", "init": "runs/quickstart_small", "teacher": "runs/sft",
+            "difficulty": 2}
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=800, init="runs/quickstart_small", teacher="runs/sft", lr=3e-3, difficulty=2,
-                         prompts=16, kind="forward_kl", on_policy=0.0, temperature=1.0)
-  config = online_config("distill", arg)
+  arg = common.parse_arg(arg, **DEFAULTS)
+  config = on_arithmetic(distill.build(arg), arg)
   config.distill.teacher = arg.teacher
-  config.distill.kind = arg.kind
-  config.distill.on_policy_fraction = arg.on_policy
-  config.distill.temperature = arg.temperature
-  config.optimizer.schedule = "warmup_cosine"
-  config.optimizer.warmup_steps = 20
-  config.task.measure_kl = False  # the student starts from pre-training: its KL to that says little
   return config

@@ -18,19 +18,12 @@ prompts x group = one step per rollout), `:accum=A` (micro-batches), `:reward=ex
 """
 
 from configs import common
-from configs.align.rl_common import online_config
+from configs.align import grpo
+from configs.align.rl_common import on_arithmetic
+
+DEFAULTS = {**grpo.DEFAULTS, "init": "runs/sft", "difficulty": 2}
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=24, init="runs/sft", lr=1e-4, difficulty=2, prompts=64, group=8, batch=512,
-                         accum=4, reward="exact", advantage="grpo", kl=0.0, aggregation="sequence_mean", clip_high=0.2)
-  config = online_config("grpo", arg)
-  config.batch_size = arg.batch
-  config.grad_accum_steps = arg.accum
-  config.rl.reward = arg.reward
-  config.rl.samples_per_prompt = arg.group
-  config.grpo.advantage = arg.advantage
-  config.grpo.kl_coef = arg.kl
-  config.grpo.aggregation = arg.aggregation
-  config.grpo.clip_high = arg.clip_high
-  return config
+  arg = common.parse_arg(arg, **DEFAULTS)
+  return on_arithmetic(grpo.build(arg), arg)

@@ -14,19 +14,12 @@ Variants: `:steps=N`, `:init=DIR`, `:lr=X`, `:kl=C` (the KL coefficient), `:valu
 """
 
 from configs import common
-from configs.align.rl_common import online_config
+from configs.align import ppo
+from configs.align.rl_common import on_arithmetic
+
+DEFAULTS = {**ppo.DEFAULTS, "reward": "solution", "init": "runs/sft", "difficulty": 2}
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=200, init="runs/sft", lr=3e-5, difficulty=2, prompts=64, kl=0.05, value="head",
-                         adaptive=False)
-  config = online_config("ppo", arg)
-  config.rl.epochs = 2
-  config.rl.missing_eos_penalty = 1.0
-  config.ppo.kl_coef = arg.kl
-  config.ppo.value = arg.value
-  config.ppo.adaptive_kl = arg.adaptive
-  config.ppo.target_kl = 1.0
-  config.ppo.kl_horizon = 2000
-  config.ppo.vf_coef = 0.1
-  return config
+  arg = common.parse_arg(arg, **DEFAULTS)
+  return on_arithmetic(ppo.build(arg), arg)

@@ -22,18 +22,12 @@ Improve step kept), `:epochs=0,improve=S` (instead, S steps per Improve step).
 """
 
 from configs import common
-from configs.align.rl_common import online_config
+from configs.align import rest
+from configs.align.rl_common import on_arithmetic
+
+DEFAULTS = {**rest.DEFAULTS, "reward": "solution", "init": "runs/sft", "difficulty": 2}
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=96, init="runs/sft", lr=3e-5, difficulty=2, prompts=64, mode="rest", samples=4,
-                         improve=8, epochs=2.0)
-  config = online_config("rest", arg)
-  config.rest.mode = arg.mode
-  config.rest.improve_steps = arg.improve
-  config.rest.improve_epochs = arg.epochs
-  config.rl.samples_per_prompt = 1 if arg.mode == "star" else arg.samples
-  config.rest.thresholds = (0.7, 1.0)
-  config.rest.keep_fraction = 0.25
-  config.rest.min_reward = 1.0
-  return config
+  arg = common.parse_arg(arg, **DEFAULTS)
+  return on_arithmetic(rest.build(arg), arg)

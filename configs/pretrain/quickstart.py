@@ -4,7 +4,8 @@
 
 Runs on a 2-core laptop CPU in under 10 minutes; the loss falls from ~8.3 (uniform over the
 vocabulary) and the run ends by printing held-out perplexity, where the checkpoint is, and a
-short greedy sample from the model (`--config.sample_prompt=''` turns it off). Generate more with
+short sample from the model (`--config.sample_prompt=''` turns it off; `--config.sample_temperature=0`
+makes it greedy). Generate more with
 `python -m infer --config=configs/infer/generate.py --config.checkpoint=runs/quickstart --config.prompt="..."`.
 Variants: `:steps=50` for a smoke test; `:size=small` for a half-width, 2-layer model (0.9 M parameters) (the
 student of configs/align/distill_arithmetic.py); on your own text, add
@@ -32,6 +33,9 @@ def get_config(arg: str | None = None):
   config.eval_steps = 8
   config.checkpoint_every = 200
   config.sample_prompt = "Return the"  # the corpus is the standard library's docstrings
+  # A model this small repeats itself when greedy ("Return the be be be ..."); sampled, it reads as text.
+  config.sample_temperature = 0.8
+  config.sample_top_p = 0.95
   config.model = common.model_config(
       "tiny", **SIZES[arg.size], tie_embeddings=True,
       dtype="float32",  # CPUs have no bf16 matrix units: XLA would emulate bf16 there, slower

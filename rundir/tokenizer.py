@@ -1,6 +1,6 @@
 """The run's tokenizer: a sentencepiece model, trained on the run's own text or given as a file.
 
-`config.tokenizer` keys (defaults in `default_tokenizer_config()`):
+`config.tokenizer` keys (defaults in configs/common.py, `tokenizer_config()`):
   path            str   an existing sentencepiece .model (e.g. Llama 2's); '' trains a new one
   vocab_size      int   size of a newly trained vocabulary, specials and byte pieces included
   model_type      str   'bpe' or 'unigram' (a new tokenizer only)
@@ -32,12 +32,6 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # sentencepiece skips training sentences longer than max_sentence_length bytes; we cut lines into
 # pieces of at most this many characters (<= 4 bytes each in UTF-8) so no text is silently lost.
 _MAX_LINE_CHARS = 4096
-
-
-def default_tokenizer_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-      dict(path="", vocab_size=4096, model_type="bpe", byte_fallback=True, special_tokens="")
-  )
 
 
 class Tokenizer:
