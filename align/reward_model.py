@@ -73,10 +73,9 @@ def reward_loss_fn(model, batch, rng, *, center_coef: float, use_margin: bool, w
   pairs = batch["chosen_tokens"].shape[0]
   pair_mask = losses.pairs_that_count(batch["chosen_mask"], batch["rejected_mask"])
   whole = batch if whole_batch is None else whole_batch
-  loss, metrics = losses.reward_loss(rewards[:pairs], rewards[pairs:],
-                                     margin=batch["margin"] if use_margin else None, center_coef=center_coef,
-                                     pair_mask=pair_mask,
-                                     whole_pair_mask=losses.pairs_that_count(whole["chosen_mask"], whole["rejected_mask"]))
+  loss, metrics = losses.reward_loss(
+      rewards[:pairs], rewards[pairs:], margin=batch["margin"] if use_margin else None, center_coef=center_coef,
+      pair_mask=pair_mask, whole_pair_mask=losses.pairs_that_count(whole["chosen_mask"], whole["rejected_mask"]))
   metrics["weight"] = jnp.sum(pair_mask).astype(jnp.float32)
   metrics["tokens"] = jnp.sum(mask > 0).astype(jnp.float32)
   return loss, metrics

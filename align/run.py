@@ -85,12 +85,15 @@ def _report(config, result: dict) -> None:
            "sampled_solution": f"worked solution right, one sample at T={temp}",
            "pass_at_k": f"pass@{k} (exact) at T={temp}", "best_of_n": f"best-of-{k} (exact) at T={temp}",
            "self_consistency": f"self-consistency over {k} samples (exact) at T={temp}"}
-  keys = [key[: -len("_after")] for key in result if key.endswith("_after")]
+  measured = [key[: -len("_after")] for key in result if key.endswith("_after")]
+  # The names above in their order, then a task's own rewards (greedy, then sampled).
+  keys = [k for k in names if k in measured] + sorted(k for k in measured if k not in names)
   print(f"on {t.accuracy_problems} held-out problems of task {t.name!r}:")
-  for key in sorted(keys, key=lambda key: (key not in names, list(names).index(key) if key in names else key)):
+  for key in keys:
+    name = names.get(key) or (f"{key[len('sampled_'):]}, one sample at T={temp}" if key.startswith("sampled_")
+                              else f"{key} (greedy)")
     before = result.get(f"{key}_before")
-    print(f"  {names.get(key, key + ' (greedy)' if not key.startswith('sampled_') else key)}: "
-          + (f"{before:.3f} before, " if before is not None else "") + f"{result[key + '_after']:.3f} after")
+    print(f"  {name}: " + (f"{before:.3f} before, " if before is not None else "") + f"{result[key + '_after']:.3f} after")
   if "kl_to_start" in result:
     print(f"  KL to the starting policy: {result['kl_to_start']:.3f} nats per completion")
 

@@ -55,8 +55,8 @@ def write_json_atomic(path: Path, value: Any) -> None:
   os.replace(tmp, path)
 
 
-def _not_a_source(path: Path, key: str) -> ValueError:
-  return ValueError(
+def _not_a_source(path: Path, key: str) -> FileNotFoundError:
+  return FileNotFoundError(
       f"{key}={str(path)!r} is neither a training run's workdir (with {CHECKPOINTS}/) nor a Hugging Face "
       f"checkpoint directory (with {CONFIG_FILE} and *.safetensors)"
       + ("" if path.is_dir() else "; it does not exist or is not a directory")

@@ -1,6 +1,6 @@
 """Pallas flash attention (interpret mode on CPU): forward and all three gradients against the
 reference computed in float64, over causal/bidirectional, T == S and T < S, GQA ratios, windows,
-packed segments, soft-cap and lengths off the block size."""
+packed segments, soft-cap and lengths off the block size; and with jax_enable_x64 on."""
 
 import re
 

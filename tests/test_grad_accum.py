@@ -24,7 +24,7 @@ from train import trainer
 
 B, T, V, ACCUM = 8, 12, 64, 4
 MODEL = get_preset("tiny", vocab_size=V, embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                   mlp_dim=64, dtype="float32", param_dtype="float32")
+                   mlp_dim=64, dtype="float32", param_dtype="float32", scan_layers=False)
 # Prompt and completion lengths per row; row 3 is all padding. Micro-batch i holds rows i and i + 4.
 PROMPTS = (2, 1, 3, 0, 1, 4, 2, 1)
 COMPLETIONS = (1, 9, 3, 0, 8, 2, 10, 5)
@@ -44,9 +44,15 @@ def _mask(completions):
 
 def _batches() -> dict[str, dict[str, np.ndarray]]:
   rng = np.random.default_rng(0)
-  tokens = lambda: rng.integers(1, V, (B, T)).astype(np.int32)  # noqa: E731
-  normal = lambda *shape, scale=1.0: (scale * rng.normal(size=shape)).astype(np.float32)  # noqa: E731
-  logprobs = lambda: normal(B, T, scale=0.1) - np.log(V)  # near a fresh model's: ratios inside the clip range  # noqa: E731
+
+  def tokens():
+    return rng.integers(1, V, (B, T)).astype(np.int32)
+
+  def normal(*shape, scale=1.0):
+    return (scale * rng.normal(size=shape)).astype(np.float32)
+
+  def logprobs():  # near a fresh model's, so the ratios are mostly inside the clip range
+    return normal(B, T, scale=0.1) - np.log(V)
 
   def next_token(completions, prefix=""):
     fields = {"tokens": tokens(), "targets": tokens(), "loss_mask": _mask(completions),
@@ -113,11 +119,11 @@ def _cases():
     cases[f"dpo_{loss_type}"] = ("decoder", dpo.loss_fn(_config("dpo", **{"dpo.loss_type": loss_type,
                                                                          "dpo.label_smoothing": 0.1})), "pairs")
   cases["dpo_rpo"] = ("decoder", dpo.loss_fn(_config("dpo", **{"dpo.sft_coef": 0.5})), "pairs")
-  for aggregation in grpo.AGGREGATIONS:
-    for kl_coef in (0.0, 0.1):
-      config = _config("grpo", **{"grpo.aggregation": aggregation, "grpo.kl_coef": kl_coef, "rl.max_new_tokens": T})
-      module = "policy_reference" if kl_coef else "decoder"
-      cases[f"grpo_{aggregation}_kl{kl_coef}"] = (module, grpo.loss_fn(config), "grpo")
+  # The KL term goes through the same aggregation as the surrogate: with it once, for its frozen reference.
+  for aggregation, kl_coef in [(a, 0.0) for a in grpo.AGGREGATIONS] + [("sequence_mean", 0.1)]:
+    config = _config("grpo", **{"grpo.aggregation": aggregation, "grpo.kl_coef": kl_coef, "rl.max_new_tokens": T})
+    module = "policy_reference" if kl_coef else "decoder"
+    cases[f"grpo_{aggregation}_kl{kl_coef}"] = (module, grpo.loss_fn(config), "grpo")
   for kind in distill.KINDS:
     config = _config("distill", **{"distill.kind": kind, "distill.temperature": 2.0, "distill.beta": 0.3,
                                    "distill.rationale_weight": 0.5})
@@ -136,15 +142,15 @@ def _split(module_name):
 @pytest.mark.parametrize("name", CASES)
 def test_accumulated_step_equals_the_whole_batch_step(name):
   module_name, loss_fn, batch_name = CASES[name]
-  graphdef, params, rest_ = _split(module_name)
+  graphdef, params, untrained = _split(module_name)
   batch = BATCHES[batch_name]
   optimizer = optax.sgd(1.0)
   steps = [step_lib.make_train_step(graphdef, loss_fn, optimizer, optax.constant_schedule(1.0), grad_accum_steps=a)
            for a in (1, ACCUM)]
   state = step_lib.init_state(params, optimizer, seed=0)
-  both = jax.jit(lambda state, rest, batch: [step(state, rest, batch) for step in steps])
-  both = both.lower(state, rest_, batch).compile(QUICK_COMPILE)
-  (whole, whole_metrics), (accumulated, accumulated_metrics) = both(state, rest_, batch)
+  both = jax.jit(lambda state, untrained, batch: [step(state, untrained, batch) for step in steps])
+  both = both.lower(state, untrained, batch).compile(QUICK_COMPILE)
+  (whole, whole_metrics), (accumulated, accumulated_metrics) = both(state, untrained, batch)
 
   assert float(whole_metrics["grad_norm"]) > 1e-3  # the comparison below is not of two zeros
   assert float(whole_metrics["skipped"]) == 0.0
@@ -152,24 +158,23 @@ def test_accumulated_step_equals_the_whole_batch_step(name):
              for s in (whole, accumulated)]
   for path, got in jax.tree_util.tree_leaves_with_path(updates[1]):
     expected = dict(jax.tree_util.tree_leaves_with_path(updates[0]))[path]
-    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0, err_msg=jax.tree_util.keystr(path))
+    scale = max(1.0, float(np.abs(expected).max()))  # float32 sums in another order: relative to the update's size
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE * scale, rtol=0, err_msg=jax.tree_util.keystr(path))
   np.testing.assert_allclose(accumulated_metrics["loss"], whole_metrics["loss"], atol=TOLERANCE, rtol=TOLERANCE)
   # Throughput counts the tokens that count, whatever the loss's normalizer is.
   tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("mask"))
   assert float(whole_metrics["tokens"]) == float(accumulated_metrics["tokens"]) == tokens
 
 
-@pytest.mark.parametrize("aggregation", ["sequence_mean", "fixed_length"])
-def test_token_weighted_micro_batches_would_fail_the_check(aggregation):
+def test_token_weighted_micro_batches_would_fail_the_check():
   """Why the check above is sharp: averaging the micro-batches' own losses weighted by their token
-  counts (the old rule) moves GRPO's gradient by far more than TOLERANCE on this batch."""
-  config = _config("grpo", **{"grpo.aggregation": aggregation, "rl.max_new_tokens": T})
-  loss_fn = grpo.loss_fn(config)
-  graphdef, params, rest_ = _split("decoder")
+  counts (the old rule) moves GRPO's sequence-mean gradient by far more than TOLERANCE here."""
+  loss_fn = grpo.loss_fn(_config("grpo", **{"grpo.aggregation": "sequence_mean"}))
+  graphdef, params, untrained = _split("decoder")
 
   @jax.jit
   def grad(batch):  # the gradient of the batch's own loss, as if it were the whole batch
-    return jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest_), batch, None)[0])(params)
+    return jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, untrained), batch, None)[0])(params)
 
   batch = BATCHES["grpo"]
   micro = [jax.tree.map(lambda x, i=i: x[i::ACCUM], batch) for i in range(ACCUM)]

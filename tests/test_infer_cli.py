@@ -113,7 +113,7 @@ def test_load_errors_name_what_is_wrong(trained, tmp_path):
   workdir, _ = trained
   with pytest.raises(ValueError, match=r"step=7 has no checkpoint in .*saved steps: \[3\]"):
     rundir.load(workdir, step=7)
-  with pytest.raises(ValueError, match=r"'.*nowhere' is neither a training run's workdir .* nor a Hugging Face"):
+  with pytest.raises(FileNotFoundError, match=r"'.*nowhere' is neither a training run's workdir .* nor a Hugging Face"):
     rundir.load(tmp_path / "nowhere")
   (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
   shutil.copy(workdir / "tokenizer.model", tmp_path / "empty_run")

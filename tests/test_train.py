@@ -167,5 +167,5 @@ def test_init_from_another_run_starts_from_its_weights(corpus, baseline, tmp_pat
   trainer.train(_config(root, tokenizer, total_steps=2, init_from=str(source)), tuned)
   first_fresh, first_tuned = baseline[0][1], _losses(tuned)[1]
   assert first_tuned < first_fresh - 0.5  # already trained: far below a random start
-  with pytest.raises(ValueError, match="config.init_from=.* is neither a training run.s workdir .* nor a Hugging Face"):
+  with pytest.raises(FileNotFoundError, match="config.init_from=.* is neither a training run.s workdir .* nor a Hugging Face"):
     trainer.train(_config(root, tokenizer, init_from=str(tmp_path / "nothing")), tmp_path / "x")
