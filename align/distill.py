@@ -157,12 +157,13 @@ def token_loss_fn(model: Distiller, batch, rng, *, kind: str, temperature: float
 
 def step_by_step_loss_fn(model: Distiller, batch, rng, *, rationale_weight: float, z_loss: float, whole_batch=None):
   """answer loss + rationale_weight * rationale loss, each a token mean over its own rows' tokens in
-  the whole batch: two normalizers, so each task's loss is its own share (train.step.LossFn)."""
+  the whole batch: two normalizers, so each task's loss is its own share (train.step.LossFn). The
+  metrics are each task's cross-entropy over this batch."""
   whole = train_losses.whole(batch, whole_batch)
 
   def task(prefix):
-    rows = lambda b: {k[len(prefix):]: v for k, v in b.items() if k.startswith(prefix)}  # noqa: E731
-    return train_losses.next_token_loss(model.decoder, rows(batch), rng, z_loss=z_loss, whole_batch=rows(whole))
+    part, whole_part = ({k[len(prefix):]: v for k, v in b.items() if k.startswith(prefix)} for b in (batch, whole))
+    return train_losses.next_token_loss(model.decoder, part, rng, z_loss=z_loss, whole_batch=whole_part)
 
   answer, answer_metrics = task("answer_")
   rationale, rationale_metrics = task("rationale_")

@@ -10,6 +10,8 @@ of pairs that count, is then counted on it, so the micro-batches' losses add up 
 batch's (train.step.LossFn).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -31,7 +33,7 @@ def pair_mean(per_pair: jax.Array, pair_mask: jax.Array | None = None,
 
 
 def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, pair_mask):
-  mean = lambda x: pair_mean(x, pair_mask)  # noqa: E731
+  mean = functools.partial(pair_mean, pair_mask=pair_mask)
   return {
       "rewards/chosen": mean(chosen_rewards),
       "rewards/rejected": mean(rejected_rewards),
@@ -150,7 +152,7 @@ def reward_loss(
   per_pair = -jax.nn.log_sigmoid(diff)
   if center_coef:
     per_pair = per_pair + center_coef * jnp.square(chosen_rewards + rejected_rewards)
-  mean = lambda x: pair_mean(x, pair_mask)  # noqa: E731
+  mean = functools.partial(pair_mean, pair_mask=pair_mask)
   metrics = {
       "accuracy": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
       "rewards/chosen": mean(chosen_rewards),

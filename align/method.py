@@ -57,6 +57,3 @@ def check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
     value = value[part]
   if value not in choices:
     raise ValueError(f"config.{key}={value!r} is not one of {tuple(choices)}")
-
-
-DataContext = trainer.DataContext

@@ -42,8 +42,9 @@ def _config(method, tokenizer_path, **overrides):
   c.optimizer.warmup_steps = 0
   c.optimizer.schedule = "constant"
   c.mesh.data = 8
-  c.rl.max_new_tokens = 32
-  c.rl.prompts_per_iteration = 16
+  if "rl" in c:  # the online methods' block (an SFT config has none)
+    c.rl.max_new_tokens = 32
+    c.rl.prompts_per_iteration = 16
   c.update_from_flattened_dict(overrides)  # dotted keys: {"optimizer.learning_rate": 1e-3}
   return c
 

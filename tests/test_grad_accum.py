@@ -109,6 +109,7 @@ def _cases():
   """{id: (module, loss_fn, batch)}, each loss built as its method builds it."""
   cases = {
       "pretrain_z_loss": ("decoder", functools.partial(train_losses.next_token_loss, z_loss=1e-2), "next_token"),
+      # SFT and ReST train on pre-training's loss: the same program, compiled once (the compilation cache).
       "sft": ("decoder", sft.loss_fn(_config("sft", z_loss=1e-2)), "next_token"),
       "rest": ("decoder", rest.loss_fn(_config("rest", z_loss=1e-2)), "next_token"),
       "reward": ("reward", reward_model.loss_fn(_config("reward", **{"reward.center_coef": 0.1,

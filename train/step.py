@@ -102,7 +102,7 @@ def make_train_step(
       return {
           "grads": jax.tree.map(jnp.add, sums["grads"], grads),
           "loss": sums["loss"] + loss,
-          "tokens": sums["tokens"] + metrics["tokens"],
+          "tokens": sums["tokens"] + jnp.asarray(metrics["tokens"], jnp.float32),
           "weight": sums["weight"] + weight,
           "metrics": {k: v + metrics[k] * weight for k, v in sums["metrics"].items()},
       }, None

@@ -8,7 +8,7 @@ Variants: `:kind=forward_kl|reverse_kl|jsd|sequence|step_by_step`, `:steps=N`, `
 """
 
 from configs import common
-from configs.align.rl_common import online_config
+from configs.align.experiments import online_config
 
 DEFAULTS = dict(steps=800, lr=3e-3, prompts=16, kind="forward_kl", on_policy=0.0, temperature=1.0, reward="exact")
 

@@ -12,7 +12,7 @@ Variants: `:kind=forward_kl|reverse_kl|jsd|sequence|step_by_step`, `:teacher=DIR
 
 from configs import common
 from configs.align import distill
-from configs.align.rl_common import on_arithmetic
+from configs.align.experiments import on_arithmetic
 
 DEFAULTS = {**distill.DEFAULTS, "reward": "solution", "init": "runs/quickstart_small", "teacher": "runs/sft",
             "difficulty": 2}

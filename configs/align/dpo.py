@@ -10,32 +10,20 @@ model's, computed once into the workdir.
 """
 
 from configs import common
-from configs.align.common import align_config
+from configs.align.experiments import offline_config
 
 DEFAULTS = dict(steps=150, loss="sigmoid", beta=0.1, pairs="data", sft=0.0, lr=1e-5)
 
 
 def build(arg):
-  config = align_config("dpo")
-  config.total_steps = arg.steps
-  config.batch_size = 16
-  config.seq_len = 128
-  config.log_every = 25
-  config.eval_every = max(arg.steps // 3, 1)
-  config.eval_steps = 4
-  config.checkpoint_every = 200
+  config = offline_config("dpo", arg, warmup_steps=10)
   config.task.train_size = 2000 if arg.pairs == "data" else 400  # prompts to sample for AI feedback
-  config.task.accuracy_problems = 200  # the same held-out problems in every experiment
   config.task.measure_kl = True  # KL(policy || the policy it started from)
   config.dpo.loss_type = arg.loss
   config.dpo.beta = arg.beta
   config.dpo.pairs = arg.pairs
   config.dpo.sft_coef = arg.sft
   config.dpo.ai_feedback_samples = 8
-  config.model = common.model_config("tiny")  # placeholders only: the architecture comes from init_from
-  config.optimizer.learning_rate = arg.lr
-  config.optimizer.warmup_steps = 10
-  config.optimizer.weight_decay = 0.0
   return config
 
 

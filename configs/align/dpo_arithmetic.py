@@ -15,7 +15,7 @@ chosen up (README, Alignment).
 
 from configs import common
 from configs.align import dpo
-from configs.align.rl_common import on_arithmetic
+from configs.align.experiments import on_arithmetic
 
 DEFAULTS = {**dpo.DEFAULTS, "init": "runs/sft", "difficulty": 2}
 

@@ -12,7 +12,7 @@ samples to be signal: benchmarks/gradient_noise.py). Variants: `:steps=N`, `:lr=
 """
 
 from configs import common
-from configs.align.rl_common import online_config
+from configs.align.experiments import online_config
 
 DEFAULTS = dict(steps=24, lr=1e-4, prompts=64, group=8, batch=512, accum=4, reward="exact", advantage="grpo", kl=0.0,
                 aggregation="sequence_mean", clip_high=0.2)

@@ -19,7 +19,7 @@ prompts x group = one step per rollout), `:accum=A` (micro-batches), `:reward=ex
 
 from configs import common
 from configs.align import grpo
-from configs.align.rl_common import on_arithmetic
+from configs.align.experiments import on_arithmetic
 
 DEFAULTS = {**grpo.DEFAULTS, "init": "runs/sft", "difficulty": 2}
 

@@ -9,7 +9,7 @@ Variants: `:steps=N`, `:lr=X`, `:kl=C` (the KL coefficient), `:value=head|model`
 """
 
 from configs import common
-from configs.align.rl_common import online_config
+from configs.align.experiments import online_config
 
 DEFAULTS = dict(steps=200, lr=3e-5, prompts=64, kl=0.05, value="head", adaptive=False, reward="exact")
 

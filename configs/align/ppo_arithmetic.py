@@ -15,7 +15,7 @@ Variants: `:steps=N`, `:init=DIR`, `:lr=X`, `:kl=C` (the KL coefficient), `:valu
 
 from configs import common
 from configs.align import ppo
-from configs.align.rl_common import on_arithmetic
+from configs.align.experiments import on_arithmetic
 
 DEFAULTS = {**ppo.DEFAULTS, "reward": "solution", "init": "runs/sft", "difficulty": 2}
 

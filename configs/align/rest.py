@@ -12,7 +12,7 @@ Variants: `:mode=rest|raft|rejection_sampling|star`, `:steps=N`, `:lr=X`, `:samp
 """
 
 from configs import common
-from configs.align.rl_common import online_config
+from configs.align.experiments import online_config
 
 DEFAULTS = dict(steps=96, lr=3e-5, prompts=64, mode="rest", samples=4, improve=8, epochs=2.0, reward="exact")
 

@@ -23,7 +23,7 @@ Improve step kept), `:epochs=0,improve=S` (instead, S steps per Improve step).
 
 from configs import common
 from configs.align import rest
-from configs.align.rl_common import on_arithmetic
+from configs.align.experiments import on_arithmetic
 
 DEFAULTS = {**rest.DEFAULTS, "reward": "solution", "init": "runs/sft", "difficulty": 2}
 

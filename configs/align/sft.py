@@ -9,26 +9,13 @@ Variants: `:steps=N`, `:lr=X`.
 """
 
 from configs import common
-from configs.align.common import align_config
+from configs.align.experiments import offline_config
 
 DEFAULTS = dict(steps=1500, lr=3e-3)
 
 
 def build(arg):
-  config = align_config("sft")
-  config.total_steps = arg.steps
-  config.batch_size = 16
-  config.seq_len = 128
-  config.log_every = 25
-  config.eval_every = max(arg.steps // 3, 1)
-  config.eval_steps = 4
-  config.checkpoint_every = 200
-  config.task.accuracy_problems = 200  # the same held-out problems in every experiment
-  config.model = common.model_config("tiny")  # placeholders only: the architecture comes from init_from
-  config.optimizer.learning_rate = arg.lr
-  config.optimizer.warmup_steps = 20
-  config.optimizer.weight_decay = 0.0
-  return config
+  return offline_config("sft", arg, warmup_steps=20)
 
 
 def get_config(arg: str | None = None):

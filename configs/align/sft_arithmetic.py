@@ -9,7 +9,7 @@ Reports exact-match accuracy of greedy answers on held-out problems before and a
 
 from configs import common
 from configs.align import sft
-from configs.align.rl_common import on_arithmetic
+from configs.align.experiments import on_arithmetic
 
 DEFAULTS = {**sft.DEFAULTS, "init": "runs/quickstart", "difficulty": 2}
 

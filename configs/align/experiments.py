@@ -1,10 +1,28 @@
-"""What the experiment files share: the online methods' settings, and the arithmetic variant (part
+"""What the experiment files share: the offline and the online methods' settings, and the arithmetic variant (part
 1's SFT checkpoint on the arithmetic task) that the *_arithmetic.py files are."""
 
 import ml_collections
 
 from configs import common
 from configs.align.common import align_config
+
+
+def offline_config(method: str, arg, *, warmup_steps: int) -> ml_collections.ConfigDict:
+  """SFT and the DPO family. arg: parsed with at least steps and lr; held-out loss a third of the way."""
+  config = align_config(method)
+  config.total_steps = arg.steps
+  config.batch_size = 16
+  config.seq_len = 128
+  config.log_every = 25
+  config.eval_every = max(arg.steps // 3, 1)
+  config.eval_steps = 4
+  config.checkpoint_every = 200
+  config.task.accuracy_problems = 200  # the same held-out problems in every experiment
+  config.model = common.model_config("tiny")  # placeholders only: the architecture comes from init_from
+  config.optimizer.learning_rate = arg.lr
+  config.optimizer.warmup_steps = warmup_steps
+  config.optimizer.weight_decay = 0.0
+  return config
 
 
 def online_config(method: str, arg) -> ml_collections.ConfigDict:
