@@ -120,6 +120,10 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
     )
   validation.check_sharding_rules(config.sharding_rules)
   validation.build_model_config(config.model)
+  try:  # the optimizer and schedule's own checks, before anything is built
+    optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
+  except ValueError as e:
+    raise validation.ConfigError(str(e)) from e
 
 
 def _model_config(config, tokenizer) -> model_lib.ModelConfig:
