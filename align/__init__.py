@@ -6,7 +6,12 @@ Online, learning from the policy's own samples drawn with infer/ on the training
 (`align.ppo`), GRPO and RLOO (`align.grpo`), ReST, RAFT, rejection-sampling fine-tuning and STaR
 (`align.rest`), distillation from a teacher's logits or generations (`align.distill`).
 
+Each method is an `align.method.Method` (its loss, its data, its checks), listed in
+`align.registry.METHODS`; problems, answers and rewards come from a task (`align.tasks`: the
+arithmetic task, JSONL problems, or a Python factory).
+
 Public API: `align.losses` (dpo_loss, reward_loss, simpo_loss, orpo_loss), `align.rl_losses`
 (GAE, whitening, KL estimators, clipped objectives, GRPO/RLOO advantages, aggregation),
-`align.distill_losses` (forward/reverse KL, generalized JSD), `align.run.run(config, workdir)`.
+`align.distill_losses` (forward/reverse KL, generalized JSD), `align.run.run(config, workdir)` and
+`align.run.setup(config, workdir)`, `align.tasks.get_task`, `align.method.Method`.
 """
