@@ -21,10 +21,10 @@ def validate_rl(config: ml_collections.ConfigDict, task: Task | None) -> None:
   """The checks of config.rl, which every online method reads."""
   rl = config.rl
   check_choice(config, "rl.on_error", data.ON_ERROR)
-  rewards_known = (*(task.rewards if task is not None else ()), "model")
-  if rl.reward not in rewards_known:
-    where = f"task {task.name!r}'s rewards" if task is not None else "(no task: config.task.name is '')"
-    raise ValueError(f"config.rl.reward={rl.reward!r} is not one of {rewards_known}, {where} or 'model'")
+  known = (*(task.rewards if task is not None else ()), "model")
+  if rl.reward not in known:
+    whose = f"task {task.name!r}'s verifiers and" if task is not None else "(no task, so only)"
+    raise ValueError(f"config.rl.reward={rl.reward!r} is not one of {whose} a reward model: {known}")
   for key in ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs"):
     if rl[key] < 1:
       raise ValueError(f"config.rl.{key}={rl[key]} must be >= 1")

@@ -81,7 +81,7 @@ def rl_config() -> ml_collections.ConfigDict:
   c.samples_per_prompt = 1  # G of GRPO/RLOO, N of ReST / best-of-N
   c.max_new_tokens = 64
   c.temperature = 1.0  # sampling temperature; the losses' log-probs use the same one
-  c.reward = "exact"  # the task's verifiers 'exact', 'digits' or 'solution' (align/tasks), or 'model' (rl.reward_model)
+  c.reward = "exact"  # a verifier of the task ('exact'; arithmetic adds 'digits', 'solution'), or 'model' (rl.reward_model)
   c.reward_model = ""  # a reward-model run's workdir, for reward='model'
   c.missing_eos_penalty = 0.0  # subtracted from the score of a sample that never ended
   c.epochs = 1  # passes over each iteration's samples (PPO's epochs of minibatches)
