@@ -18,7 +18,6 @@ trained, not saved: reloaded from distill.teacher when a run resumes).
 import functools
 import logging
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx

@@ -15,7 +15,6 @@ from flax import nnx
 
 from align.tasks import Problem, Task
 from train import step as step_lib
-from train import trainer
 
 
 def _no_checks(config: ml_collections.ConfigDict, task: Task | None) -> None:
