@@ -34,13 +34,6 @@ def task_scores(model, tokenizer, problems: Sequence[Problem], task: Task, *, ma
   return {name: total / len(problems) for name, total in totals.items()}
 
 
-def _samples(model, tokenizer, problems, *, samples, temperature, max_new_tokens, seed, rules, prompt_of):
-  """`samples` completions per problem ([problem][sample] texts)."""
-  out = rollout.sample(model, tokenizer, [prompt_of(p) for p in problems], n=samples, max_new_tokens=max_new_tokens,
-                       sampling=infer.Sampling(temperature=temperature), seed=seed, rules=rules)
-  return [out.texts[i * samples: (i + 1) * samples] for i in range(len(problems))]
-
-
 def sampled_scores(model, tokenizer, problems: Sequence[Problem], task: Task, *, samples: int, temperature: float = 1.0,
                    max_new_tokens: int = 64, seed: int = 0, rules=None,
                    prompt_of: Callable[[Problem], str] = _prompt) -> dict[str, float]:
@@ -53,8 +46,9 @@ def sampled_scores(model, tokenizer, problems: Sequence[Problem], task: Task, *,
   mostly moves the rest of its distribution first."""
   if not problems:
     raise ValueError("sampled_scores needs at least one problem")
-  texts = _samples(model, tokenizer, problems, samples=samples, temperature=temperature,
-                   max_new_tokens=max_new_tokens, seed=seed, rules=rules, prompt_of=prompt_of)
+  out = rollout.sample(model, tokenizer, [prompt_of(p) for p in problems], n=samples, max_new_tokens=max_new_tokens,
+                       sampling=infer.Sampling(temperature=temperature), seed=seed, rules=rules)
+  texts = [out.texts[i * samples: (i + 1) * samples] for i in range(len(problems))]  # [problem][sample]
   scores = {name: np.asarray([[reward(p, t) for t in row] for p, row in zip(problems, texts)])
             for name, reward in task.rewards.items()}  # [problems, samples]
   result = {name: float(s.mean()) for name, s in scores.items()}

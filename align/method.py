@@ -24,7 +24,8 @@ def _no_checks(config: ml_collections.ConfigDict, task: Task | None) -> None:
 @dataclasses.dataclass(frozen=True)
 class Method:
   """name: config.method's value.
-  loss_fn(config) -> the trainer's loss_fn(model, batch, rng) -> (loss, metrics).
+  loss_fn(config) -> the trainer's loss_fn(model, batch, rng, *, whole_batch=None) -> (loss, metrics)
+    (train.step.LossFn).
   make_dataset(config, tokenizer, *, split, context: train.trainer.DataContext, task: Task | None)
     -> a grain IterDataset of this process's batches ('train' and, where it has a held-out loss, 'eval').
   validate(config, task): raises ValueError naming the key of the method's own blocks that is wrong.

@@ -162,5 +162,4 @@ def loss_fn(config: ml_collections.ConfigDict):
   return functools.partial(train_losses.next_token_loss, z_loss=config.z_loss)
 
 
-
 METHOD = Method(name="rest", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate)

@@ -32,9 +32,10 @@ def _check_task_block(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> tuple[Method, Task | None]:
   """Start-up checks of the whole config, before anything trains; returns the method and the task
   (the task's files are read here, so a bad one is named now)."""
-  if config.get("method") not in registry.METHODS:
-    raise validation.ConfigError(f"config.method={config.get('method')!r} is not one of {sorted(registry.METHODS)}")
-  method = registry.METHODS[config.method]
+  try:
+    method = registry.get_method(config.get("method"))
+  except ValueError as e:
+    raise validation.ConfigError(str(e)) from e
   trainer.validate(config, _reference(config))
   _check_task_block(config)
   try:
