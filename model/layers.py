@@ -1,7 +1,9 @@
 """The decoder's layers: norm, attention, gated MLP, and the block that joins them.
 
 Weights are named for their einsum letters (see model/__init__.py) and carry logical axis names;
-they are stored in param_dtype and cast to the compute dtype where they are used.
+they are stored in param_dtype and cast to the compute dtype where they are used. The seven
+projections are multiplied through model.projections.project, so a quantized weight or one with an
+adapter (model.quant, model.peft) can stand in for a parameter.
 """
 
 import jax
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import attention_ops, kv_cache, positional
+from model.projections import project
 from model.config import ModelConfig
 from model.sharding import shard
 
@@ -86,9 +89,9 @@ class Attention(nnx.Module):
     """
     c = self.config
     dtype = c.compute_dtype
-    q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dtype))
-    k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dtype))
-    v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
+    q = project("BTD,DNH->BTNH", x, self.wq, dtype)
+    k = project("BTD,DKH->BTKH", x, self.wk, dtype)
+    v = project("BTD,DKH->BTKH", x, self.wv, dtype)
     if c.qkv_bias:
       q, k, v = q + self.bq[...].astype(dtype), k + self.bk[...].astype(dtype), v + self.bv[...].astype(dtype)
     if c.position == "rope":
@@ -119,7 +122,7 @@ class Attention(nnx.Module):
       )
       cache = (all_k, all_v, layer)
     out = shard(out, BTNH)
-    out = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dtype))
+    out = project("BTNH,NHD->BTD", out, self.wo, dtype)
     return out if cache is None else (out, cache)
 
 
@@ -141,10 +144,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
     dtype = self.config.compute_dtype
-    gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...].astype(dtype))
-    up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...].astype(dtype))
+    gate = project("BTD,DF->BTF", x, self.w_gate, dtype)
+    up = project("BTD,DF->BTF", x, self.w_up, dtype)
     hidden = shard(_ACTIVATIONS[self.config.mlp_activation](gate) * up, BTF)
-    return jnp.einsum("BTF,FD->BTD", hidden, self.w_down[...].astype(dtype))
+    return project("BTF,FD->BTD", hidden, self.w_down, dtype)
 
 
 class Block(nnx.Module):

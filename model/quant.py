@@ -14,14 +14,18 @@ Schemes (x is the float input, c the stored codes, s the scales):
           not an integer code), c = round((x - lo) / s) in 0..15, x ~ lo + c * s. Error <= s / 2.
           Codes are stored one per uint8, unpacked, in x's shape; packing two per byte is left to
           the matmul kernels that consume them.
-  'nf4'   QLoRA (Dettmers et al. 2023, sec. 3 and appendix E): x is flattened into blocks of
-          `block_size`; a = absmax(block), c = index of the NF4 value nearest x / a (uint8, 0..15),
-          x ~ NF4[c] * a.
+  'nf4'   QLoRA (Dettmers et al. 2023, sec. 3 and appendix E): blocks of `block_size` rows along
+          axis 0 per channel (bitsandbytes' blocks of a flattened torch [out, in] weight: runs of
+          consecutive input features of one output); a = absmax(block), c = index of the NF4
+          value nearest x / a (uint8, 0..15), x ~ NF4[c] * a.
           double_quant: QLoRA quantizes the float32 absmax constants a second time, to 8-bit floats
           in blocks of 256 after subtracting their mean. We keep the mean-subtraction and blocks of
           256 but use symmetric int8 instead of FP8: m = mean(a), and for each block of 256
-          constants, t = absmax(a - m) / 127, a ~ m + round((a - m) / t) * t. The scale vector is
-          zero-padded to a multiple of 256 (the padding is dropped on decode). Error in a <= t / 2.
+          constants (a flattened), t = absmax(a - m) / 127, a ~ m + round((a - m) / t) * t. The
+          flattened constants are zero-padded to a multiple of 256 (the padding is dropped on
+          decode). Error in a <= t / 2.
+Codes and group/block scales keep the weight's axes (codes (A, *C), scales (A / bs, 1, *C)), so
+they shard like the weight it came from.
 All arithmetic is in float32; `dequantize` returns the input's dtype and shape. Both functions jit
 with `scheme`, `block_size` and `double_quant` static.
 """
@@ -33,6 +37,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from model import projections, sharding
 
 SCHEMES = ("int8", "int4", "nf4")
 DOUBLE_QUANT_BLOCK = 256  # QLoRA's block size for quantizing the absmax constants
@@ -60,9 +67,9 @@ class QuantizedArray:
   Shapes, with x of shape (A, *C) (A the contracted axis 0, C the channel axes), n = x.size:
     int8: codes (A, *C) int8, scale (1, *C).
     int4: codes (A, *C) uint8, scale and zero (A // block_size, 1, *C).
-    nf4:  codes (n // block_size, block_size) uint8, scale (n // block_size, 1); with double_quant
-          scale is None and scale_codes (P // 256, 256) int8, scale_scale (P // 256, 1),
-          scale_mean () hold it, P the number of blocks padded up to a multiple of 256.
+    nf4:  codes (A, *C) uint8, scale (A // block_size, 1, *C); with double_quant scale is None and
+          scale_codes (P // 256, 256) int8, scale_scale (P // 256, 1), scale_mean (1,) hold it, P the
+          number of blocks (A // block_size * prod(C)) padded up to a multiple of 256.
   """
   codes: jax.Array
   scale: jax.Array | None
@@ -91,17 +98,16 @@ def _validate(x, scheme, block_size, double_quant):
     raise ValueError(f"block_size={block_size!r} must be a positive int")
   if double_quant and scheme != "nf4":
     raise ValueError(f"double_quant=True is only defined for scheme='nf4', not scheme={scheme!r}")
-  if scheme in ("int8", "int4") and x.ndim == 0:
+  if x.ndim == 0:
     raise ValueError(f"scheme={scheme!r} needs x.ndim >= 1, got x.shape={x.shape}")
-  if scheme == "int4" and x.shape[0] % block_size:
-    raise ValueError(f"block_size={block_size} does not divide axis 0 of x.shape={x.shape}")
-  if scheme == "nf4" and x.size % block_size:
-    raise ValueError(f"block_size={block_size} does not divide x.size={x.size} (x.shape={x.shape})")
+  if scheme in ("int4", "nf4") and x.shape[0] % block_size:
+    raise ValueError(f"block_size={block_size} does not divide axis 0 of x.shape={x.shape} (the contracted "
+                     "axis, blocked per output channel)")
 
 
 def _quantize_scales(a):
   """Double quantization of the NF4 absmax constants a (P,): int8 blocks of 256 around the mean."""
-  mean = jnp.mean(a)
+  mean = jnp.mean(a, keepdims=True)  # (1,): a scalar per layer would lose its layer axis in nnx.scan
   pad = -a.shape[0] % DOUBLE_QUANT_BLOCK
   centered = jnp.pad(a - mean, (0, pad)).reshape(-1, DOUBLE_QUANT_BLOCK)  # (P' / 256, 256)
   t = jnp.max(jnp.abs(centered), axis=1, keepdims=True) / 127
@@ -109,10 +115,14 @@ def _quantize_scales(a):
   return codes, t, mean
 
 
+def _scale_shape(q) -> tuple[int, ...]:
+  return (q.shape[0] // q.block_size, 1, *q.shape[1:])
+
+
 def _dequantize_scales(q):
-  num_blocks = math.prod(q.shape) // q.block_size
+  shape = _scale_shape(q)
   a = q.scale_codes.astype(jnp.float32) * q.scale_scale + q.scale_mean
-  return a.reshape(-1)[:num_blocks, None]  # (P, 1)
+  return a.reshape(-1)[:math.prod(shape)].reshape(shape)  # (A / bs, 1, *C)
 
 
 def quantize_array(x, scheme: str, *, block_size: int = 64,
@@ -135,13 +145,13 @@ def quantize_array(x, scheme: str, *, block_size: int = 64,
     codes = jnp.clip(jnp.round((groups - lo) / _safe(scale)), 0, 15).astype(jnp.uint8)
     codes = codes.reshape(x.shape)  # (A, *C)
     return QuantizedArray(codes=codes, scale=scale, **(none | dict(zero=lo)), **meta)
-  blocks = xf.reshape(-1, block_size)  # (n / bs, bs)
-  absmax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)  # (n / bs, 1)
+  blocks = xf.reshape(x.shape[0] // block_size, block_size, *x.shape[1:])  # (A / bs, bs, *C)
+  absmax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)  # (A / bs, 1, *C)
   codes = jnp.searchsorted(jnp.asarray(_NF4_MIDPOINTS), blocks / _safe(absmax), side="left")
-  codes = codes.astype(jnp.uint8)
+  codes = codes.astype(jnp.uint8).reshape(x.shape)  # (A, *C)
   if not double_quant:
     return QuantizedArray(codes=codes, scale=absmax, **none, **meta)
-  scale_codes, scale_scale, scale_mean = _quantize_scales(absmax[:, 0])
+  scale_codes, scale_scale, scale_mean = _quantize_scales(absmax.reshape(-1))
   return QuantizedArray(codes=codes, scale=None, zero=None, scale_codes=scale_codes,
                         scale_scale=scale_scale, scale_mean=scale_mean, **meta)
 
@@ -155,12 +165,128 @@ def dequantize(q: QuantizedArray) -> jax.Array:
   """Decodes q to an array of its original shape and dtype."""
   scale = dequantized_scale(q)
   if q.scheme == "int8":
-    out = q.codes.astype(jnp.float32) * scale
-  elif q.scheme == "int4":
-    groups = q.codes.reshape(q.shape[0] // q.block_size, q.block_size, *q.shape[1:])
+    return (q.codes.astype(jnp.float32) * scale).astype(q.dtype)
+  groups = q.codes.reshape(q.shape[0] // q.block_size, q.block_size, *q.shape[1:])  # (A / bs, bs, *C)
+  if q.scheme == "int4":
     out = q.zero + groups.astype(jnp.float32) * scale
   elif q.scheme == "nf4":
-    out = jnp.asarray(NF4_CODEBOOK)[q.codes] * scale
+    out = jnp.asarray(NF4_CODEBOOK)[groups] * scale
   else:
     raise ValueError(f"unknown scheme={q.scheme!r}; expected one of {SCHEMES}")
   return out.reshape(q.shape).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole modules: the decoder's projection weights, quantized in place of their parameters.
+# ----------------------------------------------------------------------------------------------
+class Quantized(nnx.Variable):
+  """Codes and scales of a quantized weight: frozen state, never a trained parameter."""
+
+
+_DATA_FIELDS = ("codes", "scale", "zero", "scale_codes", "scale_scale", "scale_mean")
+
+
+class QuantizedWeight(nnx.Module):
+  """A projection weight as codes and scales, dequantized to the compute dtype where it is used.
+
+  The weight's input axes are flattened first (`NHD` is quantized as `(N*H)D`), so blocks and
+  groups are runs of consecutive input features of one output, whatever the layout; codes and
+  block scales keep the logical axes of the weight (the first input axis names the flattened one).
+  With `stacked` (scanned layers) every array has a leading L axis, sliced off by the layer scan.
+  """
+
+  def __init__(self, weight: jax.Array, logical_axes, *, in_rank: int, stacked: bool, scheme: str,
+               block_size: int, double_quant: bool = False):
+    lead = 1 if stacked else 0
+    self.shape = tuple(weight.shape[lead:])  # one layer's weight
+    self.in_rank = in_rank
+    self.stacked = stacked
+    flat = (math.prod(self.shape[:in_rank]), *self.shape[in_rank:])
+    quantize = functools.partial(quantize_array, scheme=scheme, block_size=block_size, double_quant=double_quant)
+    if stacked:
+      q = jax.vmap(lambda w: quantize(w.reshape(flat)))(weight)
+    else:
+      q = quantize(weight.reshape(flat))
+    axes = tuple(logical_axes) if logical_axes is not None else (None,) * weight.ndim
+    self.logical_axes = axes  # the float weight's
+    layer_axes, weight_axes = axes[:lead], axes[lead:]
+    flat_axes = (weight_axes[0], *weight_axes[in_rank:])  # (A, *C)
+    field_axes = {
+        "codes": flat_axes,
+        "scale": (None, *flat_axes[1:]) if scheme == "int8" else (flat_axes[0], None, *flat_axes[1:]),
+        "zero": (flat_axes[0], None, *flat_axes[1:]),
+        "scale_codes": (None, None), "scale_scale": (None, None), "scale_mean": (None,),
+    }
+    self.meta = dict(scheme=q.scheme, shape=q.shape, dtype=q.dtype, block_size=q.block_size,
+                     double_quant=q.double_quant)
+    self.fields = tuple(f for f in _DATA_FIELDS if getattr(q, f) is not None)
+    for field in self.fields:
+      setattr(self, field, Quantized(getattr(q, field), out_sharding=layer_axes + field_axes[field],
+                                     eager_sharding=False))
+
+  @property
+  def scheme(self) -> str:
+    return self.meta["scheme"]
+
+  def quantized(self) -> QuantizedArray:
+    """The codes and scales as a QuantizedArray of the flattened weight (one layer's, inside the
+    layer scan; with a leading L axis outside it when stacked)."""
+    values = {f: (getattr(self, f)[...] if f in self.fields else None) for f in _DATA_FIELDS}
+    return QuantizedArray(**values, **self.meta)
+
+  def dequantized(self, dtype=None) -> jax.Array:
+    """The weight in its own shape (one layer's: call inside the layer scan, or vmap when stacked)."""
+    q = self.quantized()
+    if dtype is not None:
+      q = dataclasses.replace(q, dtype=np.dtype(dtype))
+    return dequantize(q).reshape(self.shape)
+
+  def dense(self, dtype=None) -> jax.Array:
+    """The whole weight (every layer's when stacked), outside the layer scan."""
+    if not self.stacked:
+      return self.dequantized(dtype)
+    q = self.quantized()
+    if dtype is not None:
+      q = dataclasses.replace(q, dtype=np.dtype(dtype))
+    out = jax.vmap(dequantize)(q)
+    return out.reshape(out.shape[0], *self.shape)
+
+  def __call__(self, eq: str, x: jax.Array, dtype) -> jax.Array:
+    return jnp.einsum(eq, x, self.dequantized(dtype))
+
+
+def is_quantized(module: nnx.Module) -> bool:
+  """Whether any weight of `module` is a QuantizedWeight (a quantized base, a merged QA-LoRA model)."""
+  return any(isinstance(m, QuantizedWeight) for _, m in nnx.iter_modules(module))
+
+
+def quantize_slot(slot: projections.Slot, scheme: str, *, block_size: int, double_quant: bool = False) -> None:
+  """Replaces the parameter at `slot` by its QuantizedWeight; a block size that does not divide the
+  weight's input features is an error naming the weight."""
+  param = slot.get()
+  if not isinstance(param, nnx.Param):
+    raise ValueError(f"{slot.name} is already a {type(param).__name__}, not a float parameter")
+  lead = 1 if slot.stacked else 0
+  fan_in = math.prod(param.shape[lead:lead + slot.in_rank])
+  if scheme != "int8" and fan_in % block_size:
+    raise ValueError(f"block_size={block_size} does not divide the {fan_in} input features of {slot.name} "
+                     f"(weight shape {tuple(param.shape)})")
+  slot.set(QuantizedWeight(param[...], sharding.variable_logical_axes(param), in_rank=slot.in_rank,
+                           stacked=slot.stacked, scheme=scheme, block_size=block_size, double_quant=double_quant))
+
+
+def quantize(module: nnx.Module, scheme: str, *, block_size: int = 64, double_quant: bool = False) -> nnx.Module:
+  """A copy of the decoder `module` whose seven projection weights (q/k/v/o, gate/up/down) are
+  weight-only `scheme` ('int8' per output channel, 'int4' group-wise or 'nf4' blockwise; see the
+  module docstring); embeddings, the output head and norms stay as they are (as QLoRA keeps them).
+  The copy shares the arrays it does not replace; with a mesh in `model.sharding.axis_rules`, the
+  codes and scales are placed by their logical axes."""
+  if scheme not in SCHEMES:
+    raise ValueError(f"unknown scheme={scheme!r}; expected one of {SCHEMES}")
+  if is_quantized(module):
+    raise ValueError("the module is already quantized; quantize its float original instead")
+  module = projections.shallow_copy(module)
+  for slot in projections.slots(module):
+    quantize_slot(slot, scheme, block_size=block_size, double_quant=double_quant)
+  sharding.place_in_context(module)
+  return module

@@ -210,3 +210,18 @@ def to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def place(module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
+  """Moves every variable of `module` onto its shards, by its logical axes (in place); arrays
+  already where they belong stay put."""
+  state = nnx.state(module)
+  shardings = state_shardings(state, mesh, rules)
+  nnx.update(module, jax.device_put(state, shardings))
+
+
+def place_in_context(module) -> None:
+  """`place` on the mesh and rules of the innermost `axis_rules`; nothing outside one."""
+  context = current_context()
+  if context is not None:
+    place(module, *context)

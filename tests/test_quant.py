@@ -78,8 +78,9 @@ def test_int4_groups():
 
 
 def _nf4_reference(x, bs):
-  """Block absmax and the nearest NF4 value by brute force over all 16 (float64)."""
-  blocks = x.reshape(-1, bs).astype(np.float64)
+  """Absmax of each block of bs rows along axis 0 per channel, and the nearest NF4 value by brute
+  force over all 16 (float64); arrays shaped (A / bs, bs, *C)."""
+  blocks = x.reshape(x.shape[0] // bs, bs, *x.shape[1:]).astype(np.float64)
   absmax = np.abs(blocks).max(axis=1, keepdims=True)
   normed = blocks / np.where(absmax == 0, 1, absmax)
   book = np.asarray(BITSANDBYTES_NF4)
@@ -87,20 +88,22 @@ def _nf4_reference(x, bs):
   return codes, absmax, book[codes] * absmax
 
 
-@pytest.mark.parametrize("shape,bs", [((D, F), 64), ((8, 4, 16), 32)])
+@pytest.mark.parametrize("shape,bs", [((D, F), 64), ((64, 4, 16), 32)])
 def test_nf4_nearest_value(shape, bs):
   x = RNG.normal(size=shape).astype(np.float32)
-  x.reshape(-1)[:bs] = 0.0  # an all-zero block
+  x[:bs, 0] = 0.0  # an all-zero block
   q = quant.quantize_array(x, "nf4", block_size=bs)
   codes, absmax, decoded = _nf4_reference(x, bs)
-  np.testing.assert_array_equal(np.asarray(q.codes), codes)
+  np.testing.assert_array_equal(np.asarray(q.codes), codes.reshape(shape))
   np.testing.assert_allclose(np.asarray(q.scale), absmax, rtol=1e-6)
   out = np.asarray(quant.dequantize(q))
   assert out.shape == shape
-  np.testing.assert_allclose(out.reshape(-1, bs), decoded, rtol=1e-6, atol=0)
+  np.testing.assert_allclose(out, decoded.reshape(shape), rtol=1e-6, atol=0)
+  np.testing.assert_array_equal(out[:bs, 0], 0.0)
   # Largest NF4 gap is 1 - 0.7229..., so the error is at most half of it times the block absmax.
   max_gap = np.diff(np.asarray(BITSANDBYTES_NF4)).max()
-  assert np.all(np.abs(out - x).reshape(-1, bs) <= absmax * max_gap / 2 * (1 + 1e-5))
+  err = np.abs(out - x).reshape(decoded.shape)
+  assert np.all(err <= absmax * max_gap / 2 * (1 + 1e-5))
 
 
 def test_nf4_double_quant():
@@ -157,7 +160,7 @@ def test_errors_name_the_value():
   with pytest.raises(ValueError, match="block_size=48"):
     quant.quantize_array(x, "int4", block_size=48)  # 48 does not divide D = 128
   with pytest.raises(ValueError, match="block_size=5"):
-    quant.quantize_array(x, "nf4", block_size=5)  # 5 does not divide D * F
+    quant.quantize_array(x, "nf4", block_size=5)  # 5 does not divide D
   with pytest.raises(ValueError, match="block_size=0"):
     quant.quantize_array(x, "nf4", block_size=0)
   with pytest.raises(ValueError, match="int32"):

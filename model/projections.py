@@ -1,0 +1,77 @@
+"""The decoder's seven weight matrices that adapters and quantization replace, and the one call
+that multiplies by any of them.
+
+A projection weight is stored input axes first (`DNH`, `NHD`, `DF`, `FD`; see model/layers.py). A
+layer multiplies by it with `project(eq, x, weight, dtype)`; the weight is an `nnx.Param`, or a
+module that computes the product itself (a quantized weight, a weight with an adapter), so the
+layers never need to know which.
+"""
+
+import dataclasses
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Hugging Face module name -> (sub-layer of a Block, weight attribute, number of input axes).
+PROJECTIONS: dict[str, tuple[str, str, int]] = {
+    "q_proj": ("attn", "wq", 1),  # DNH
+    "k_proj": ("attn", "wk", 1),  # DKH
+    "v_proj": ("attn", "wv", 1),  # DKH
+    "o_proj": ("attn", "wo", 2),  # NHD
+    "gate_proj": ("mlp", "w_gate", 1),  # DF
+    "up_proj": ("mlp", "w_up", 1),  # DF
+    "down_proj": ("mlp", "w_down", 1),  # FD
+}
+
+
+def project(eq: str, x: jax.Array, weight, dtype) -> jax.Array:
+  """einsum(eq, x, W) in `dtype`, for W a parameter or a module that multiplies by itself."""
+  if isinstance(weight, nnx.Module):
+    return weight(eq, x, dtype)
+  return jnp.einsum(eq, x, weight[...].astype(dtype))
+
+
+def split_equation(eq: str, in_rank: int) -> tuple[str, str, str, str]:
+  """'BTD,DNH->BTNH', 1 -> ('BTD', 'D', 'NH', 'BTNH'): x's letters, the weight's input and output
+  letters, the result's letters."""
+  inputs, out = eq.split("->")
+  x_letters, w_letters = inputs.split(",")
+  return x_letters, w_letters[:in_rank], w_letters[in_rank:], out
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """Where one projection weight lives: `getattr(parent, attr)`, of every layer when `stacked`
+  (scanned layers: one leading L axis), else of one layer."""
+
+  parent: nnx.Module
+  attr: str
+  name: str  # the Hugging Face module name (q_proj, ...)
+  layer: int | None  # None when stacked
+  in_rank: int
+  stacked: bool
+
+  def get(self):
+    return getattr(self.parent, self.attr)
+
+  def set(self, value) -> None:
+    setattr(self.parent, self.attr, value)
+
+
+def slots(decoder, names=tuple(PROJECTIONS)) -> Iterator[Slot]:
+  """The projection weights of `decoder` (a model.Transformer) named in `names`, layer by layer."""
+  stacked = decoder.config.scan_layers
+  blocks = [(None, decoder.layers)] if stacked else list(enumerate(decoder.layers))
+  for layer, block in blocks:
+    for name in names:
+      sub, attr, in_rank = PROJECTIONS[name]
+      yield Slot(getattr(block, sub), attr, name, layer, in_rank, stacked)
+
+
+def shallow_copy(module: nnx.Module) -> nnx.Module:
+  """A copy of `module` with new module and variable objects over the same arrays: replacing a
+  weight in it, or changing a variable's value, leaves the original as it was (no array is copied)."""
+  graphdef, state = nnx.split(module)
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
