@@ -11,6 +11,7 @@
   dropout       dropout on the adapter's input (training steps only)
   targets       Hugging Face module names, comma-separated, or 'all' (PROJECTIONS' seven)
   vera_d_init   VeRA's initial d
+  vera_seed     the seed VeRA's frozen random pair is regenerated from (PEFT's projection_prng_key)
   quant_bits, quant_type, block_size, double_quant   QLoRA's base: every projection quantized
                 (nf4 | int4 are 4-bit, int8 is 8-bit; double_quant for nf4 only)
   group_size    QA-LoRA's groups: the base is group-wise int4 with this group size
@@ -34,7 +35,7 @@ METHODS = ("none", "lora", "dora", "vera", "qlora", "qa_lora")
 QUANT_TYPES = {"nf4": 4, "int4": 4, "int8": 8}  # quant_type -> its bits
 ADAPTER_NAMES = ("lora_a", "lora_b", "lora_magnitude", "vera_d", "vera_b")
 DEFAULTS = dict(method="none", rank=8, alpha=16.0, dropout=0.0, targets="q_proj,v_proj", use_rslora=False,
-                vera_d_init=0.1, quant_bits=4, quant_type="nf4", block_size=64, double_quant=True, group_size=32)
+                vera_d_init=0.1, vera_seed=0, quant_bits=4, quant_type="nf4", block_size=64, double_quant=True, group_size=32)
 
 
 def config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -56,6 +57,7 @@ class Settings:
   targets: tuple[str, ...]
   use_rslora: bool
   vera_d_init: float
+  vera_seed: int
   quant_bits: int
   quant_type: str
   block_size: int
@@ -111,7 +113,7 @@ def settings(peft_config) -> Settings:
     raise ValueError(f"config.peft.quant_bits={c['quant_bits']}: QA-LoRA's base here is group-wise int4 (quant_bits=4)")
   return Settings(method=c["method"], rank=int(c["rank"]), alpha=float(c["alpha"]), dropout=float(c["dropout"]),
                   targets=_targets(c["targets"]), use_rslora=bool(c["use_rslora"]),
-                  vera_d_init=float(c["vera_d_init"]), quant_bits=int(c["quant_bits"]), quant_type=c["quant_type"],
+                  vera_d_init=float(c["vera_d_init"]), vera_seed=int(c["vera_seed"]), quant_bits=int(c["quant_bits"]), quant_type=c["quant_type"],
                   block_size=int(c["block_size"]), double_quant=bool(c["double_quant"]),
                   group_size=int(c["group_size"]))
 
@@ -162,8 +164,7 @@ def add_adapters(module: nnx.Module, peft_config, *, rngs: nnx.Rngs) -> nnx.Modu
   common = {}
   if s.method == "vera":
     fans = [_fan(slot) for slot in targets]
-    common = dict(projection_seed=int(jax.random.randint(rngs.params(), (), 0, 2**31 - 1)),
-                  max_in=max(f[0] for f in fans), max_out=max(f[1] for f in fans))
+    common = dict(projection_seed=s.vera_seed, max_in=max(f[0] for f in fans), max_out=max(f[1] for f in fans))
   for slot in targets:
     base = slot.get()
     axes = base.logical_axes if isinstance(base, quant.QuantizedWeight) else sharding.variable_logical_axes(base)
