@@ -26,6 +26,7 @@ from align import ai_feedback, data, losses, preferences, rollout
 from align.method import Method, check_choice
 from align.tasks import Task, split_problems
 from infer.sampling import Sampling
+from model import peft
 from train import losses as train_losses
 
 LOSS_TYPES = losses.DPO_LOSS_TYPES + ("simpo", "orpo")
@@ -104,6 +105,8 @@ def _reference_path(workdir, split: str) -> Path:
 def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, context, task: Task | None):
   """One pair per row; reference log-probs from the workdir, computed by the starting model on the first start."""
   model, workdir = context.start, context.workdir
+  if model is not None and peft.has_adapters(model):  # the reference is the base, adapters off
+    model = peft.without_adapters(model)
   features = {s: [preferences.pair_features(r, tokenizer, seq_len=config.seq_len)
                   for r in _split_records(config, s, tokenizer=tokenizer, model=model, workdir=workdir, task=task)]
               for s in (("train", "eval") if split == "train" else ("eval",))}

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+import rundir
 from align import online, rl_losses, rollout
 from align.method import Method, check_choice
 from align.tasks import Task
@@ -47,7 +48,7 @@ class PolicyWithReference(nnx.Module):
 def wrap(decoder, *, mesh, rules, seed: int, config: ml_collections.ConfigDict, load):
   """A frozen reference beside the policy only when the loss needs it (grpo.kl_coef > 0)."""
   del mesh, rules, seed
-  if config.grpo.kl_coef <= 0:
+  if config.grpo.kl_coef <= 0 or rundir.loading.peft_on(config):  # with adapters: the base is the reference
     return decoder
   return PolicyWithReference(decoder, load(config.init_from))
 
@@ -94,7 +95,7 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
                               temperature=rl.temperature, batch_size=config.batch_size)
     rows["old_logprobs"] = score(policy_of(module))
     if config.grpo.kl_coef > 0:
-      rows["ref_logprobs"] = score(module.frozen)
+      rows["ref_logprobs"] = score(online.reference_policy(module))
     rows["advantages"] = advantages(scores, config).astype(np.float32)
     rows["score"] = scores.astype(np.float32)
     solved = scores.reshape(-1, rl.samples_per_prompt).std(axis=1) > 0

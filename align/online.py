@@ -13,8 +13,21 @@ import numpy as np
 
 import infer
 from align import data, rewards, rollout
+from model import peft
 from align.method import check_choice
 from align.tasks import Task, split_problems
+
+
+def reference_policy(module):
+  """The frozen reference policy of a trained module: the copy under `frozen`, or, with adapters
+  (config.peft), the policy itself with its adapters switched off (one copy of the base)."""
+  frozen = getattr(module, "frozen", None)
+  if frozen is not None:
+    return frozen
+  policy = getattr(module, "decoder", module)
+  if not peft.has_adapters(policy):
+    raise ValueError("the module has no frozen reference and no adapters to switch off")
+  return peft.without_adapters(policy)
 
 
 def validate_rl(config: ml_collections.ConfigDict, task: Task | None) -> None:

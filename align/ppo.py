@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+import rundir
 from align import online, reward_model, rl_losses, rollout
 from align.method import Method, check_choice
 from align.tasks import Task
@@ -44,7 +45,7 @@ class PolicyValue(nnx.Module):
     self.config = decoder.config
     self.value_head = nnx.Param(head, out_sharding=("embed",), eager_sharding=False)  # [D]
     self.value_decoder = value_decoder  # None: the head reads the policy's features
-    self.frozen = reference  # the reference policy (trainer: paths under `frozen` are not trained)
+    self.frozen = reference  # the reference policy (not trained); None with adapters (online.reference_policy)
 
   def values(self, features: jax.Array) -> jax.Array:
     return jnp.einsum("BTD,D->BT", features.astype(jnp.float32), self.value_head[...].astype(jnp.float32))
@@ -61,7 +62,8 @@ def wrap(decoder, *, mesh, rules, seed: int, config: ml_collections.ConfigDict, 
   init_from loader (a fresh copy of a run's or Hugging Face directory's decoder)."""
   del seed
   c = config.ppo
-  reference = load(config.init_from)
+  # With adapters (config.peft) the reference is the policy with its adapters off: no second copy.
+  reference = None if rundir.loading.peft_on(config) else load(config.init_from)
   d = decoder.config.embed_dim
   head_sharding = NamedSharding(mesh, sharding.logical_to_spec(("embed",), (d,), mesh, rules))
   head, value_decoder = jnp.zeros((d,), jnp.float32), None
@@ -127,7 +129,7 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
     samples, rows, scores = online.scored_rollout(sampler, reward_fn, pool, iteration, config)
     old_logprobs, values = _logprobs_and_values(module, rows["tokens"], rows["targets"], temperature=rl.temperature,
                                                 batch_size=config.batch_size)
-    ref_logprobs = rollout.token_logprobs(module.frozen, rows["tokens"], rows["targets"],
+    ref_logprobs = rollout.token_logprobs(online.reference_policy(module), rows["tokens"], rows["targets"],
                                           temperature=rl.temperature, batch_size=config.batch_size)
     kl_coef = float(state.get("kl_coef", c.kl_coef))
     advantages, returns, kl = _advantages(old_logprobs, ref_logprobs, values, jnp.asarray(scores, jnp.float32),

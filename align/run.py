@@ -12,6 +12,7 @@ from align.method import Method
 from align.tasks import Task, get_task
 from configs import validation
 from configs.align import common as align_common
+from model import peft
 from train import trainer
 
 
@@ -102,7 +103,10 @@ def _report(config, result: dict) -> None:
 def _kl_to_start(run: trainer.Run, task: Task) -> float:
   """KL(policy || the init_from policy) on the held-out problems' prompts (nats per completion)."""
   c = run.config
-  start, _ = rundir.load_decoder(c.init_from, mesh=run.mesh, rules=run.rules, key="config.init_from")
+  if rundir.loading.peft_on(c):  # the starting policy is the base: the policy with its adapters off
+    start = peft.without_adapters(run.policy())
+  else:
+    start, _ = rundir.load_decoder(c.init_from, mesh=run.mesh, rules=run.rules, key="config.init_from")
   prompts = [p.prompt for p in _problems(c, task)]
   return evaluation.kl_to_reference(run.policy(), start, run.tokenizer, prompts, max_new_tokens=c.task.accuracy_tokens,
                                     seed=c.seed, rules=run.rules)

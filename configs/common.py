@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from model import peft
 from model.config import PRESETS, ModelConfig
 from model.sharding import DEFAULT_RULES, MESH_AXES
 
@@ -110,6 +111,12 @@ def optimizer_config() -> ml_collections.ConfigDict:
   )
 
 
+def peft_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """`config.peft`: adapters and a quantized base (keys explained in model/peft.py); method 'none'
+  trains every parameter."""
+  return peft.config(**overrides)
+
+
 def distributed_config() -> ml_collections.ConfigDict:
   """`config.distributed`: how processes join a multi-host run (keys explained in train/distributed.py)."""
   return ml_collections.ConfigDict(dict(coordinator_address="", num_processes=-1, process_id=-1, auto=False))
@@ -147,6 +154,7 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
   config.tokenizer = tokenizer_config()
   config.data = data_config()
   config.optimizer = optimizer_config()
+  config.peft = peft_config()
   config.distributed = distributed_config()
   config.update(overrides)
   return config

@@ -134,9 +134,11 @@ class LoRA(Adapter):
   """LoRA (Hu et al. 2021), and DoRA (Liu et al. 2024) with `use_dora`, on a float or quantized base."""
 
   def __init__(self, base, logical_axes, *, in_rank, stacked, rank: int, scale: float, dropout: float,
-               use_dora: bool, rngs: nnx.Rngs):
+               use_dora: bool, rngs: nnx.Rngs, alpha: float | None = None, use_rslora: bool = False):
     super().__init__(base, logical_axes, in_rank=in_rank, stacked=stacked, dropout=dropout, rngs=rngs)
     self.rank, self.scale, self.use_dora = rank, float(scale), use_dora
+    # How the scale was made (for PEFT's adapter_config.json): alpha / r, or alpha / sqrt(r).
+    self.alpha, self.use_rslora = (None if alpha is None else float(alpha)), bool(use_rslora)
     self.lora_a = _param(self._init(rngs.params(), (*self.in_shape, rank), self.fan_in),
                          self.layer_axes + self.in_axes + (None,))
     self.lora_b = _param(jnp.zeros(self.lead_shape + (rank, *self.out_shape), jnp.float32),
@@ -232,7 +234,7 @@ class QALoRA(Adapter):
                group_size: int, rngs: nnx.Rngs):
     super().__init__(base, logical_axes, in_rank=in_rank, stacked=stacked, dropout=dropout, rngs=rngs)
     if not (isinstance(base, quant.QuantizedWeight) and base.scheme == "int4"
-            and base.meta["block_size"] == group_size):
+            and base.block_size == group_size):
       raise ValueError("QA-LoRA needs a group-wise int4 base quantized with block_size == group_size")
     self.rank, self.scale, self.group_size = rank, float(scale), group_size
     groups = self.fan_in // group_size

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from model import adapters, projections, quant, sharding
+from model import adapters, peft_format, projections, quant, sharding
 from model.adapters import QALoRA, VeRA, LoRA
 
 METHODS = ("none", "lora", "dora", "vera", "qlora", "qa_lora")
@@ -174,7 +174,8 @@ def add_adapters(module: nnx.Module, peft_config, *, rngs: nnx.Rngs) -> nnx.Modu
     elif s.method == "qa_lora":
       adapter = QALoRA(base, axes, rank=s.rank, scale=s.scale, group_size=s.group_size, **geometry)
     else:
-      adapter = LoRA(base, axes, rank=s.rank, scale=s.scale, use_dora=s.method == "dora", **geometry)
+      adapter = LoRA(base, axes, rank=s.rank, scale=s.scale, use_dora=s.method == "dora", alpha=s.alpha,
+                     use_rslora=s.use_rslora, **geometry)
     slot.set(adapter)
   sharding.place_in_context(module)
   return module
@@ -196,7 +197,7 @@ def with_dropout(module: nnx.Module, rng: jax.Array) -> nnx.Module:
     key = jax.random.fold_in(rng, i)
     if adapter.stacked:
       key = jax.random.split(key, adapter.num_layers)
-    adapter.dropout_key.value = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    adapter.dropout_key.set_value(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key)
     adapter.dropout_on = True
   return module
 
@@ -220,14 +221,22 @@ def _per_layer(adapter: adapters.Adapter, fn):
   return fn(adapter)
 
 
+def _zero_shift(adapter):
+  return adapter.zero_shift()
+
+
+def _merged_weight(adapter):
+  return adapter.merged_weight(jnp.float32)
+
+
 def _merged(adapter: adapters.Adapter):
   axes = adapter.layer_axes + adapter.in_axes + adapter.out_axes
   if isinstance(adapter, QALoRA):
     base = adapter.base
-    base.zero.value = base.zero[...] + _per_layer(adapter, lambda a: a.zero_shift())
+    base.zero.set_value(base.zero[...] + nnx.jit(_per_layer, static_argnums=1)(adapter, _zero_shift))
     return base
-  dtype = adapter.base.meta["dtype"] if isinstance(adapter.base, quant.QuantizedWeight) else adapter.base.dtype
-  weight = _per_layer(adapter, lambda a: a.merged_weight(jnp.float32)).astype(dtype)
+  dtype = adapter.base.float_dtype if isinstance(adapter.base, quant.QuantizedWeight) else adapter.base.dtype
+  weight = nnx.jit(_per_layer, static_argnums=1)(adapter, _merged_weight).astype(dtype)
   return nnx.Param(weight, out_sharding=axes, eager_sharding=False)
 
 
@@ -236,3 +245,46 @@ def trainable_count(module: nnx.Module) -> int:
   state = nnx.state(module, is_adapter_param)
   return sum(x.size for x in jax.tree.leaves(state))
 
+
+
+def save_adapter(module: nnx.Module, path) -> None:
+  """Writes the LoRA or DoRA adapters of `module` (QLoRA's too) to the directory `path` in Hugging
+  Face PEFT's format (model/peft_format.py): `adapter_config.json` and `adapter_model.safetensors`,
+  which `peft.PeftModel.from_pretrained(base, path)` loads onto the Hugging Face base model to give
+  this module's logits; beside them `ingredients_peft.json`, our `config.peft` (the method and, for
+  QLoRA, the base's quantization), which PEFT ignores and `load_adapter` reads. VeRA and QA-LoRA
+  adapters are a ValueError. On several hosts every process joins the gathers and process 0 writes."""
+  config, ours = peft_format.adapter_config(module), peft_format.ingredients_config(module)
+  tensors = peft_format.adapter_tensors(module)
+  if jax.process_index() == 0:
+    peft_format.write(path, config, tensors, ours)
+
+
+def load_adapter(module: nnx.Module, path) -> nnx.Module:
+  """Loads the PEFT LoRA or DoRA adapter in the directory `path` (written by PEFT's save_pretrained
+  or by `save_adapter`) into the decoder `module`, in place, and returns it. A module without
+  adapters first gets them (`add_adapters` with the directory's config: ingredients_peft.json when
+  `save_adapter` wrote it, else translated from adapter_config.json); a module with adapters must
+  have the directory's (rank, scale, targets, DoRA or not). Unsupported PEFT options, missing or
+  unexpected tensors and wrong shapes are ValueErrors naming them, a missing file is a
+  FileNotFoundError; on an error the module is left as it was."""
+  peft_config, tensors = peft_format.read(path)
+  s = settings(peft_config)
+  if not has_adapters(module):
+    weights = [(slot, slot.get()) for slot in projections.slots(module)]
+    try:
+      add_adapters(module, peft_config, rngs=nnx.Rngs(0))
+      peft_format.assign(module, tensors)
+    except BaseException:  # leave the module as it was
+      for slot, weight in weights:
+        slot.set(weight)
+      raise
+    return module
+  for adapter in adapter_modules(module):
+    if not (type(adapter) is LoRA and adapter.rank == s.rank and adapter.use_dora == (s.method == "dora")
+            and math.isclose(adapter.scale, s.scale, rel_tol=1e-6)):
+      raise ValueError(f"the module's {type(adapter).__name__} adapters differ from the adapter at {path} "
+                       f"(LoRA, rank {s.rank}, scale {s.scale:g}, DoRA {s.method == 'dora'}); load it into a "
+                       "module without adapters")
+  peft_format.assign(module, tensors)
+  return module

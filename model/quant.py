@@ -12,8 +12,6 @@ Schemes (x is the float input, c the stored codes, s the scales):
   'int4'  asymmetric, groups of `block_size` rows along axis 0 per channel: with lo, hi the group's
           min and max, s = (hi - lo) / 15 and the zero point z = lo is kept in value space (a float,
           not an integer code), c = round((x - lo) / s) in 0..15, x ~ lo + c * s. Error <= s / 2.
-          Codes are stored one per uint8, unpacked, in x's shape; packing two per byte is left to
-          the matmul kernels that consume them.
   'nf4'   QLoRA (Dettmers et al. 2023, sec. 3 and appendix E): blocks of `block_size` rows along
           axis 0 per channel (bitsandbytes' blocks of a flattened torch [out, in] weight: runs of
           consecutive input features of one output); a = absmax(block), c = index of the NF4
@@ -24,8 +22,10 @@ Schemes (x is the float input, c the stored codes, s the scales):
           constants (a flattened), t = absmax(a - m) / 127, a ~ m + round((a - m) / t) * t. The
           flattened constants are zero-padded to a multiple of 256 (the padding is dropped on
           decode). Error in a <= t / 2.
-Codes and group/block scales keep the weight's axes (codes (A, *C), scales (A / bs, 1, *C)), so
-they shard like the weight it came from.
+The 4-bit codes (int4, nf4) are packed two per byte along axis 0: byte (i, *c) holds the code of
+row 2i in its low nibble and of row 2i + 1 in its high one (`unpacked_codes` undoes it), so a block
+size must be even. Codes and group/block scales keep the weight's axes (codes (A, *C), or (A / 2,
+*C) packed; scales (A / bs, 1, *C)), so they shard like the weight it came from.
 All arithmetic is in float32; `dequantize` returns the input's dtype and shape. Both functions jit
 with `scheme`, `block_size` and `double_quant` static.
 """
@@ -66,8 +66,8 @@ class QuantizedArray:
 
   Shapes, with x of shape (A, *C) (A the contracted axis 0, C the channel axes), n = x.size:
     int8: codes (A, *C) int8, scale (1, *C).
-    int4: codes (A, *C) uint8, scale and zero (A // block_size, 1, *C).
-    nf4:  codes (A, *C) uint8, scale (A // block_size, 1, *C); with double_quant scale is None and
+    int4: codes (A // 2, *C) uint8 (two per byte), scale and zero (A // block_size, 1, *C).
+    nf4:  codes (A // 2, *C) uint8 (two per byte), scale (A // block_size, 1, *C); with double_quant scale is None and
           scale_codes (P // 256, 256) int8, scale_scale (P // 256, 1), scale_mean (1,) hold it, P the
           number of blocks (A // block_size * prod(C)) padded up to a multiple of 256.
   """
@@ -100,9 +100,24 @@ def _validate(x, scheme, block_size, double_quant):
     raise ValueError(f"double_quant=True is only defined for scheme='nf4', not scheme={scheme!r}")
   if x.ndim == 0:
     raise ValueError(f"scheme={scheme!r} needs x.ndim >= 1, got x.shape={x.shape}")
+  if scheme in ("int4", "nf4") and block_size % 2:
+    raise ValueError(f"block_size={block_size} must be even for scheme={scheme!r} (two 4-bit codes per byte)")
   if scheme in ("int4", "nf4") and x.shape[0] % block_size:
     raise ValueError(f"block_size={block_size} does not divide axis 0 of x.shape={x.shape} (the contracted "
                      "axis, blocked per output channel)")
+
+
+def _pack(codes):
+  """(A, *C) codes in 0..15 -> (A / 2, *C) bytes: row 2i in the low nibble, row 2i + 1 in the high."""
+  return codes[0::2] | (codes[1::2] << 4)
+
+
+def unpacked_codes(q: "QuantizedArray") -> jax.Array:
+  """The codes of q one per element, (A, *C): int8 for 'int8', uint8 in 0..15 for the 4-bit schemes."""
+  if q.scheme == "int8":
+    return q.codes
+  low, high = q.codes & 0xF, q.codes >> 4
+  return jnp.stack([low, high], axis=1).reshape(q.shape)
 
 
 def _quantize_scales(a):
@@ -143,12 +158,12 @@ def quantize_array(x, scheme: str, *, block_size: int = 64,
     lo = jnp.min(groups, axis=1, keepdims=True)
     scale = (jnp.max(groups, axis=1, keepdims=True) - lo) / 15  # (A / bs, 1, *C)
     codes = jnp.clip(jnp.round((groups - lo) / _safe(scale)), 0, 15).astype(jnp.uint8)
-    codes = codes.reshape(x.shape)  # (A, *C)
+    codes = _pack(codes.reshape(x.shape))  # (A / 2, *C)
     return QuantizedArray(codes=codes, scale=scale, **(none | dict(zero=lo)), **meta)
   blocks = xf.reshape(x.shape[0] // block_size, block_size, *x.shape[1:])  # (A / bs, bs, *C)
   absmax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)  # (A / bs, 1, *C)
   codes = jnp.searchsorted(jnp.asarray(_NF4_MIDPOINTS), blocks / _safe(absmax), side="left")
-  codes = codes.astype(jnp.uint8).reshape(x.shape)  # (A, *C)
+  codes = _pack(codes.astype(jnp.uint8).reshape(x.shape))  # (A / 2, *C)
   if not double_quant:
     return QuantizedArray(codes=codes, scale=absmax, **none, **meta)
   scale_codes, scale_scale, scale_mean = _quantize_scales(absmax.reshape(-1))
@@ -166,7 +181,7 @@ def dequantize(q: QuantizedArray) -> jax.Array:
   scale = dequantized_scale(q)
   if q.scheme == "int8":
     return (q.codes.astype(jnp.float32) * scale).astype(q.dtype)
-  groups = q.codes.reshape(q.shape[0] // q.block_size, q.block_size, *q.shape[1:])  # (A / bs, bs, *C)
+  groups = unpacked_codes(q).reshape(q.shape[0] // q.block_size, q.block_size, *q.shape[1:])  # (A / bs, bs, *C)
   if q.scheme == "int4":
     out = q.zero + groups.astype(jnp.float32) * scale
   elif q.scheme == "nf4":
@@ -203,10 +218,11 @@ class QuantizedWeight(nnx.Module):
     self.stacked = stacked
     flat = (math.prod(self.shape[:in_rank]), *self.shape[in_rank:])
     quantize = functools.partial(quantize_array, scheme=scheme, block_size=block_size, double_quant=double_quant)
+    # One compiled function per weight shape (eagerly, every primitive would compile on its own).
     if stacked:
-      q = jax.vmap(lambda w: quantize(w.reshape(flat)))(weight)
+      q = jax.jit(jax.vmap(lambda w: quantize(w.reshape(flat))))(weight)
     else:
-      q = quantize(weight.reshape(flat))
+      q = jax.jit(lambda w: quantize(w.reshape(flat)))(weight)
     axes = tuple(logical_axes) if logical_axes is not None else (None,) * weight.ndim
     self.logical_axes = axes  # the float weight's
     layer_axes, weight_axes = axes[:lead], axes[lead:]
@@ -217,8 +233,9 @@ class QuantizedWeight(nnx.Module):
         "zero": (flat_axes[0], None, *flat_axes[1:]),
         "scale_codes": (None, None), "scale_scale": (None, None), "scale_mean": (None,),
     }
-    self.meta = dict(scheme=q.scheme, shape=q.shape, dtype=q.dtype, block_size=q.block_size,
-                     double_quant=q.double_quant)
+    # QuantizedArray's static fields, as a tuple: a module's static attributes must hash.
+    self.meta = (("scheme", q.scheme), ("shape", q.shape), ("dtype", q.dtype), ("block_size", q.block_size),
+                 ("double_quant", q.double_quant))
     self.fields = tuple(f for f in _DATA_FIELDS if getattr(q, f) is not None)
     for field in self.fields:
       setattr(self, field, Quantized(getattr(q, field), out_sharding=layer_axes + field_axes[field],
@@ -226,13 +243,22 @@ class QuantizedWeight(nnx.Module):
 
   @property
   def scheme(self) -> str:
-    return self.meta["scheme"]
+    return dict(self.meta)["scheme"]
+
+  @property
+  def block_size(self) -> int:
+    return dict(self.meta)["block_size"]
+
+  @property
+  def float_dtype(self) -> np.dtype:
+    """The dtype of the float weight it was quantized from."""
+    return dict(self.meta)["dtype"]
 
   def quantized(self) -> QuantizedArray:
     """The codes and scales as a QuantizedArray of the flattened weight (one layer's, inside the
     layer scan; with a leading L axis outside it when stacked)."""
     values = {f: (getattr(self, f)[...] if f in self.fields else None) for f in _DATA_FIELDS}
-    return QuantizedArray(**values, **self.meta)
+    return QuantizedArray(**values, **dict(self.meta))
 
   def dequantized(self, dtype=None) -> jax.Array:
     """The weight in its own shape (one layer's: call inside the layer scan, or vmap when stacked)."""

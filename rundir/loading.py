@@ -10,6 +10,7 @@ Face directory holds `config.json`, `*.safetensors` and, for us, a sentencepiece
   module, note = rundir.load_decoder(path, mesh=mesh, rules=rules)  # the weights alone (init_from)
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,7 +22,7 @@ import jax
 from flax import nnx
 
 import model as model_lib
-from model import hf, sharding
+from model import hf, peft, sharding
 from rundir import checkpoint as checkpoint_lib
 from rundir import tokenizer as tokenizer_lib
 
@@ -31,6 +32,30 @@ TOKENIZER_FILE = tokenizer_lib.MODEL_FILENAME
 # A method that wraps the decoder (a reward or value head, a frozen teacher) keeps the decoder at
 # this attribute; the saved config records it, so loaders can take the decoder alone.
 DECODER_ATTR = "decoder"
+# Modules kept under an attribute of this name (PPO's reference policy, a distillation teacher) are
+# never trained.
+FROZEN_ATTR = "frozen"
+
+
+def trainable(peft_on: bool, decoder_path: str = ""):
+  """The nnx filter of the parameters a run trains (and its checkpoints hold): every parameter
+  outside `frozen`; with PEFT, only the adapters (model.peft.ADAPTER_NAMES) and what a method adds
+  outside the decoder at `decoder_path` (a reward or value head)."""
+  unfrozen = nnx.All(nnx.Param, nnx.Not(nnx.PathContains(FROZEN_ATTR)))
+  if not peft_on:
+    return unfrozen
+
+  def adapter_or_head(path, value):
+    outside_decoder = bool(decoder_path) and (not path or str(path[0]) != decoder_path)
+    return peft.is_adapter_param(path, value) or outside_decoder
+
+  return nnx.All(unfrozen, adapter_or_head)
+
+
+def peft_on(saved_or_config) -> bool:
+  """Whether a run's (saved) config trains adapters."""
+  block = saved_or_config.get("peft") or {}
+  return (block.get("method") or "none") != "none"
 
 
 def is_run(path: str | os.PathLike) -> bool:
@@ -96,22 +121,56 @@ def restore_module(
       raise ValueError(f"the checkpoint {path / CHECKPOINTS / str(step)} saved no resolved_model config")
     # The architecture the run trained (vocabulary included), as the trainer resumes it.
     config = model_lib.ModelConfig(**saved["resolved_model"]).replace(**(overrides or {}))
+    decoder_path = saved.get("decoder_path", "")
+    if peft_on(saved):
+      return _restore_adapted(path, source, step, saved, build, config, mesh=mesh, rules=rules,
+                              overrides=overrides, decoder_only=decoder_only)
     abstract = nnx.eval_shape(lambda: build(config))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(rest):
       raise NotImplementedError(f"the model has non-parameter state {rest}; restoring it is not written yet")
-    if mesh is not None:
-      shardings = sharding.state_shardings(abstract_params, mesh, rules)
-    else:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shardings = jax.tree.map(lambda v: v.replace(device), abstract_params,
-                               is_leaf=lambda x: isinstance(x, nnx.Variable))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
-    prefix = saved.get("decoder_path", "") if decoder_only else ""
+    target = _target(abstract_params, mesh, rules)
+    prefix = decoder_path if decoder_only else ""
     params = source.restore_params(step, target, prefix=prefix)
   finally:
     source.close()
   return nnx.merge(graphdef, params, rest), f"checkpoint {path} step {step}"
+
+
+def _target(state: nnx.State, mesh, rules) -> nnx.State:
+  """ShapeDtypeStructs with the shardings to restore `state` onto: a concrete array's own, else
+  by its logical axes on `mesh` (without a mesh, the default device)."""
+  if mesh is not None:
+    by_axes = sharding.state_shardings(state, mesh, rules)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    by_axes = jax.tree.map(lambda v: v.replace(device), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+  def one(x, s):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if isinstance(x, jax.Array) else s)
+
+  return jax.tree.map(one, state, by_axes)
+
+
+def _restore_adapted(path, source, step, saved, build, config, *, mesh, rules, overrides, decoder_only):
+  """A PEFT run's module: its base loaded again from the run's init_from (the checkpoint holds the
+  adapters and heads only), the run's adapters added, then the trained parameters restored."""
+  if not saved.get("init_from"):
+    raise ValueError(f"the PEFT run {path} saved no init_from: its base model is unknown")
+  decoder, _ = load_decoder(saved["init_from"], mesh=mesh, rules=rules, overrides=overrides,
+                            key=f"the init_from of {path}")
+  with sharding.axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
+    peft.add_adapters(decoder, saved["peft"], rngs=nnx.Rngs(saved.get("seed", 0)))
+  decoder_path = saved.get("decoder_path", "")
+  if decoder_only or not decoder_path:
+    module, prefix, filter_path = decoder, decoder_path, ""
+  else:  # the wrapper's own parts (a head) come from the checkpoint; its decoder is the one above
+    module = nnx.eval_shape(lambda: build(config))
+    setattr(module, decoder_path, decoder)
+    prefix, filter_path = "", decoder_path
+  graphdef, params, rest = nnx.split(module, trainable(True, filter_path), ...)
+  params = source.restore_params(step, _target(params, mesh, rules), prefix=prefix)
+  return nnx.merge(graphdef, params, rest), f"checkpoint {path} step {step} (adapters on {saved['init_from']})"
 
 
 def load_decoder(

@@ -67,8 +67,11 @@ def test_int4_groups():
   scale = (hi - lo) / 15
   np.testing.assert_allclose(np.asarray(q.scale), scale, rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(q.zero), lo)
-  codes = np.asarray(q.codes)
+  codes = np.asarray(quant.unpacked_codes(q))
   assert codes.dtype == np.uint8 and codes.shape == x.shape and codes.max() <= 15
+  packed = np.asarray(q.codes)  # two codes per byte: even rows low, odd rows high
+  assert packed.shape == (D // 2, F)
+  np.testing.assert_array_equal(packed, codes[0::2] | (codes[1::2] << 4))
   out = np.asarray(quant.dequantize(q))
   assert np.all(np.isfinite(out))
   err = np.abs(out - x).reshape(D // bs, bs, F)
@@ -94,7 +97,8 @@ def test_nf4_nearest_value(shape, bs):
   x[:bs, 0] = 0.0  # an all-zero block
   q = quant.quantize_array(x, "nf4", block_size=bs)
   codes, absmax, decoded = _nf4_reference(x, bs)
-  np.testing.assert_array_equal(np.asarray(q.codes), codes.reshape(shape))
+  np.testing.assert_array_equal(np.asarray(quant.unpacked_codes(q)), codes.reshape(shape))
+  assert q.codes.shape == (shape[0] // 2, *shape[1:]) and q.codes.dtype == np.uint8
   np.testing.assert_allclose(np.asarray(q.scale), absmax, rtol=1e-6)
   out = np.asarray(quant.dequantize(q))
   assert out.shape == shape
@@ -161,6 +165,8 @@ def test_errors_name_the_value():
     quant.quantize_array(x, "int4", block_size=48)  # 48 does not divide D = 128
   with pytest.raises(ValueError, match="block_size=5"):
     quant.quantize_array(x, "nf4", block_size=5)  # 5 does not divide D
+  with pytest.raises(ValueError, match="block_size=7 must be even"):
+    quant.quantize_array(x, "nf4", block_size=7)
   with pytest.raises(ValueError, match="block_size=0"):
     quant.quantize_array(x, "nf4", block_size=0)
   with pytest.raises(ValueError, match="int32"):

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from model import peft
+
 
 class LossFn(Protocol):
   """`loss_fn(model, batch, rng, *, whole_batch=None) -> (loss, metrics)`, what a method plugs in.
@@ -41,6 +43,9 @@ class LossFn(Protocol):
   def __call__(self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array, *,
                whole_batch: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     ...
+
+
+_ADAPTER_DROPOUT_STREAM = 0x5EF7
 
 
 def _weight(metrics: dict[str, jax.Array]) -> jax.Array:
@@ -81,14 +86,18 @@ def make_train_step(
   `LossFn`) are summed; their other metrics averaged weighted by metrics['weight']; tokens summed."""
 
   def loss_of_params(params, rest, batch, whole_batch, rng):
-    loss, metrics = loss_fn(nnx.merge(graphdef, params, rest), batch, rng, whole_batch=whole_batch)
+    model = nnx.merge(graphdef, params, rest)
+    # Adapter dropout (model.peft) draws from its own stream: the loss's rng stays as it was.
+    peft.with_dropout(model, jax.random.fold_in(rng, _ADAPTER_DROPOUT_STREAM))
+    loss, metrics = loss_fn(model, batch, rng, whole_batch=whole_batch)
     return loss, (loss, metrics)
 
   # `rest` is differentiated too and its gradient dropped (dead code, pruned by the compiler): nnx
   # transforms inside the loss (the layer scan) refuse a module whose variables hold tracers of
   # another trace level than the gradient's, which non-differentiated inputs would. Frozen
   # modules cut their outputs with stop_gradient (a teacher's log-probs), so nothing flows there.
-  grad_fn = jax.grad(loss_of_params, argnums=(0, 1), has_aux=True)
+  # allow_int: `rest` may hold integer arrays (a quantized base's codes); their gradient is empty.
+  grad_fn = jax.grad(loss_of_params, argnums=(0, 1), has_aux=True, allow_int=True)
 
   def train_step(state, rest, batch):
     rng, step_rng = jax.random.split(state["rng"])

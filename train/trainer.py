@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 import model as model_lib
 import rundir
 from configs import common, validation
-from model import sharding
+from model import peft, sharding
 from rundir import checkpoint as checkpoint_lib
 from rundir import loading
 from rundir import tokenizer as tokenizer_lib
@@ -37,8 +37,9 @@ from train import step as step_lib
 
 BATCH_AXES = ("activation_batch", "activation_length")
 # What the optimizer updates: every parameter except those of a module kept under an attribute
-# named `frozen` (PPO's reference policy, a distillation teacher), which ride in `Run.rest`.
-TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("frozen")))
+# named `frozen` (PPO's reference policy, a distillation teacher), which ride in `Run.rest`; with
+# config.peft, only the adapters and a method's heads (rundir.loading.trainable).
+TRAINABLE = loading.trainable(False)
 DECODER_ATTR = loading.DECODER_ATTR
 
 
@@ -120,6 +121,13 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
     )
   validation.check_sharding_rules(config.sharding_rules)
   validation.build_model_config(config.model)
+  try:
+    method = peft.settings(config.peft).method
+  except ValueError as e:
+    raise validation.ConfigError(str(e)) from e
+  if method != "none" and not config.init_from:
+    raise validation.ConfigError(f"config.peft.method={method!r} trains adapters on a base model: set config.init_from "
+                                 "(a Hugging Face directory or a run's workdir)")
   try:  # the optimizer and schedule's own checks, before anything is built
     optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
   except ValueError as e:
@@ -156,7 +164,17 @@ def _model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _starting_module(config, tokenizer, saved: dict, mesh, rules) -> tuple[nnx.Module, str]:
   """The decoder a run starts from: init_from's weights (a new run), else a random init of the
-  architecture the run began with (its saved config) or of config.model."""
+  architecture the run began with (its saved config) or of config.model. With config.peft the base
+  always comes from init_from (checkpoints hold the adapters only), and the adapters are added to it
+  (initialised from config.seed; a resumed run then restores them)."""
+  if loading.peft_on(config):
+    decoder, note = rundir.load_decoder(config.init_from, mesh=mesh, rules=rules, overrides=_model_overrides(config),
+                                        key="config.init_from")
+    try:
+      peft.add_adapters(decoder, config.peft, rngs=nnx.Rngs(config.seed))
+    except ValueError as e:  # a target, block or group size this model cannot take
+      raise validation.ConfigError(f"{e} ({note})") from e
+    return decoder, f"{note}, {config.peft.method} adapters"
   if config.init_from and not saved:
     return rundir.load_decoder(config.init_from, mesh=mesh, rules=rules, overrides=_model_overrides(config),
                                key="config.init_from")
@@ -225,7 +243,7 @@ def setup(
           f"the model's vocab_size={model_config.vocab_size} ({init_note}) is smaller than the tokenizer's "
           f"{tokenizer.vocab_size} ({tokenizer.path}); give config.tokenizer.path the model's own tokenizer"
       )
-    graphdef, params, rest = nnx.split(module, TRAINABLE, ...)
+    graphdef, params, rest = nnx.split(module, loading.trainable(loading.peft_on(config), decoder_path), ...)
 
     # ---------------------------------------------------------------- optimizer and state
     optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
