@@ -5,17 +5,20 @@
 
 (or `--config.task.name=my_package.my_module:make_task`; with `--config.task.name=''`, the JSONL
 examples of `--config.sft.train_path`). Reports the task's held-out scores before and after.
-Variants: `:steps=N`, `:lr=X`.
+Variants: `:steps=N`, `:lr=X`, `:peft=lora|dora|vera|qlora|qa_lora` (adapters of `:rank=R` on all seven
+projections, alpha = 2 R; the base stays frozen; see model/peft.py).
 """
 
 from configs import common
 from configs.align.experiments import offline_config
 
-DEFAULTS = dict(steps=1500, lr=3e-3)
+DEFAULTS = dict(steps=1500, lr=3e-3, peft="none", rank=16)
 
 
 def build(arg):
-  return offline_config("sft", arg, warmup_steps=20)
+  config = offline_config("sft", arg, warmup_steps=20)
+  config.peft = common.peft_config(method=arg.peft, rank=arg.rank, alpha=2.0 * arg.rank, targets="all")
+  return config
 
 
 def get_config(arg: str | None = None):
