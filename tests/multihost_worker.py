@@ -17,8 +17,9 @@ def pretrain_config(corpus_dir, tokenizer):
 
 
 def ppo_config(tokenizer, init_from):
-  """Two PPO iterations (2 epochs of one minibatch each) from a pre-trained tiny run, its parameters
-  sharded over all 8 devices (fsdp): sampling, scoring and learning on a mesh that spans processes."""
+  """Two PPO iterations (2 epochs of one minibatch each) with LoRA from a pre-trained tiny run, its
+  parameters sharded over all 8 devices (fsdp): sampling, scoring and learning on a mesh that spans
+  processes."""
   from configs.align.common import align_config  # noqa: PLC0415
 
   c = align_config("ppo")
@@ -32,6 +33,9 @@ def ppo_config(tokenizer, init_from):
   c.rl.missing_eos_penalty = 1.0  # the tiny model rarely stops: scores (and advantages) differ by row
   c.optimizer.warmup_steps = 0
   c.optimizer.learning_rate = 1e-3
+  # LoRA adapters on the fsdp-sharded base (the reference is the base with adapters off): full
+  # training's multi-host path is the pre-training test's.
+  c.peft.method, c.peft.targets, c.peft.rank = "lora", "all", 4
   return c
 
 

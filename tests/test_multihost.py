@@ -1,6 +1,7 @@
 """Two processes on 127.0.0.1 with 4 fake CPU devices each (gloo collectives) form one 8-device mesh
-and train to the same losses as one process with 8 devices: pre-training, and PPO, whose rollouts
-sample from parameters sharded across both processes."""
+and train to the same losses as one process with 8 devices: pre-training, and PPO with LoRA (adapters
+on the frozen base, the reference its adapters-off view), whose rollouts sample from parameters
+sharded across both processes."""
 
 import json
 import os
@@ -72,8 +73,8 @@ def test_two_processes_train_like_one(corpus, pretrained, tmp_path):  # noqa: F8
 
 
 def test_two_processes_sample_and_learn_like_one(corpus, pretrained, tmp_path):  # noqa: F811
-  """PPO's two iterations: the same samples (tokens, scores, log-probs, values, advantages) and the
-  same losses whether the fsdp-sharded policy spans one process or two."""
+  """PPO's two iterations with LoRA adapters: the same samples (tokens, scores, log-probs, values,
+  advantages) and the same losses whether the fsdp-sharded policy spans one process or two."""
   root, tokenizer = corpus
   single, multi = tmp_path / "single", tmp_path / "multi"
   align_run.run(multihost_worker.ppo_config(tokenizer, pretrained), single)

@@ -1,0 +1,180 @@
+"""PEFT through the one trainer (8 fake devices): only the adapters train and are checkpointed, the
+base stays bitwise what init_from holds, a run resumes exactly, `rundir.load` rebuilds a PEFT run,
+and SFT, DPO and GRPO run with LoRA and with QLoRA (three of the six through `python -m align`)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import rundir
+from align import run as align_run
+from align.tasks import arithmetic
+from configs import common
+from configs.align.common import align_config
+from model import peft, quant
+from rundir import tokenizer as tokenizer_lib
+from train import trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 320
+TINY = dict(num_layers=2, vocab_size=VOCAB)  # embed 64, mlp 128: QLoRA's block of 64 divides both
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+  texts = [r["prompt"] + r["completion"] for r in arithmetic.sft_examples(400, difficulty=2, seed=9)]
+  path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+  tokenizer_lib.train_tokenizer(texts, path, vocab_size=VOCAB)
+  return path
+
+
+def _config(method, tokenizer_path, init_from="", **overrides):
+  config = align_config(method)
+  config.total_steps, config.batch_size, config.seq_len = 3, 8, 96
+  config.log_every, config.eval_every, config.checkpoint_every = 1, 0, 0
+  config.init_from = str(init_from)
+  config.model = common.model_config("tiny", **TINY)
+  config.tokenizer.path = str(tokenizer_path)
+  config.task.name, config.task.train_size, config.task.eval_size = "arithmetic", 64, 16
+  config.optimizer.learning_rate, config.optimizer.warmup_steps = 3e-3, 0
+  config.mesh.data = 8
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+LORA = {"peft.method": "lora", "peft.targets": "all", "peft.rank": 4, "peft.dropout": 0.1}
+QLORA = {"peft.method": "qlora", "peft.targets": "q_proj,v_proj,down_proj", "peft.rank": 4}
+
+
+@pytest.fixture(scope="module")
+def base_run(tokenizer_path, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("base")
+  align_run.run(_config("sft", tokenizer_path, total_steps=2), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def lora_run(tokenizer_path, base_run, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("lora")
+  return align_run.run(_config("sft", tokenizer_path, base_run, **LORA), workdir)["run"], workdir
+
+
+def _names(state) -> set[str]:
+  return {str(path[-1]) for path, _ in nnx.to_flat_state(state)}
+
+
+def test_only_the_adapters_train(lora_run, base_run):
+  run, _ = lora_run
+  assert _names(run.state["params"]) == {"lora_a", "lora_b"}
+  trained = peft.trainable_count(run.model())
+  assert trained == sum(x.size for x in jax.tree.leaves(run.state["params"]))
+  # AdamW's two moments of the adapters, nothing of the base's size.
+  moments = [x for x in jax.tree.leaves(run.state["opt_state"]) if x.ndim]
+  assert sum(x.size for x in moments) == 2 * trained
+  assert all(np.any(np.asarray(b) != 0) for path, b in nnx.to_flat_state(run.state["params"]) if path[-1] == "lora_b")
+  # The base inside the trained module is bitwise the init_from checkpoint's.
+  base, _ = rundir.load_decoder(base_run)
+  policy = run.policy()
+  for path, value in nnx.to_flat_state(nnx.state(base, nnx.Param)):
+    here = policy
+    for key in path:
+      here = here[key] if isinstance(key, int) else getattr(here, key)
+    if not isinstance(here, nnx.Variable):
+      here = here.base  # an adapted projection keeps the parameter under `base`
+    np.testing.assert_array_equal(np.asarray(here[...]), np.asarray(value[...]), err_msg=str(path))
+
+
+def _checkpointed_arrays(workdir: Path, step: int) -> list[str]:
+  """The paths of the arrays in a checkpoint's train state, from orbax's metadata."""
+  metadata = ocp.StandardCheckpointer().metadata(workdir / "checkpoints" / str(step) / "state")
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def test_the_checkpoint_holds_the_adapters_and_the_base_path(lora_run, base_run):
+  _, workdir = lora_run
+  reader = rundir.Checkpointer(workdir / "checkpoints", keep=10, async_save=False, read_only=True)
+  try:
+    saved = reader.restore_config(3)
+  finally:
+    reader.close()
+  assert saved["init_from"] == str(base_run) and saved["peft"]["method"] == "lora"
+  arrays = [p for p in _checkpointed_arrays(workdir, 3) if "['params']" in p or "['mu']" in p or "['nu']" in p]
+  assert arrays and all("['lora_a']" in p or "['lora_b']" in p for p in arrays), arrays
+  assert any("['embedding']" in p for p in _checkpointed_arrays(base_run, 2))  # a full run's has the base
+
+
+def test_rundir_loads_a_peft_run_as_trained(lora_run, base_run):
+  run, workdir = lora_run
+  module, tokenizer = rundir.load(workdir)
+  assert peft.has_adapters(module) and tokenizer.vocab_size == VOCAB
+  tokens = jax.numpy.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 9)))
+  np.testing.assert_allclose(np.asarray(module(tokens)), np.asarray(run.policy()(tokens)), rtol=1e-6, atol=1e-6)
+  base, _ = rundir.load_decoder(base_run)
+  assert np.abs(np.asarray(module(tokens)) - np.asarray(base(tokens))).max() > 1e-3
+
+
+def test_a_peft_run_resumes_exactly(lora_run, tokenizer_path, base_run, tmp_path):
+  """Stopped after step 2 as a preemption would, then resumed to step 3: the adapters equal the
+  uninterrupted run's bitwise (data order, dropout draws and the schedule included)."""
+  run, _ = lora_run
+  config = _config("sft", tokenizer_path, base_run, **LORA)
+  first, _, _ = align_run.setup(config, tmp_path)
+  trainer.train_loop(first, stop_at=2)
+  resumed, _, _ = align_run.setup(config, tmp_path)
+  assert int(resumed.state["step"]) == 2
+  trainer.train_loop(resumed)
+  for a, b in zip(jax.tree.leaves(resumed.state["params"]), jax.tree.leaves(run.state["params"]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dpo_with_lora_holds_one_copy_of_the_base(tokenizer_path, base_run, tmp_path):
+  run = align_run.run(_config("dpo", tokenizer_path, base_run, **LORA, total_steps=2), tmp_path)["run"]
+  everything = [x for x in jax.tree.leaves((run.state, run.rest))]
+  embedding = (run.model_config.vocab_size, run.model_config.embed_dim)
+  assert sum(x.shape == embedding for x in everything) == 1  # no reference copy, in the state or beside it
+  assert not any("frozen" in str(path) for path, _ in nnx.to_flat_state(nnx.state(run.model())))
+  assert (tmp_path / "reference_logps_train.npz").is_file()
+
+
+def test_grpo_with_qlora_takes_its_reference_from_the_base(tokenizer_path, base_run, tmp_path):
+  config = _config("grpo", tokenizer_path, base_run, **QLORA, total_steps=2, **{
+      "grpo.kl_coef": 0.1, "rl.prompts_per_iteration": 2, "rl.samples_per_prompt": 4, "rl.max_new_tokens": 8})
+  result = align_run.run(config, tmp_path)
+  run = result["run"]
+  assert run.decoder_path == "" and quant.is_quantized(run.model())
+  assert np.isfinite(result["kl/reference"]) and result["kl/reference"] >= -1e-6
+  assert _names(run.state["params"]) == {"lora_a", "lora_b"}
+
+
+def _align_cli(tmp_path, config: str, workdir: Path, *flags: str) -> str:
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  command = [sys.executable, "-m", "align", f"--config={config}", f"--workdir={workdir}", *flags]
+  done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+@pytest.mark.parametrize("method,config,peft_flags", [
+    ("sft", "configs/align/sft.py:steps=2", ["--config.peft.method=qlora", "--config.peft.targets=all"]),
+    ("dpo", "configs/align/dpo.py:steps=2", ["--config.peft.method=qlora"]),
+    ("grpo", "configs/align/grpo.py:steps=2,prompts=2,group=2,batch=4",
+     ["--config.peft.method=lora", "--config.grpo.kl_coef=0.05", "--config.rl.max_new_tokens=8"]),
+])
+def test_python_m_align_with_adapters(method, config, peft_flags, tokenizer_path, base_run, tmp_path):
+  flags = [f"--config.init_from={base_run}", f"--config.tokenizer.path={tokenizer_path}",
+           "--config.task.name=arithmetic", "--config.task.accuracy_problems=2", "--config.task.accuracy_tokens=8",
+           "--config.seq_len=96", "--config.batch_size=4", "--config.eval_every=0", "--config.mesh.data=2",
+           "--config.optimizer.warmup_steps=0", *peft_flags]
+  out = _align_cli(tmp_path, config, tmp_path / method, *flags)
+  assert "held-out problems of task 'arithmetic'" in out
+  module, _ = rundir.load(tmp_path / method)
+  assert peft.has_adapters(module)
