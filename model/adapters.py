@@ -22,10 +22,12 @@ inside the layer scan they see one layer's. `enabled=False` gives the base alone
 reference of DPO/PPO/GRPO); `dropout_on` is set only for a training step (model.peft.with_dropout).
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from model import projections, quant
@@ -93,14 +95,27 @@ class Adapter(nnx.Module):
     mask = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]), keep, x.shape)
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
+  def base_projection(self, eq: str, x: jax.Array, dtype) -> jax.Array:
+    """The frozen base's product: a quantized base decodes itself (rematerialized, see model.quant);
+    a float one is cast inside a checkpoint, so the backward pass casts again rather than keeping
+    every layer's cast copy of the base alive (the base has no gradient to need it for)."""
+    if isinstance(self.base, quant.QuantizedWeight):
+      return self.base(eq, x, dtype)
+    return _frozen_einsum(eq, x, self.base[...], np.dtype(dtype))
+
   def __call__(self, eq: str, x: jax.Array, dtype) -> jax.Array:
-    base_out = projections.project(eq, x, self.base, dtype)
+    base_out = self.base_projection(eq, x, dtype)
     if not self.enabled:
       return base_out
     return self.adapted(eq, x, base_out, dtype)
 
   def adapted(self, eq, x, base_out, dtype):
     raise NotImplementedError
+
+
+@functools.partial(jax.checkpoint, static_argnums=(0, 3), policy=jax.checkpoint_policies.nothing_saveable)
+def _frozen_einsum(eq: str, x: jax.Array, weight: jax.Array, dtype) -> jax.Array:
+  return jnp.einsum(eq, x, weight.astype(dtype))
 
 
 def base_layers(base) -> int:
@@ -178,7 +193,7 @@ class LoRA(Adapter):
     magnitude_scale = (ratio + jax.lax.stop_gradient(snapped - ratio)).astype(dtype)
     if x_dropped is x:
       return magnitude_scale * (base_out + lora_out)
-    dropped_base = projections.project(eq, x_dropped, self.base, dtype)
+    dropped_base = self.base_projection(eq, x_dropped, dtype)
     return base_out + (magnitude_scale - 1) * dropped_base + magnitude_scale * lora_out
 
   def merged_weight(self, dtype) -> jax.Array:

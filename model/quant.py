@@ -278,7 +278,15 @@ class QuantizedWeight(nnx.Module):
     return out.reshape(out.shape[0], *self.shape)
 
   def __call__(self, eq: str, x: jax.Array, dtype) -> jax.Array:
-    return jnp.einsum(eq, x, self.dequantized(dtype))
+    return _dequantized_einsum(eq, x, self.quantized(), self.shape, np.dtype(dtype))
+
+
+# Rematerialized: the backward pass decodes the weight again from its codes instead of keeping the
+# float weight of every layer alive from the forward pass (as bitsandbytes' 4-bit matmul does);
+# without it a QLoRA step holds a float copy of the whole base.
+@functools.partial(jax.checkpoint, static_argnums=(0, 3, 4), policy=jax.checkpoint_policies.nothing_saveable)
+def _dequantized_einsum(eq: str, x: jax.Array, q: QuantizedArray, shape, dtype) -> jax.Array:
+  return jnp.einsum(eq, x, dequantize(dataclasses.replace(q, dtype=dtype)).reshape(shape))
 
 
 def is_quantized(module: nnx.Module) -> bool:

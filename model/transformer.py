@@ -1,7 +1,10 @@
 """The decoder: embedding -> L blocks -> final norm -> logits. Every family is a ModelConfig of it."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
@@ -25,6 +28,14 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
       [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
   )
   return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+# The weight is cast to the compute dtype inside a checkpoint: the backward pass casts it again
+# instead of keeping a [V, D] copy alive from the forward pass (a frozen head's whole memory when
+# fine-tuning adapters on a bf16 or float32 base).
+@functools.partial(jax.checkpoint, static_argnums=(0, 3), policy=jax.checkpoint_policies.nothing_saveable)
+def _output_projection(eq: str, features: jax.Array, weight: jax.Array, dtype) -> jax.Array:
+  return jnp.einsum(eq, features, weight.astype(dtype), preferred_element_type=jnp.float32)
 
 
 class Transformer(nnx.Module):
@@ -142,13 +153,9 @@ class Transformer(nnx.Module):
     """[B, T, D] final-normed features -> [B, T, V] float32 logits."""
     c = self.config
     if c.tie_embeddings:
-      out = jnp.einsum(
-          "BTD,VD->BTV", features, self.embedding[...].astype(c.compute_dtype), preferred_element_type=jnp.float32
-      )
+      out = _output_projection("BTD,VD->BTV", features, self.embedding[...], np.dtype(c.compute_dtype))
     else:
-      out = jnp.einsum(
-          "BTD,DV->BTV", features, self.lm_head[...].astype(c.compute_dtype), preferred_element_type=jnp.float32
-      )
+      out = _output_projection("BTD,DV->BTV", features, self.lm_head[...], np.dtype(c.compute_dtype))
     if c.final_logit_softcap:
       out = c.final_logit_softcap * jnp.tanh(out / c.final_logit_softcap)
     return shard(out, BTV)

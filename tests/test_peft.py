@@ -279,3 +279,24 @@ def test_a_train_step_changes_only_the_adapters(method):
   frozen = nnx.state(module, nnx.Not(peft.is_adapter_param))
   for before, after in zip(jax.tree.leaves(frozen), jax.tree.leaves(rest), strict=True):
     np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_the_backward_pass_keeps_no_float_copy_of_the_base(method, capsys):
+  """The base's float (dequantized or cast) weights are recomputed in the backward pass, not saved
+  from the forward: no residual other than an argument has a projection weight's element count."""
+  from jax import ad_checkpoint
+  config = CONFIG.replace(scan_layers=True, param_dtype="bfloat16")
+  module = _adapted(model_lib.Transformer(config, rngs=nnx.Rngs(0)), method=method, block_size=16)
+  graphdef, trained, rest = nnx.split(module, peft.is_adapter_param, ...)
+  ad_checkpoint.print_saved_residuals(lambda p, r: nnx.merge(graphdef, p, r)(TOKENS).sum(), trained, rest)
+  saved = [line for line in capsys.readouterr().out.splitlines() if "from the argument" not in line]
+  shapes = {(config.num_layers, *slot.get().base.shape) for slot in projections.slots(module)}
+  shapes |= {(config.num_layers, math.prod(s[1:1 + slot.in_rank]), *s[1 + slot.in_rank:])
+             for slot in projections.slots(module) for s in [(0, *slot.get().base.shape)]}
+  shapes |= {(config.embed_dim, config.vocab_size), (config.vocab_size, config.embed_dim)}
+  assert saved
+  for line in saved:
+    text = line.split("[", 1)[1].split("]", 1)[0]
+    shape = tuple(int(d) for d in text.split(",") if d)
+    assert shape not in shapes, line

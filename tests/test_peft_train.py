@@ -178,3 +178,17 @@ def test_python_m_align_with_adapters(method, config, peft_flags, tokenizer_path
   assert "held-out problems of task 'arithmetic'" in out
   module, _ = rundir.load(tmp_path / method)
   assert peft.has_adapters(module)
+
+
+def test_continued_pretraining_with_lora(tokenizer_path, base_run, tmp_path):
+  """`python -m train`'s trainer with config.peft: next-token loss on the default corpus, adapters only."""
+  config = common.train_config(total_steps=2, batch_size=8, seq_len=64, log_every=1, eval_every=2, eval_steps=1,
+                               checkpoint_every=0, init_from=str(base_run))
+  config.model = common.model_config("tiny", **TINY)
+  config.tokenizer.path = str(tokenizer_path)
+  config.mesh.data = 8
+  config.optimizer.warmup_steps = 0
+  config.update_from_flattened_dict({**LORA, "peft.method": "dora"})
+  result = trainer.train(config, tmp_path)
+  assert np.isfinite(result["eval_loss"])
+  assert _names(result["run"].state["params"]) == {"lora_a", "lora_b", "lora_magnitude"}
