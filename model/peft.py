@@ -205,12 +205,14 @@ def with_dropout(module: nnx.Module, rng: jax.Array) -> nnx.Module:
 def merge(module: nnx.Module) -> nnx.Module:
   """A copy of `module` with every adapter folded into its weight: a plain float module (a QLoRA
   base is dequantized to the dtype it was quantized from), or for QA-LoRA the int4 base with the
-  update folded into its zero points, exactly. The input is left as it was."""
+  update folded into its zero points, exactly. The input is left as it was; with a mesh in
+  `model.sharding.axis_rules`, the merged weights are placed on it."""
   module = projections.shallow_copy(module)
   for _, parent in list(nnx.iter_modules(module)):
     for attr, child in list(vars(parent).items()):
       if isinstance(child, adapters.Adapter):
         setattr(parent, attr, _merged(child))
+  sharding.place_in_context(module)
   return module
 
 

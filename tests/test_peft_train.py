@@ -145,8 +145,9 @@ def test_dpo_with_lora_holds_one_copy_of_the_base(tokenizer_path, base_run, tmp_
   assert (tmp_path / "reference_logps_train.npz").is_file()
 
 
-def test_grpo_with_qlora_takes_its_reference_from_the_base(tokenizer_path, base_run, tmp_path):
-  config = _config("grpo", tokenizer_path, base_run, **QLORA, total_steps=2, **{
+def test_grpo_with_qlora_takes_its_reference_from_the_base(tokenizer_path, lora_run, tmp_path):
+  """From the LoRA run (its adapters merged into the new base, which QLoRA then quantizes)."""
+  config = _config("grpo", tokenizer_path, lora_run[1], **QLORA, total_steps=2, **{
       "grpo.kl_coef": 0.1, "rl.prompts_per_iteration": 2, "rl.samples_per_prompt": 4, "rl.max_new_tokens": 8})
   result = align_run.run(config, tmp_path)
   run = result["run"]

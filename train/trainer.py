@@ -162,22 +162,29 @@ def _model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: v for k, v in config.model.items() if k != "preset" and v is not None}
 
 
+def _load_merged(path, mesh, rules, overrides, *, key: str = "path") -> tuple[nnx.Module, str]:
+  """A decoder to start from: a run's or a Hugging Face directory's; a PEFT run's with its adapters
+  merged into its weights (the new run's base is what that run trained)."""
+  decoder, note = rundir.load_decoder(path, mesh=mesh, rules=rules, overrides=overrides, key=key)
+  if peft.has_adapters(decoder):
+    decoder, note = peft.merge(decoder), f"{note}, adapters merged"
+  return decoder, note
+
+
 def _starting_module(config, tokenizer, saved: dict, mesh, rules) -> tuple[nnx.Module, str]:
   """The decoder a run starts from: init_from's weights (a new run), else a random init of the
   architecture the run began with (its saved config) or of config.model. With config.peft the base
   always comes from init_from (checkpoints hold the adapters only), and the adapters are added to it
   (initialised from config.seed; a resumed run then restores them)."""
   if loading.peft_on(config):
-    decoder, note = rundir.load_decoder(config.init_from, mesh=mesh, rules=rules, overrides=_model_overrides(config),
-                                        key="config.init_from")
+    decoder, note = _load_merged(config.init_from, mesh, rules, _model_overrides(config), key="config.init_from")
     try:
       peft.add_adapters(decoder, config.peft, rngs=nnx.Rngs(config.seed))
     except ValueError as e:  # a target, block or group size this model cannot take
       raise validation.ConfigError(f"{e} ({note})") from e
     return decoder, f"{note}, {config.peft.method} adapters"
   if config.init_from and not saved:
-    return rundir.load_decoder(config.init_from, mesh=mesh, rules=rules, overrides=_model_overrides(config),
-                               key="config.init_from")
+    return _load_merged(config.init_from, mesh, rules, _model_overrides(config), key="config.init_from")
   if saved.get("resolved_model"):
     model_config = model_lib.ModelConfig(**saved["resolved_model"])
   else:
@@ -194,7 +201,7 @@ def _wrapped(decoder: nnx.Module, wrap_model, config, mesh, rules) -> tuple[nnx.
   overrides = _model_overrides(config)
 
   def load(path, overrides=overrides):
-    return rundir.load_decoder(path, mesh=mesh, rules=rules, overrides=overrides)[0]
+    return _load_merged(path, mesh, rules, overrides)[0]
 
   module = wrap_model(decoder, mesh=mesh, rules=rules, seed=config.seed, config=config, load=load)
   return module, (DECODER_ATTR if hasattr(module, DECODER_ATTR) else "")
