@@ -193,3 +193,17 @@ def test_continued_pretraining_with_lora(tokenizer_path, base_run, tmp_path):
   result = trainer.train(config, tmp_path)
   assert np.isfinite(result["eval_loss"])
   assert _names(result["run"].state["params"]) == {"lora_a", "lora_b", "lora_magnitude"}
+
+
+def test_a_reward_model_trains_adapters_and_its_head_and_loads_back(tokenizer_path, base_run, tmp_path):
+  """The head outside the decoder trains beside the adapters; reward_model.load rebuilds the
+  wrapper from the base, the adapters and the head of the PEFT run's checkpoint."""
+  from align import reward_model
+  run = align_run.run(_config("reward", tokenizer_path, base_run, **LORA, total_steps=2), tmp_path)["run"]
+  assert _names(run.state["params"]) == {"lora_a", "lora_b", "head"}
+  loaded = reward_model.load(tmp_path, mesh=run.mesh, rules=run.rules)
+  tokens = jax.numpy.asarray(np.random.default_rng(1).integers(0, VOCAB, (8, 12)))
+  last = jax.numpy.full((8,), 11)
+  np.testing.assert_allclose(np.asarray(loaded(tokens, last)), np.asarray(run.model()(tokens, last)), rtol=1e-5,
+                             atol=1e-6)
+  assert np.any(np.asarray(loaded.head[...]) != 0)
