@@ -1,12 +1,13 @@
 """Text in, text out: a prompt through the tokenizer, `infer.generate` / `infer.stream`, text back.
 
 `run(config)` is the body of `python -m infer` (configs/infer/generate.py): load a run's workdir or
-a Hugging Face directory, stream the continuation of `config.prompt` to `out`, and end with a
-summary line. `complete` is the one-call form (the quickstart's closing sample uses it). A
-tokenizer here is anything with encode, decode, bos_id and eos_id (rundir.Tokenizer).
+a Hugging Face directory, quantize its projection weights if `config.quant` asks (model/quant.py),
+stream the continuation of `config.prompt` to `out`, and end with a summary line. `complete` is the
+one-call form (the quickstart's closing sample uses it). A tokenizer here is anything with encode, decode, bos_id and eos_id (rundir.Tokenizer).
 """
 
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import infer
 from configs import validation
 from configs.infer import generate as generate_config
 import rundir
-from model import sharding
+from model import projections, quant, sharding
 
 
 @dataclasses.dataclass
@@ -154,7 +155,68 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key, (ok, requirement) in checks.items():
     if not ok:
       raise validation.ConfigError(f"config.{key}={config[key]!r} {requirement}")
+  if config.quant not in ("", *quant.SCHEMES):
+    raise validation.ConfigError(
+        f"config.quant={config.quant!r} is not a quantization scheme; use one of {', '.join(quant.SCHEMES)} "
+        "or '' (off)"
+    )
+  if config.quant_block_size < 1:
+    raise validation.ConfigError(f"config.quant_block_size={config.quant_block_size} must be >= 1")
+  if config.quant in ("int4", "nf4") and config.quant_block_size % 2:
+    raise validation.ConfigError(f"config.quant_block_size={config.quant_block_size} must be even with "
+                                 f"config.quant={config.quant!r} (two 4-bit codes per byte)")
   validation.check_sharding_rules(config.sharding_rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+  """What `quantize` did: the scheme, and the bytes of the seven projection weights before and after."""
+
+  scheme: str
+  block_size: int | None  # None for int8 (one scale per output channel)
+  float_bytes: int  # the projection weights as loaded
+  float_dtype: str
+  quantized_bytes: int  # their codes (4-bit ones two per byte) and scales
+
+  def describe(self) -> str:
+    block = f", blocks of {self.block_size}" if self.block_size else ""
+    return (f"weights {self.scheme}-quantized{block}: projections {format_bytes(self.quantized_bytes)} "
+            f"vs {format_bytes(self.float_bytes)} {self.float_dtype}")
+
+
+def format_bytes(n: int) -> str:
+  for unit in ("B", "KiB", "MiB"):
+    if n < 1024:
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n:.2f} GiB"
+
+
+def projection_bytes(module: nnx.Module) -> int:
+  """Bytes of the decoder's seven projection weights: their parameters, or their codes and scales."""
+  total = 0
+  for slot in projections.slots(module):
+    weight = slot.get()
+    arrays = jax.tree.leaves(nnx.state(weight)) if isinstance(weight, nnx.Module) else [weight.get_value()]
+    total += sum(math.prod(a.shape) * a.dtype.itemsize for a in arrays)
+  return total
+
+
+def quantize(module: nnx.Module, config: ml_collections.ConfigDict) -> tuple[nnx.Module, Quantization]:
+  """`model.quant.quantize(module, config.quant, block_size=config.quant_block_size)`; a block size
+  that does not divide a weight's input features is a ConfigError naming config.quant_block_size.
+  Call it inside the mesh's `sharding.axis_rules` so the codes and scales are placed like the weights."""
+  block_size = config.quant_block_size
+  float_dtype = str(next(projections.slots(module)).get().get_value().dtype)
+  float_bytes = projection_bytes(module)
+  try:
+    module = quant.quantize(module, config.quant, block_size=block_size)
+  except ValueError as e:  # a block size that does not divide a weight's input features
+    raise validation.ConfigError(f"config.quant_block_size={block_size}: {e}") from e
+  return module, Quantization(
+      scheme=config.quant, block_size=None if config.quant == "int8" else block_size, float_bytes=float_bytes,
+      float_dtype=float_dtype, quantized_bytes=projection_bytes(module),
+  )
 
 
 def sampling_of(config: ml_collections.ConfigDict) -> infer.Sampling:
@@ -179,6 +241,10 @@ def run(config: ml_collections.ConfigDict, out: TextIO = sys.stdout) -> Completi
     raise validation.ConfigError(f"config.checkpoint={config.checkpoint!r} does not exist or is not a directory")
   step = None if config.step < 0 else config.step
   module, tokenizer = rundir.load(config.checkpoint, mesh=mesh, rules=rules, step=step)
+  quantization = None
+  if config.quant:  # weight-only: the float projection weights are dropped with `module`
+    with sharding.axis_rules(mesh, sharding.with_default_rules(rules)):
+      module, quantization = quantize(module, config)
 
   # ------------------------------------------------------------------ generate
   completion = stream_completion(
@@ -187,8 +253,9 @@ def run(config: ml_collections.ConfigDict, out: TextIO = sys.stdout) -> Completi
       rules=rules,
   )
   reason = {"stop": "stopped at eos", "length": "reached max_new_tokens"}[completion.finish_reason]
-  out.write(
-      f"\n[{len(completion.tokens)} tokens, {reason}, mean log-prob per token {completion.confidence:.3f}]\n"
-  )
+  summary = f"{len(completion.tokens)} tokens, {reason}, mean log-prob per token {completion.confidence:.3f}"
+  if quantization is not None:
+    summary += f"; {quantization.describe()}"
+  out.write(f"\n[{summary}]\n")
   out.flush()
   return completion

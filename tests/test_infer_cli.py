@@ -17,6 +17,7 @@ from configs import validation
 from configs.infer import generate as generate_config
 import rundir
 from infer import cli
+from model import quant, sharding
 from tests.test_train import _config  # the same tiny run the trainer tests use
 from rundir import tokenizer as tokenizer_lib
 from train import trainer
@@ -109,6 +110,35 @@ def test_cli_streams_the_decoded_text_and_a_summary(trained):
   assert out.getvalue() == f"{text}\n{summary}\n"
 
 
+def test_cli_quantized_int8_generates_as_the_quantized_run_and_says_so(trained):
+  workdir, result = trained
+  run = result["run"]
+  config = generate_config.get_config()
+  config.checkpoint = str(workdir)
+  config.prompt = PROMPT
+  config.max_new_tokens = 9
+  config.mesh.data, config.mesh.tensor = 8, 1  # the run's mesh
+  config.quant = "int8"
+  out = io.StringIO()
+  completion = cli.run(config, out=out)
+
+  with sharding.axis_rules(run.mesh, run.rules):  # the codes and scales placed as the CLI places them
+    quantized = quant.quantize(run.model(), "int8")
+  prompt = cli.encode_prompt(run.tokenizer, PROMPT)
+  expected = infer.generate(quantized, [prompt], max_new_tokens=9, stop_tokens=[run.tokenizer.eos_id],
+                            rules=run.rules)
+  assert completion.tokens == expected.tokens[0]
+  np.testing.assert_allclose(completion.confidence, expected.confidence[0], atol=1e-4)
+  # The tiny model's projections: 2 layers x (64*64 q + 2 * 64*32 k, v + 64*64 o + 3 * 64*128 gate,
+  # up, down) = 73,728 weights, 294,912 bytes in float32; int8: a byte each plus a float32 scale per
+  # output channel, 2 x (64 q + 2 * 32 k, v + 64 o + 2 * 128 gate, up + 64 down) x 4 = 4,096 bytes.
+  assert cli.projection_bytes(quantized) == 73_728 + 4_096 == 77_824
+  reason = "stopped at eos" if completion.finish_reason == "stop" else "reached max_new_tokens"
+  summary = (f"[{len(completion.tokens)} tokens, {reason}, mean log-prob per token {completion.confidence:.3f}; "
+             "weights int8-quantized: projections 76.0 KiB vs 288.0 KiB float32]")
+  assert out.getvalue().splitlines()[-1] == summary
+
+
 def test_load_errors_name_what_is_wrong(trained, tmp_path):
   workdir, _ = trained
   with pytest.raises(ValueError, match=r"step=7 has no checkpoint in .*saved steps: \[3\]"):
@@ -157,6 +187,8 @@ def test_load_hf_directory_needs_a_sentencepiece_tokenizer(tmp_path):
         ("top_p", 0.0, r"config.top_p=0.0 must be in \(0, 1\]"),
         ("top_p", 1.5, r"config.top_p=1.5 must be in \(0, 1\]"),
         ("min_p", 2.0, r"config.min_p=2.0 must be in \[0, 1\]"),
+        ("quant", "fp3", r"config.quant='fp3' is not a quantization scheme; use one of int8, int4, nf4 or '' \(off\)"),
+        ("quant_block_size", 0, "config.quant_block_size=0 must be >= 1"),
     ],
 )
 def test_bad_config_values_name_the_key(key, value, message):

@@ -11,6 +11,11 @@ DIR is a run's workdir (its latest checkpoint and tokenizer.model) or a Hugging 
 with a sentencepiece tokenizer.model. Greedy by default; `:sampling=nucleus` (or
 `--config.temperature=0.8 --config.top_p=0.95`) samples. Prints the text as it is produced and a
 summary line: tokens generated, why generation stopped, and the mean log-prob per token.
+
+`--config.quant=int8|int4|nf4` runs with weight-only quantized projection weights (model/quant.py:
+int8 per output channel, int4 group-wise, NF4 blockwise, blocks of `quant_block_size` input
+features); embeddings, the LM head and norms stay as loaded. The summary line then also says so,
+with the bytes of the projection weights quantized and as they were loaded.
 """
 
 import ml_collections
@@ -41,6 +46,8 @@ def get_config(arg: str | None = None):
   config.update(SAMPLING[arg.sampling])
   config.seed = 0
   config.stream_every = 4  # decode steps between prints
+  config.quant = ""  # '' (off), int8, int4 or nf4: weight-only quantization of the projections
+  config.quant_block_size = 64  # int4 / nf4: input features per group / block (int8 is per channel)
   # Tensor parallelism over all devices (a dimension a mesh axis does not divide stays replicated).
   config.mesh = common.mesh_config(data=1, tensor=-1)
   config.sharding_rules = common.sharding_rules()
