@@ -114,8 +114,12 @@ def model_config(preset: str, method: str, args, **overrides) -> model.ModelConf
 
 
 def make_module(cfg: model.ModelConfig, method: str, rank: int) -> nnx.Module:
+  """method: one of METHODS, or 'qlora+head' (QLoRA with config.peft.quant_head: the untied output
+  head in NF4 too)."""
   module = model.Transformer(cfg, rngs=nnx.Rngs(0))
   config = dict(method="none" if method == "full" else method, targets="all", rank=rank)
+  if method == "qlora+head":
+    config.update(method="qlora", quant_head=True)
   return peft.add_adapters(module, config, rngs=nnx.Rngs(1))
 
 
@@ -252,6 +256,9 @@ def print_goal(rows: list[dict], args) -> None:
         f"weight), float base (embeddings, "
         f"LM head, norms) {(row['base'] - row['quant_bytes']) / GB:.3f} GB, LoRA params + grads + AdamW "
         f"{(row['params'] + row['grads'] + row['adam']) / GB:.3f} GB")
+  head = abstract_row("llama3.1-8b", "qlora+head", args)
+  print(f"  with the output head in NF4 too (config.peft.quant_head=True): {head['total'] / GB:.3f} GB = "
+        f"{head['total'] / GIB:.3f} GiB ({head['bits']:.3f} bits per quantized weight)")
   cfg = model_config("llama3.1-8b", "qlora", args)
   parts = []
   for dtype in ("float32", "bfloat16"):

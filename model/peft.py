@@ -15,6 +15,8 @@
   quant_bits, quant_type, block_size, double_quant   QLoRA's base: every projection quantized
                 (nf4 | int4 are 4-bit, int8 is 8-bit; double_quant for nf4 only)
   group_size    QA-LoRA's groups: the base is group-wise int4 with this group size
+  quant_head    qlora / qa_lora: quantize the untied output head too (QLoRA keeps it in 16 bits; at
+                Llama 3's 128k vocabulary it is an eighth of an 8B model)
 The adapter modules are in model/adapters.py. Only adapter weights (ADAPTER_NAMES) train; the
 base is frozen, and `without_adapters(module)` is the base alone, the frozen reference.
 """
@@ -35,7 +37,8 @@ METHODS = ("none", "lora", "dora", "vera", "qlora", "qa_lora")
 QUANT_TYPES = {"nf4": 4, "int4": 4, "int8": 8}  # quant_type -> its bits
 ADAPTER_NAMES = ("lora_a", "lora_b", "lora_magnitude", "vera_d", "vera_b")
 DEFAULTS = dict(method="none", rank=8, alpha=16.0, dropout=0.0, targets="q_proj,v_proj", use_rslora=False,
-                vera_d_init=0.1, vera_seed=0, quant_bits=4, quant_type="nf4", block_size=64, double_quant=True, group_size=32)
+                vera_d_init=0.1, vera_seed=0, quant_bits=4, quant_type="nf4", block_size=64, double_quant=True, group_size=32,
+                quant_head=False)
 
 
 def config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -63,6 +66,7 @@ class Settings:
   block_size: int
   double_quant: bool
   group_size: int
+  quant_head: bool
 
   @property
   def scale(self) -> float:
@@ -115,7 +119,7 @@ def settings(peft_config) -> Settings:
                   targets=_targets(c["targets"]), use_rslora=bool(c["use_rslora"]),
                   vera_d_init=float(c["vera_d_init"]), vera_seed=int(c["vera_seed"]), quant_bits=int(c["quant_bits"]), quant_type=c["quant_type"],
                   block_size=int(c["block_size"]), double_quant=bool(c["double_quant"]),
-                  group_size=int(c["group_size"]))
+                  group_size=int(c["group_size"]), quant_head=bool(c["quant_head"]))
 
 
 def adapter_modules(module: nnx.Module) -> list[adapters.Adapter]:
@@ -159,8 +163,8 @@ def add_adapters(module: nnx.Module, peft_config, *, rngs: nnx.Rngs) -> nnx.Modu
   if s.quantized_base:
     scheme = "int4" if s.method == "qa_lora" else s.quant_type
     block = s.group_size if s.method == "qa_lora" else s.block_size
-    for slot in projections.slots(module):
-      quant.quantize_slot(slot, scheme, block_size=block, double_quant=s.double_quant and scheme == "nf4")
+    quant.quantize_projections(module, scheme, block_size=block, double_quant=s.double_quant and scheme == "nf4",
+                               head=s.quant_head)
   common = {}
   if s.method == "vera":
     fans = [_fan(slot) for slot in targets]
@@ -204,14 +208,17 @@ def with_dropout(module: nnx.Module, rng: jax.Array) -> nnx.Module:
 
 def merge(module: nnx.Module) -> nnx.Module:
   """A copy of `module` with every adapter folded into its weight: a plain float module (a QLoRA
-  base is dequantized to the dtype it was quantized from), or for QA-LoRA the int4 base with the
+  base, adapted or not, is dequantized to the dtype it was quantized from), or for QA-LoRA the int4 base with the
   update folded into its zero points, exactly. The input is left as it was; with a mesh in
   `model.sharding.axis_rules`, the merged weights are placed on it."""
   module = projections.shallow_copy(module)
+  qlora = any(isinstance(a, LoRA) and isinstance(a.base, quant.QuantizedWeight) for a in adapter_modules(module))
   for _, parent in list(nnx.iter_modules(module)):
     for attr, child in list(vars(parent).items()):
       if isinstance(child, adapters.Adapter):
         setattr(parent, attr, _merged(child))
+  if qlora:  # the projections without adapters (and a quantized head) become float too
+    quant.dequantize_all(module)
   sharding.place_in_context(module)
   return module
 

@@ -129,7 +129,8 @@ def ingredients_config(module) -> dict:
   if isinstance(first.base, quant.QuantizedWeight) and not first.use_dora:
     meta = dict(first.base.meta)  # QuantizedArray's static fields
     out.update(method="qlora", quant_type=meta["scheme"], quant_bits=8 if meta["scheme"] == "int8" else 4,
-               block_size=meta["block_size"], double_quant=bool(meta["double_quant"]))
+               block_size=meta["block_size"], double_quant=bool(meta["double_quant"]),
+               quant_head=isinstance(getattr(module, "lm_head", None), quant.QuantizedWeight))
   return out
 
 

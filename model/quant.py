@@ -277,16 +277,18 @@ class QuantizedWeight(nnx.Module):
     out = jax.vmap(dequantize)(q)
     return out.reshape(out.shape[0], *self.shape)
 
-  def __call__(self, eq: str, x: jax.Array, dtype) -> jax.Array:
-    return _dequantized_einsum(eq, x, self.quantized(), self.shape, np.dtype(dtype))
+  def __call__(self, eq: str, x: jax.Array, dtype, preferred_element_type=None) -> jax.Array:
+    out_dtype = None if preferred_element_type is None else np.dtype(preferred_element_type)
+    return _dequantized_einsum(eq, x, self.quantized(), self.shape, np.dtype(dtype), out_dtype)
 
 
 # Rematerialized: the backward pass decodes the weight again from its codes instead of keeping the
 # float weight of every layer alive from the forward pass (as bitsandbytes' 4-bit matmul does);
 # without it a QLoRA step holds a float copy of the whole base.
-@functools.partial(jax.checkpoint, static_argnums=(0, 3, 4), policy=jax.checkpoint_policies.nothing_saveable)
-def _dequantized_einsum(eq: str, x: jax.Array, q: QuantizedArray, shape, dtype) -> jax.Array:
-  return jnp.einsum(eq, x, dequantize(dataclasses.replace(q, dtype=dtype)).reshape(shape))
+@functools.partial(jax.checkpoint, static_argnums=(0, 3, 4, 5), policy=jax.checkpoint_policies.nothing_saveable)
+def _dequantized_einsum(eq: str, x: jax.Array, q: QuantizedArray, shape, dtype, out_dtype) -> jax.Array:
+  weight = dequantize(dataclasses.replace(q, dtype=dtype)).reshape(shape)
+  return jnp.einsum(eq, x, weight, preferred_element_type=out_dtype)
 
 
 def is_quantized(module: nnx.Module) -> bool:
@@ -309,18 +311,45 @@ def quantize_slot(slot: projections.Slot, scheme: str, *, block_size: int, doubl
                            stacked=slot.stacked, scheme=scheme, block_size=block_size, double_quant=double_quant))
 
 
-def quantize(module: nnx.Module, scheme: str, *, block_size: int = 64, double_quant: bool = False) -> nnx.Module:
+def head_slot(decoder) -> projections.Slot:
+  """The untied output head `lm_head` (DV: D is contracted) as a slot quantize_slot can replace."""
+  if decoder.config.tie_embeddings:
+    raise ValueError("the output head is the embedding table (tie_embeddings=True): it is not quantized; "
+                     "only an untied lm_head is")
+  return projections.Slot(decoder, "lm_head", "lm_head", None, 1, False)
+
+
+def quantize_projections(module: nnx.Module, scheme: str, *, block_size: int, double_quant: bool = False,
+                         head: bool = False) -> None:
+  """Replaces the seven projection weights of the decoder `module` (and with `head`, its untied
+  output head) by QuantizedWeights, in place."""
+  slots = list(projections.slots(module)) + ([head_slot(module)] if head else [])
+  for slot in slots:
+    quantize_slot(slot, scheme, block_size=block_size, double_quant=double_quant)
+
+
+def quantize(module: nnx.Module, scheme: str, *, block_size: int = 64, double_quant: bool = False,
+             head: bool = False) -> nnx.Module:
   """A copy of the decoder `module` whose seven projection weights (q/k/v/o, gate/up/down) are
   weight-only `scheme` ('int8' per output channel, 'int4' group-wise or 'nf4' blockwise; see the
-  module docstring); embeddings, the output head and norms stay as they are (as QLoRA keeps them).
-  The copy shares the arrays it does not replace; with a mesh in `model.sharding.axis_rules`, the
-  codes and scales are placed by their logical axes."""
+  module docstring); embeddings, norms and (unless `head`, for an untied one) the output head stay
+  as they are, as QLoRA keeps them. The copy shares the arrays it does not replace; with a mesh in
+  `model.sharding.axis_rules`, the codes and scales are placed by their logical axes."""
   if scheme not in SCHEMES:
     raise ValueError(f"unknown scheme={scheme!r}; expected one of {SCHEMES}")
   if is_quantized(module):
     raise ValueError("the module is already quantized; quantize its float original instead")
   module = projections.shallow_copy(module)
-  for slot in projections.slots(module):
-    quantize_slot(slot, scheme, block_size=block_size, double_quant=double_quant)
+  quantize_projections(module, scheme, block_size=block_size, double_quant=double_quant, head=head)
   sharding.place_in_context(module)
   return module
+
+
+def dequantize_all(module: nnx.Module) -> None:
+  """Replaces every QuantizedWeight in `module` by a float parameter of the dtype it was quantized
+  from (its logical axes kept), in place."""
+  for _, parent in list(nnx.iter_modules(module)):
+    for attr, child in list(vars(parent).items()):
+      if isinstance(child, QuantizedWeight):
+        weight = nnx.jit(lambda w: w.dense(w.float_dtype))(child)
+        setattr(parent, attr, nnx.Param(weight, out_sharding=child.logical_axes, eager_sharding=False))

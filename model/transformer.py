@@ -154,6 +154,8 @@ class Transformer(nnx.Module):
     c = self.config
     if c.tie_embeddings:
       out = _output_projection("BTD,VD->BTV", features, self.embedding[...], np.dtype(c.compute_dtype))
+    elif isinstance(self.lm_head, nnx.Module):  # a quantized head (model.quant)
+      out = self.lm_head("BTD,DV->BTV", features, c.compute_dtype, preferred_element_type=jnp.float32)
     else:
       out = _output_projection("BTD,DV->BTV", features, self.lm_head[...], np.dtype(c.compute_dtype))
     if c.final_logit_softcap:

@@ -300,3 +300,21 @@ def test_the_backward_pass_keeps_no_float_copy_of_the_base(method, capsys):
     text = line.split("[", 1)[1].split("]", 1)[0]
     shape = tuple(int(d) for d in text.split(",") if d)
     assert shape not in shapes, line
+
+
+def test_qlora_with_a_quantized_head_and_merging_to_a_plain_module():
+  """quant_head: the untied output head is NF4 too, decoded as the reference decodes it; merging a
+  QLoRA module (adapters on two projections only) gives a module with no quantized weight left."""
+  module = _base(True)
+  adapted = _perturb(_adapted(module, method="qlora", block_size=16, quant_head=True, targets="q_proj,v_proj"))
+  assert isinstance(adapted.lm_head, quant.QuantizedWeight) and adapted.lm_head.scheme == "nf4"
+  reference = _reference_module(module, adapted)
+  reference.lm_head.set_value(jnp.asarray(np.asarray(adapted.lm_head.dense(jnp.float32))))
+  logits = _logits(adapted)
+  np.testing.assert_allclose(logits, _logits(reference), atol=2e-5, rtol=1e-5)
+  merged = peft.merge(adapted)
+  assert not quant.is_quantized(merged) and not peft.has_adapters(merged)
+  np.testing.assert_allclose(_logits(merged), logits, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="tie_embeddings=True"):
+    tied = model_lib.Transformer(CONFIG.replace(tie_embeddings=True), rngs=nnx.Rngs(0))
+    _adapted(tied, method="qlora", block_size=16, quant_head=True)
