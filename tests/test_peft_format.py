@@ -93,7 +93,7 @@ def test_qlora_adapter_round_trips_with_its_quantized_base(tmp_path):
   peft.save_adapter(module, tmp_path / "q")
   saved = json.loads((tmp_path / "q" / peft_format.INGREDIENTS_FILE).read_text())
   assert saved == dict(method="qlora", rank=2, alpha=4.0, dropout=0.0, targets="q_proj,down_proj", use_rslora=False,
-                       quant_type="nf4", quant_bits=4, block_size=32, double_quant=False)
+                       quant_type="nf4", quant_bits=4, block_size=32, double_quant=False, quant_head=False)
   assert _config_of(tmp_path / "q")["use_dora"] is False  # for PEFT a plain LoRA
   loaded = peft.load_adapter(_base(), tmp_path / "q")
   assert quant.is_quantized(loaded)
