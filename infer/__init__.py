@@ -1,15 +1,19 @@
 """Inference: KV-cache generation and sampling, speculative sampling, test-time scaling.
 
 Public API: generate, stream, Sampling, Generation, speculative_generate, best_of_n,
-self_consistency, BudgetForcing (a decode-loop Controller: `generate(..., controller=BudgetForcing(...))`).
+self_consistency, BudgetForcing (a decode-loop Controller: `generate(..., controller=BudgetForcing(...))`);
+the serving engine: Engine, EngineConfig, SamplingParams, RequestOutput, CompletionOutput (infer/engine.py).
 """
 
 from infer.decoding import Generation, generate, stream
+from infer.engine import CompletionOutput, Engine, EngineConfig, QueueFull, RequestOutput
+from infer.sampling_params import SamplingParams
 from infer.sampling import Sampling
 from infer.speculative import speculative_generate
 from infer.test_time import BestOfN, BudgetForcing, SelfConsistency, best_of_n, self_consistency
 
 __all__ = [
-    "BestOfN", "BudgetForcing", "Generation", "Sampling", "SelfConsistency", "best_of_n", "generate",
+    "BestOfN", "BudgetForcing", "CompletionOutput", "Engine", "EngineConfig", "Generation", "QueueFull",
+    "RequestOutput", "Sampling", "SamplingParams", "SelfConsistency", "best_of_n", "generate",
     "self_consistency", "speculative_generate", "stream",
 ]

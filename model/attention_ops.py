@@ -242,3 +242,38 @@ def dot_product_attention(
     distance = jnp.abs(q_positions[:, :, None] - kv_positions[:, None, :]).astype(jnp.float32)  # [B, T, S]
     alibi_bias = -jnp.asarray(alibi_slopes, jnp.float32)[None, :, None, None] * distance[:, None]
   return xla_attention(q, k, v, mask=mask, scale=scale, logit_softcap=logit_softcap, alibi_bias=alibi_bias)
+
+
+def paged_attention(
+    q: jax.Array,  # [T, N, H]: a step's tokens, flattened across sequences
+    k_pages: jax.Array,  # [P, block_size, K, H]: one layer of a PagedKVCache
+    v_pages: jax.Array,  # [P, block_size, K, H]
+    block_tables: jax.Array,  # [B, M] int32
+    seq_ids: jax.Array,  # [T] int32
+    positions: jax.Array,  # [T] int32; < 0 for padding
+    *,
+    impl: str = "xla",
+    sliding_window: int | jax.Array = 0,
+    logit_softcap: float = 0.0,
+    scale: float | None = None,
+    alibi_slopes: np.ndarray | None = None,
+    max_q_len: int | None = None,  # the most tokens one sequence has in this step (the kernel's tiling)
+) -> jax.Array:
+  """Attention of a flattened step's tokens over their sequences' blocks (pallas_kernels/paged_reference.py
+  states it). 'pallas' runs our Pallas kernel (compiled on TPU, interpreted on CPU); everything else,
+  and the kernel's unsupported cases (ALiBi, a traced window, a mesh), the plain-jnp reference."""
+  from pallas_kernels.paged_reference import paged_attention_reference  # noqa: PLC0415
+
+  kwargs = dict(scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap)
+  if impl == "pallas":
+    reason = ("ALiBi" if alibi_slopes is not None else "a traced sliding window" if not isinstance(sliding_window, int)
+              else "a mesh (the kernel is not yet wrapped in shard_map)" if sharding.current_context() else None)
+    if reason is None:
+      from pallas_kernels.paged_attention import paged_attention as kernel  # noqa: PLC0415
+
+      return kernel(q, k_pages, v_pages, block_tables, seq_ids, positions, max_q_len=max_q_len, **kwargs)
+    _warn_once(f"attention_impl='pallas': paged attention falls back to the jnp reference for {reason}.")
+  elif impl not in ("xla", "cudnn"):
+    raise ValueError(f"attention impl {impl!r} is not one of ('xla', 'cudnn', 'pallas')")
+  return paged_attention_reference(q, k_pages, v_pages, block_tables, seq_ids, positions, alibi_slopes=alibi_slopes,
+                                   **kwargs)

@@ -1,4 +1,4 @@
-"""The key/value cache that decoding passes through the same Transformer.
+"""The key/value caches that decoding passes through the same Transformer: dense and paged.
 
 Slot s of a row holds the key and value of that row's position s, so a row's cache needs no
 length field: causality (a query at position p sees slots <= p) already hides the slots not
@@ -6,9 +6,15 @@ yet written, and slots holding stale values (right padding of a ragged prompt, d
 speculative step rejected) always lie beyond the query and are overwritten before any query
 reaches them. Sliding windows and soft-caps are the attention mask's and the logits' business,
 exactly as without a cache.
+
+The paged cache (the serving engine's, infer/engine.py) is a pool of fixed-size blocks per layer;
+a sequence owns a list of blocks (its row of a block table) and its position p lives at slot
+p % block_size of its (p // block_size)-th block. A step's tokens run as one flattened row, tokens
+of many sequences side by side, each told its sequence by `PageTable.seq_ids`.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +24,13 @@ from model.sharding import shard
 
 # [L, B, S, K, H]: sharded like activations (batch over data/fsdp, kv heads over tensor).
 CACHE_AXES = ("layers", "activation_batch", "activation_cache_length", "activation_kv_heads", "activation_head_dim")
+
+
+def _zeros(config: ModelConfig, rows: int, columns: int, dtype, axes) -> tuple[jax.Array, jax.Array]:
+  """Keys and values: zeros of [L, rows, columns, K, H], placed by the logical axes."""
+  shape = (config.num_layers, rows, columns, config.num_kv_heads, config.head_dim)
+  zeros = shard(jnp.zeros(shape, dtype or config.compute_dtype), axes)
+  return zeros, zeros
 
 
 @jax.tree_util.register_dataclass
@@ -33,9 +46,7 @@ class KVCache:
   @classmethod
   def create(cls, config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> "KVCache":
     """Zeros of [L, B, S, K, H] in the model's compute dtype (call under jit to create it sharded)."""
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
-    zeros = jnp.zeros(shape, dtype or config.compute_dtype)
-    return cls(shard(zeros, CACHE_AXES), shard(zeros, CACHE_AXES))
+    return cls(*_zeros(config, batch_size, max_length, dtype, CACHE_AXES))
 
 
 def write(cache: jax.Array, layer: int | jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
@@ -48,3 +59,53 @@ def write(cache: jax.Array, layer: int | jax.Array, new: jax.Array, starts: jax.
   slots = starts[:, None] + jnp.arange(length)  # [B, T]
   rows = jnp.arange(batch)[:, None]
   return cache.at[layer, rows, slots].set(new.astype(cache.dtype), mode="drop")
+
+
+# [L, P, block_size, K, H]: blocks are whole on every device; kv heads over tensor, like activations.
+PAGED_CACHE_AXES = ("layers", None, None, "activation_kv_heads", "activation_head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+  k: jax.Array  # [L, P, block_size, K, H]
+  v: jax.Array  # [L, P, block_size, K, H]
+
+  @property
+  def num_blocks(self) -> int:  # P
+    return self.k.shape[1]
+
+  @property
+  def block_size(self) -> int:
+    return self.k.shape[2]
+
+  @classmethod
+  def create(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype=None) -> "PagedKVCache":
+    """Zeros of [L, P, block_size, K, H] in the model's compute dtype (call under jit to create it sharded)."""
+    return cls(*_zeros(config, num_blocks, block_size, dtype, PAGED_CACHE_AXES))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("block_tables", "seq_ids"),
+                   meta_fields=("max_q_len",))
+@dataclasses.dataclass(frozen=True)
+class PageTable:
+  """Where a flattened step's tokens read and write in a PagedKVCache.
+
+  The tokens of a sequence are contiguous and in position order, sequences in row order, padding
+  (position < 0) last: the paged-attention kernel relies on it."""
+
+  block_tables: jax.Array  # [B, M] int32: each sequence's blocks, in order
+  seq_ids: jax.Array  # [T] int32: the row of block_tables each token of the step belongs to
+  max_q_len: int | None = None  # static: the most tokens one sequence has in the step (1 when decoding)
+
+
+def write_paged(cache: jax.Array, layer: int | jax.Array, new: jax.Array, table: PageTable,
+                positions: jax.Array) -> jax.Array:
+  """cache [L, P, bs, K, H] with new [T, K, H] written into `layer` where each token's position puts it.
+
+  Tokens with a negative position (padding) are dropped, as is any token whose block is >= P.
+  """
+  num_blocks, block_size = cache.shape[1], cache.shape[2]
+  blocks = table.block_tables.at[table.seq_ids, jnp.maximum(positions // block_size, 0)].get(mode="clip")  # [T]
+  blocks = jnp.where(positions >= 0, blocks, num_blocks)
+  return cache.at[layer, blocks, positions % block_size].set(new.astype(cache.dtype), mode="drop")

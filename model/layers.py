@@ -80,7 +80,7 @@ class Attention(nnx.Module):
       positions: jax.Array,  # [B, T]
       segment_ids: jax.Array | None,  # [B, T]
       sliding_window: int | jax.Array,
-      cache: tuple[jax.Array, jax.Array, int | jax.Array] | None = None,  # (k, v [L, B, S, K, H], this layer)
+      cache: tuple | None = None,  # (k, v [L, B, S, K, H], this layer, None) or, paged, (k, v [L, P, bs, K, H], layer, PageTable)
   ):
     """[B, T, D] -> [B, T, D]; with a cache, also the cache with this chunk's keys and values written.
 
@@ -109,7 +109,10 @@ class Attention(nnx.Module):
     else:
       if segment_ids is not None:
         raise ValueError("segment_ids are not used with a KV cache: one sequence per row")
-      all_k, all_v, layer = cache
+      all_k, all_v, layer, table = cache
+      if table is not None:
+        out, cache = self._paged(q, k, v, positions, sliding_window, scale, alibi, cache)
+        return project("BTNH,NHD->BTD", shard(out, BTNH), self.wo, dtype), cache
       all_k = kv_cache.write(all_k, layer, k, positions[:, 0])
       all_v = kv_cache.write(all_v, layer, v, positions[:, 0])
       keys, values = all_k[layer], all_v[layer]  # [B, S, K, H]
@@ -120,10 +123,27 @@ class Attention(nnx.Module):
           q, keys, values, impl="xla", q_positions=positions, kv_positions=slots, causal=True,
           sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,
       )
-      cache = (all_k, all_v, layer)
+      cache = (all_k, all_v, layer, None)
     out = shard(out, BTNH)
     out = project("BTNH,NHD->BTD", out, self.wo, dtype)
     return out if cache is None else (out, cache)
+
+  def _paged(self, q, k, v, positions, sliding_window, scale, alibi, cache):
+    """One flattened row [1, T] of a serving step: write its keys and values into their blocks, then
+    attend each token over its own sequence's blocks."""
+    c = self.config
+    all_k, all_v, layer, table = cache
+    if q.shape[0] != 1:
+      raise ValueError(f"a paged step runs its tokens as one flattened row [1, T], got batch {q.shape[0]}")
+    position = positions[0]  # [T]
+    all_k = kv_cache.write_paged(all_k, layer, k[0], table, position)
+    all_v = kv_cache.write_paged(all_v, layer, v[0], table, position)
+    out = attention_ops.paged_attention(
+        q[0], all_k[layer], all_v[layer], table.block_tables, table.seq_ids, position, impl=c.attention_impl,
+        sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,
+        max_q_len=table.max_q_len,
+    )
+    return out[None], (all_k, all_v, layer, table)
 
 
 _ACTIVATIONS = {

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, PagedKVCache, PageTable
 from model.layers import BTD, Block, Norm, param
 from model.sharding import shard
 
@@ -64,7 +64,8 @@ class Transformer(nnx.Module):
       *,
       positions: jax.Array | None = None,  # [B, T]; default 0..T-1, restarting per segment
       segment_ids: jax.Array | None = None,  # [B, T]; tokens attend only within their segment
-      cache: KVCache | None = None,  # [L, B, S, K, H]; tokens sit at slots positions[:, 0] + 0..T-1
+      cache: KVCache | PagedKVCache | None = None,  # [L, B, S, K, H]; tokens sit at slots positions[:, 0] + 0..T-1
+      pages: PageTable | None = None,  # with a PagedKVCache: tokens [1, T] of many sequences, flattened
   ):
     """(final-normed hidden states [B, T, D], cache): the input of the output projection or of a
     head, and the cache with this chunk's keys and values written (None when decoding without one).
@@ -74,6 +75,8 @@ class Transformer(nnx.Module):
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
     if cache is not None and positions is None:
       raise ValueError("decoding with a cache needs the tokens' positions [B, T]")
+    if (pages is None) != (cache is None or isinstance(cache, KVCache)):
+      raise ValueError("a PagedKVCache needs its PageTable (pages=), and only it takes one")
     if positions is None:
       if segment_ids is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -86,7 +89,7 @@ class Transformer(nnx.Module):
 
     if cache is None:
       return self.final_norm(self._blocks(x, positions, segment_ids)), None
-    x, cache = self._cached_blocks(x, positions, cache)
+    x, cache = self._cached_blocks(x, positions, cache, pages)
     return self.final_norm(x), cache
 
   def _blocks(self, x, positions, segment_ids):
@@ -113,7 +116,7 @@ class Transformer(nnx.Module):
       )(x, self.layers, jnp.asarray(windows, jnp.int32))
     return x
 
-  def _cached_blocks(self, x, positions, cache: KVCache):
+  def _cached_blocks(self, x, positions, cache: KVCache | PagedKVCache, pages: PageTable | None):
     """The blocks, each writing its keys and values into its layer of the cache in place (the whole
     cache rides in the scan's carry, so a decode step copies none of it). No remat: nothing is
     differentiated here."""
@@ -124,12 +127,13 @@ class Transformer(nnx.Module):
     k, v = cache.k, cache.v
     if not c.scan_layers:
       for i, (block, window) in enumerate(zip(self.layers, windows)):
-        x, (k, v, _) = block(x, positions=positions, segment_ids=None, sliding_window=window, cache=(k, v, i))
-      return x, KVCache(k, v)
+        x, (k, v, *_) = block(x, positions=positions, segment_ids=None, sliding_window=window, cache=(k, v, i, pages))
+      return x, type(cache)(k, v)
 
     def block_fn(carry, block, layer, window):
       x, k, v = carry
-      x, (k, v, _) = block(x, positions=positions, segment_ids=None, sliding_window=window, cache=(k, v, layer))
+      x, (k, v, *_) = block(x, positions=positions, segment_ids=None, sliding_window=window,
+                            cache=(k, v, layer, pages))
       return x, k, v
 
     layers = jnp.arange(c.num_layers)
@@ -143,7 +147,7 @@ class Transformer(nnx.Module):
         fn, in_axes=(nnx.Carry,) + (0,) * len(xs), out_axes=nnx.Carry,
         transform_metadata={nnx.PARTITION_NAME: "layers"},
     )((x, k, v), *xs)
-    return x, KVCache(k, v)
+    return x, type(cache)(k, v)
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
     """An empty cache of [L, B, S, K, H] zeros for decoding with this model."""
@@ -162,8 +166,10 @@ class Transformer(nnx.Module):
       out = c.final_logit_softcap * jnp.tanh(out / c.final_logit_softcap)
     return shard(out, BTV)
 
-  def __call__(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None):
+  def __call__(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | PagedKVCache | None = None,
+               pages: PageTable | None = None):
     """[B, T] tokens -> [B, T, V] float32 logits; with a cache, (logits, updated cache)."""
-    features, new_cache = self.features(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    features, new_cache = self.features(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+                                        pages=pages)
     logits = self.logits(features)
     return logits if cache is None else (logits, new_cache)
