@@ -50,7 +50,7 @@ def _param(value, axes) -> nnx.Param:
 class Adapter(nnx.Module):
   """What every adapter shares: the base weight, its geometry, dropout and the on/off switch."""
 
-  def __init__(self, base, logical_axes, *, in_rank: int, stacked: bool, dropout: float, rngs: nnx.Rngs):
+  def __init__(self, base, logical_axes, *, in_rank: int, stacked: bool, dropout: float):
     self.base = base
     self.in_rank, self.stacked, self.enabled = in_rank, stacked, True
     lead = 1 if stacked else 0
@@ -150,7 +150,7 @@ class LoRA(Adapter):
 
   def __init__(self, base, logical_axes, *, in_rank, stacked, rank: int, scale: float, dropout: float,
                use_dora: bool, rngs: nnx.Rngs, alpha: float | None = None, use_rslora: bool = False):
-    super().__init__(base, logical_axes, in_rank=in_rank, stacked=stacked, dropout=dropout, rngs=rngs)
+    super().__init__(base, logical_axes, in_rank=in_rank, stacked=stacked, dropout=dropout)
     self.rank, self.scale, self.use_dora = rank, float(scale), use_dora
     # How the scale was made (for PEFT's adapter_config.json): alpha / r, or alpha / sqrt(r).
     self.alpha, self.use_rslora = (None if alpha is None else float(alpha)), bool(use_rslora)
@@ -209,7 +209,7 @@ class VeRA(Adapter):
 
   def __init__(self, base, logical_axes, *, in_rank, stacked, rank: int, d_init: float, dropout: float,
                projection_seed: int, max_in: int, max_out: int, rngs: nnx.Rngs):
-    super().__init__(base, logical_axes, in_rank=in_rank, stacked=stacked, dropout=dropout, rngs=rngs)
+    super().__init__(base, logical_axes, in_rank=in_rank, stacked=stacked, dropout=dropout)
     self.rank, self.projection_seed, self.max_in, self.max_out = rank, int(projection_seed), max_in, max_out
     self.vera_d = _param(jnp.full(self.lead_shape + (rank,), d_init, jnp.float32), self.layer_axes + (None,))
     self.vera_b = _param(jnp.zeros(self.lead_shape + self.out_shape, jnp.float32), self.layer_axes + self.out_axes)
@@ -247,7 +247,7 @@ class QALoRA(Adapter):
 
   def __init__(self, base, logical_axes, *, in_rank, stacked, rank: int, scale: float, dropout: float,
                group_size: int, rngs: nnx.Rngs):
-    super().__init__(base, logical_axes, in_rank=in_rank, stacked=stacked, dropout=dropout, rngs=rngs)
+    super().__init__(base, logical_axes, in_rank=in_rank, stacked=stacked, dropout=dropout)
     if not (isinstance(base, quant.QuantizedWeight) and base.scheme == "int4"
             and base.block_size == group_size):
       raise ValueError("QA-LoRA needs a group-wise int4 base quantized with block_size == group_size")

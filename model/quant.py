@@ -201,6 +201,11 @@ class Quantized(nnx.Variable):
 _DATA_FIELDS = ("codes", "scale", "zero", "scale_codes", "scale_scale", "scale_mean")
 
 
+def _with_dtype(q: QuantizedArray, dtype) -> QuantizedArray:
+  """q decoding to `dtype` (q itself when dtype is None)."""
+  return q if dtype is None else dataclasses.replace(q, dtype=np.dtype(dtype))
+
+
 class QuantizedWeight(nnx.Module):
   """A projection weight as codes and scales, dequantized to the compute dtype where it is used.
 
@@ -262,19 +267,13 @@ class QuantizedWeight(nnx.Module):
 
   def dequantized(self, dtype=None) -> jax.Array:
     """The weight in its own shape (one layer's: call inside the layer scan, or vmap when stacked)."""
-    q = self.quantized()
-    if dtype is not None:
-      q = dataclasses.replace(q, dtype=np.dtype(dtype))
-    return dequantize(q).reshape(self.shape)
+    return dequantize(_with_dtype(self.quantized(), dtype)).reshape(self.shape)
 
   def dense(self, dtype=None) -> jax.Array:
     """The whole weight (every layer's when stacked), outside the layer scan."""
     if not self.stacked:
       return self.dequantized(dtype)
-    q = self.quantized()
-    if dtype is not None:
-      q = dataclasses.replace(q, dtype=np.dtype(dtype))
-    out = jax.vmap(dequantize)(q)
+    out = jax.vmap(dequantize)(_with_dtype(self.quantized(), dtype))
     return out.reshape(out.shape[0], *self.shape)
 
   def __call__(self, eq: str, x: jax.Array, dtype, preferred_element_type=None) -> jax.Array:
@@ -287,7 +286,7 @@ class QuantizedWeight(nnx.Module):
 # without it a QLoRA step holds a float copy of the whole base.
 @functools.partial(jax.checkpoint, static_argnums=(0, 3, 4, 5), policy=jax.checkpoint_policies.nothing_saveable)
 def _dequantized_einsum(eq: str, x: jax.Array, q: QuantizedArray, shape, dtype, out_dtype) -> jax.Array:
-  weight = dequantize(dataclasses.replace(q, dtype=dtype)).reshape(shape)
+  weight = dequantize(_with_dtype(q, dtype)).reshape(shape)
   return jnp.einsum(eq, x, weight, preferred_element_type=out_dtype)
 
 

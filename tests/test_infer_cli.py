@@ -86,15 +86,22 @@ def test_a_run_trained_on_8_devices_loads_on_1(trained):
   assert int(devices) == 1 and float(loaded) == pytest.approx(checksum, rel=1e-12)
 
 
-def test_cli_streams_the_decoded_text_and_a_summary(trained):
-  workdir, result = trained
-  run = result["run"]
+def _cli_config(workdir, **overrides):
+  """The CLI's config for 9 new tokens after PROMPT from `workdir`, on the run's mesh (its greedy
+  tokens, exactly)."""
   config = generate_config.get_config()
   config.checkpoint = str(workdir)
   config.prompt = PROMPT
   config.max_new_tokens = 9
-  config.stream_every = 2  # several chunks
-  config.mesh.data, config.mesh.tensor = 8, 1  # the run's mesh: its greedy tokens, exactly
+  config.mesh.data, config.mesh.tensor = 8, 1
+  config.update(overrides)
+  return config
+
+
+def test_cli_streams_the_decoded_text_and_a_summary(trained):
+  workdir, result = trained
+  run = result["run"]
+  config = _cli_config(workdir, stream_every=2)  # several chunks
   out = io.StringIO()
   completion = cli.run(config, out=out)
 
@@ -113,12 +120,7 @@ def test_cli_streams_the_decoded_text_and_a_summary(trained):
 def test_cli_quantized_int8_generates_as_the_quantized_run_and_says_so(trained):
   workdir, result = trained
   run = result["run"]
-  config = generate_config.get_config()
-  config.checkpoint = str(workdir)
-  config.prompt = PROMPT
-  config.max_new_tokens = 9
-  config.mesh.data, config.mesh.tensor = 8, 1  # the run's mesh
-  config.quant = "int8"
+  config = _cli_config(workdir, quant="int8")
   out = io.StringIO()
   completion = cli.run(config, out=out)
 

@@ -15,24 +15,16 @@ from flax import nnx
 
 import rundir
 from align import run as align_run
-from align.tasks import arithmetic
 from configs import common
 from configs.align.common import align_config
 from model import peft, quant
-from rundir import tokenizer as tokenizer_lib
+from tests import test_align_sft
 from train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 320
 TINY = dict(num_layers=2, vocab_size=VOCAB)  # embed 64, mlp 128: QLoRA's block of 64 divides both
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-  texts = [r["prompt"] + r["completion"] for r in arithmetic.sft_examples(400, difficulty=2, seed=9)]
-  path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-  tokenizer_lib.train_tokenizer(texts, path, vocab_size=VOCAB)
-  return path
+tokenizer_path = test_align_sft.tokenizer_path  # the SFT tests' fixture: the same arithmetic tokenizer
 
 
 def _config(method, tokenizer_path, init_from="", **overrides):
