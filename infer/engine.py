@@ -56,6 +56,11 @@ class EngineConfig:
         raise ValueError(f"EngineConfig.{name}={value!r} must be a positive int or None")
 
 
+def bucket_blocks(n: int) -> int:
+  """A power of two >= n: the block-table widths a step compiles for."""
+  return 1 << (max(n, 1) - 1).bit_length()
+
+
 class QueueFull(RuntimeError):
   """The waiting queue holds max_waiting requests already."""
 
@@ -138,7 +143,9 @@ class Engine:
     self._requests: dict[str, _Request] = {}
     self._ids = itertools.count()
     self._arrivals = itertools.count()
-    self.step_shapes: set[tuple] = set()  # the distinct compiled step shapes used (each one compilation)
+    # The distinct step variants used, each one compilation: (tokens, table width, history width,
+    # kernel query length, filters, top log-probs).
+    self.step_shapes: set[tuple] = set()
     self.counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, cached_prompt_tokens=0)
 
   # -- requests -------------------------------------------------------------------------------------
@@ -226,8 +233,8 @@ class Engine:
       return []
     inputs, shape = self._inputs(schedule)
     self.step_shapes.add(shape)
-    self.cache, sampled = paged_step(self.graphdef, self.params, self.cache, inputs, max_q_len=shape[-1],
-                                     mesh=self.mesh, rules=self.rules)
+    self.cache, sampled = paged_step(self.graphdef, self.params, self.cache, inputs, max_q_len=shape[3],
+                                     filters=shape[4], top_logprobs=shape[5], mesh=self.mesh, rules=self.rules)
     sampled = jax.device_get(sampled)
     self.counters["steps"] += 1
     now, touched = time.monotonic(), {}
@@ -261,7 +268,9 @@ class Engine:
     tokens = np.zeros(total, np.int32)
     positions = np.full(total, -1, np.int32)
     seq_ids = np.zeros(total, np.int32)
-    tables = np.zeros((rows, self.blocks_per_seq), np.int32)
+    # The table's width: a bucket of the longest sequence's blocks (the jnp attention gathers them all).
+    width = min(self.blocks_per_seq, bucket_blocks(max(len(s.sequence.blocks) for s in scheduled)))
+    tables = np.zeros((rows, width), np.int32)
     sample_at = np.zeros(rows, np.int32)
     start = 0
     for row, item in enumerate(scheduled):
@@ -279,7 +288,10 @@ class Engine:
     sampling, history = self._row_sampling(scheduled, rows)
     max_q_len = bucket(max(counts)) if self.model_config.attention_impl == "pallas" else None
     inputs = StepInputs(tokens, positions, seq_ids, tables, sample_at, copy_from, copy_to, sampling, history)
-    shape = (total, rows, None if history is None else history.shape[1], max_q_len)
+    params = [item.sequence.request.params for item in scheduled]
+    filters = any(p.top_k or p.top_p < 1 or p.min_p for p in params)
+    top_logprobs = any(p.logprobs for p in params)
+    shape = (total, width, None if history is None else history.shape[1], max_q_len, filters, top_logprobs)
     return inputs, shape
 
   def _row_sampling(self, scheduled, rows: int) -> tuple[RowSampling, np.ndarray | None]:
@@ -314,7 +326,8 @@ class Engine:
     completion.cumulative_logprob += logprob
     if request.params.logprobs is not None:
       k = request.params.logprobs
-      top = [(int(t), float(lp)) for t, lp in zip(sampled["top_tokens"][row][:k], sampled["top_logprobs"][row][:k])]
+      top = [] if not k else [(int(t), float(lp)) for t, lp in zip(sampled["top_tokens"][row][:k],
+                                                                   sampled["top_logprobs"][row][:k])]
       completion.logprobs.append(TokenLogprob(token, logprob, top))
     reason = None
     if completion.detokenizer is not None and completion.detokenizer.add(token):

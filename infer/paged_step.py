@@ -2,7 +2,8 @@
 tokens with the paged cache, and a token sampled for every sequence that reached its last token.
 
 The host (infer/engine.py) pads every array to a bucketed size, so the step compiles once per
-(tokens, sequences, history) bucket; the cache is donated and updated in place.
+(tokens, block-table width, history) bucket and sampling variant (filters or not, top log-probs or
+not); the cache is donated and updated in place.
 """
 
 import dataclasses
@@ -38,9 +39,11 @@ def copy_blocks(cache: PagedKVCache, source: jax.Array, destination: jax.Array) 
   return PagedKVCache(copy(cache.k), copy(cache.v))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_q_len", "mesh", "rules"), donate_argnames=("cache",))
-def paged_step(graphdef, params, cache: PagedKVCache, inputs: StepInputs, *, max_q_len, mesh, rules):
-  """(cache, sampled: {tokens, logprobs [B], top_tokens, top_logprobs [B, 20]})."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_q_len", "filters", "top_logprobs", "mesh", "rules"),
+                   donate_argnames=("cache",))
+def paged_step(graphdef, params, cache: PagedKVCache, inputs: StepInputs, *, max_q_len, filters, top_logprobs, mesh,
+               rules):
+  """(cache, sampled: {tokens, logprobs [B], with top_logprobs: top_tokens, top_logprobs [B, 20]})."""
   with _in_rules(mesh, rules):
     model = nnx.merge(graphdef, params)
     cache = copy_blocks(cache, inputs.copy_from, inputs.copy_to)
@@ -48,7 +51,7 @@ def paged_step(graphdef, params, cache: PagedKVCache, inputs: StepInputs, *, max
     features, cache = model.features(inputs.tokens[None], positions=inputs.positions[None], cache=cache, pages=pages)
     last = jnp.take(features[0], inputs.sample_at, axis=0)  # [B, D]
     logits = model.logits(last[None])[0]  # [B, V]
-    return cache, sample_rows(logits, inputs.sampling, inputs.history)
+    return cache, sample_rows(logits, inputs.sampling, inputs.history, filters=filters, top_logprobs=top_logprobs)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_blocks", "block_size", "mesh", "rules"))

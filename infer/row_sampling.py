@@ -58,24 +58,27 @@ def filtered_sorted(logits: jax.Array, rows: RowSampling) -> tuple[jax.Array, ja
   return order, jnp.where(keep, ranked, -jnp.inf)
 
 
-def sample_rows(logits: jax.Array, rows: RowSampling, history: jax.Array | None) -> dict[str, jax.Array]:
-  """logits [B, V] float32 -> {tokens [B], logprobs [B], top_tokens [B, 20], top_logprobs [B, 20]}."""
+def sample_rows(logits: jax.Array, rows: RowSampling, history: jax.Array | None, *, filters: bool = True,
+                top_logprobs: bool = True) -> dict[str, jax.Array]:
+  """logits [B, V] float32 -> {tokens [B], logprobs [B], and with top_logprobs: top_tokens [B, 20],
+  top_logprobs [B, 20]}. filters=False (static: no row has top-k, top-p or min-p) skips the sort."""
   raw = jax.nn.log_softmax(logits, axis=-1)
   if history is not None:
     logits = penalized(logits, rows, history)
-  order, ranked = filtered_sorted(logits, rows)
+  if filters:
+    order, ranked = filtered_sorted(logits, rows)
+  else:
+    order, ranked = None, logits / jnp.where(rows.temperature > 0, rows.temperature, 1.0)[:, None]
 
   def draw(seed, completion, index, ranked_row):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), completion), index)
     return jax.random.categorical(key, ranked_row)
 
-  picked = jax.vmap(draw)(rows.seed, rows.completion, rows.output_index, ranked)  # [B] rank
-  sampled = jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
+  picked = jax.vmap(draw)(rows.seed, rows.completion, rows.output_index, ranked)  # [B] (a rank when sorted)
+  sampled = picked if order is None else jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
   tokens = jnp.where(rows.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
-  top_logprobs, top_tokens = jax.lax.top_k(raw, min(MAX_TOP_LOGPROBS, raw.shape[-1]))
-  return {
-      "tokens": tokens,
-      "logprobs": jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0],
-      "top_tokens": top_tokens.astype(jnp.int32),
-      "top_logprobs": top_logprobs,
-  }
+  out = {"tokens": tokens, "logprobs": jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]}
+  if top_logprobs:
+    values, ids = jax.lax.top_k(raw, min(MAX_TOP_LOGPROBS, raw.shape[-1]))
+    out.update(top_tokens=ids.astype(jnp.int32), top_logprobs=values)
+  return out

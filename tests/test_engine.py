@@ -66,7 +66,8 @@ def test_each_request_equals_generate_alone_whatever_arrived_with_it(model):
   done = _run(engine, arrivals, check=lambda e, _: chunked.extend(
       s for s in e.scheduler.running if 0 < s.num_computed < s.prompt_len))
   assert engine.scheduler.num_preemptions > 0 and chunked  # both happened
-  assert len(engine.step_shapes) <= 3, engine.step_shapes  # bucketed: few compilations
+  # Bucketed: 2 token counts (16, 32) x 3 block-table widths (4, 8, 16 blocks) at most.
+  assert len(engine.step_shapes) <= 6, engine.step_shapes
   for _, request_id, prompt, params in arrivals:
     alone = infer.generate(model, [prompt], max_new_tokens=params.max_tokens)
     assert done[request_id].outputs[0].token_ids == alone.tokens[0], request_id
