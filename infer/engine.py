@@ -56,8 +56,8 @@ class EngineConfig:
         raise ValueError(f"EngineConfig.{name}={value!r} must be a positive int or None")
 
 
-def bucket_blocks(n: int) -> int:
-  """A power of two >= n: the block-table widths a step compiles for."""
+def power_of_two(n: int) -> int:
+  """The least power of two >= n: the block-table widths and kernel query lengths a step compiles for."""
   return 1 << (max(n, 1) - 1).bit_length()
 
 
@@ -269,7 +269,7 @@ class Engine:
     positions = np.full(total, -1, np.int32)
     seq_ids = np.zeros(total, np.int32)
     # The table's width: a bucket of the longest sequence's blocks (the jnp attention gathers them all).
-    width = min(self.blocks_per_seq, bucket_blocks(max(len(s.sequence.blocks) for s in scheduled)))
+    width = min(self.blocks_per_seq, power_of_two(max(len(s.sequence.blocks) for s in scheduled)))
     tables = np.zeros((rows, width), np.int32)
     sample_at = np.zeros(rows, np.int32)
     start = 0
@@ -286,7 +286,8 @@ class Engine:
     for i, (source, destination) in enumerate(schedule.copies):
       copy_from[i], copy_to[i] = source, destination
     sampling, history = self._row_sampling(scheduled, rows)
-    max_q_len = bucket(max(counts)) if self.model_config.attention_impl == "pallas" else None
+    # The kernel tiles queries by the most tokens one sequence has (1 when every row decodes).
+    max_q_len = power_of_two(max(counts)) if self.model_config.attention_impl == "pallas" else None
     inputs = StepInputs(tokens, positions, seq_ids, tables, sample_at, copy_from, copy_to, sampling, history)
     params = [item.sequence.request.params for item in scheduled]
     filters = any(p.top_k or p.top_p < 1 or p.min_p for p in params)

@@ -74,6 +74,19 @@ def test_each_request_equals_generate_alone_whatever_arrived_with_it(model):
   assert engine.block_manager.num_free == ENGINE.num_blocks
 
 
+def test_the_pallas_kernel_serves_the_same_tokens(model):
+  """attention_impl='pallas' runs the paged-attention kernel (TPU interpret mode on this CPU) inside
+  the model: chunked prompts, decodes, a traced window (alternating layers) and soft-caps."""
+  kernel_model = Transformer(CONFIG.replace(attention_impl="pallas"), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (3, 30, 12, 1)]
+  engine = infer.Engine(kernel_model, None, ENGINE)
+  outputs = engine.generate(prompts, infer.SamplingParams(max_tokens=6))
+  assert {shape[3] for shape in engine.step_shapes} >= {1, 32}  # decode-only steps and chunked ones
+  for prompt, output in zip(prompts, outputs):
+    assert output.outputs[0].token_ids == infer.generate(model, [prompt], max_new_tokens=6).tokens[0]
+
+
 def test_blocks_are_all_free_after_random_requests_aborts_and_preemptions(model):
   rng = np.random.default_rng(1)
   prefixes = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (9, 17)]  # shared prefixes: cache hits
