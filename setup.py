@@ -28,10 +28,20 @@ setuptools.setup(
         # TensorBoard event files without TensorFlow: the light, well-kept writer.
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        "fastapi>=0.110",  # the OpenAI-compatible HTTP server (infer/serve): routes, JSON bodies, SSE streams
+        "uvicorn>=0.29",  # the ASGI server that runs it
+        "prometheus_client>=0.20",  # /metrics in Prometheus' text format, counters and histograms
+        "jinja2>=3.1",  # renders a Hugging Face directory's chat_template, as transformers does
     ],
     extras_require={
         # pytest-xdist: JAX compilation (single-threaded) dominates the suite, so one worker per
         # core runs it nearly twice as fast on a 2-core machine.
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # openai, httpx: the server is tested through OpenAI's own client, and raw requests for the
+        # bodies that client will not send; portpicker: a free port for each live test server.
+        # libtpu: the Pallas TPU kernels are compiled ahead of time for real TPU topologies on this
+        # CPU (0.0.52 is the one measured to work beside jax 0.10.2; jax[tpu] pins an older one).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.30", "httpx>=0.27", "portpicker>=1.6",
+                 "libtpu==0.0.52; sys_platform == 'linux' and platform_machine == 'x86_64'"],
+        "tpu": ["libtpu==0.0.52"],
     },
 )

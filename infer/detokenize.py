@@ -1,6 +1,8 @@
 """A completion's text as its tokens arrive: stop strings found, and nothing shown too early.
 
-The text is the decode of the output tokens so far (a stop token is not shown). While the
+The text is what the output tokens so far add to the prompt's (a stop token is not shown; ids past
+the tokenizer's vocabulary, a padded embedding's, are left out): decoded after the prompt's last
+tokens, since sentencepiece drops the leading space of a piece decoded first. While the
 completion runs, `text()` holds back what may still change: a trailing replacement character (a
 UTF-8 sequence split across byte tokens) and a tail that could be the beginning of a stop string,
 so a stream never shows characters that the final text does not have.
@@ -9,11 +11,27 @@ so a stream never shows characters that the final text does not have.
 _REPLACEMENT = "\ufffd"
 
 
+_CONTEXT = 4  # prompt tokens decoded before the output
+
+
 class Detokenizer:
-  def __init__(self, tokenizer, stop: tuple[str, ...], stop_ids=frozenset()):
+  def __init__(self, tokenizer, stop: tuple[str, ...], stop_ids=frozenset(), prompt_ids=()):
     self._tokenizer, self._stop, self._stop_ids = tokenizer, tuple(stop), stop_ids
     self._ids: list[int] = []
     self._text = ""
+    self._vocab = getattr(tokenizer, "vocab_size", None)
+    self._context = self._known(list(prompt_ids)[-_CONTEXT:])
+    self._context_text = tokenizer.decode(self._context) if self._context else ""
+
+  def _known(self, ids):
+    return [i for i in ids if self._vocab is None or 0 <= i < self._vocab]
+
+  def _decode(self) -> str:
+    ids = self._known(self._ids)
+    if not self._context:
+      return self._tokenizer.decode(ids)
+    text = self._tokenizer.decode(self._context + ids)
+    return text[len(self._context_text):] if text.startswith(self._context_text) else self._tokenizer.decode(ids)
 
   def add(self, token: int) -> bool:
     """Appends a token; True when the text now holds a stop string (the text ends before it)."""
@@ -21,7 +39,7 @@ class Detokenizer:
       return False
     self._ids.append(int(token))
     before = len(self._text)
-    self._text = self._tokenizer.decode(self._ids)
+    self._text = self._decode()
     if not self._stop:
       return False
     search_from = max(0, before - max(len(s) for s in self._stop))

@@ -164,6 +164,9 @@ class Engine:
     if request_id in self._requests:
       raise ValueError(f"request_id {request_id!r} is already in use")
     text, ids = self._prompt_ids(prompt)
+    if len(ids) >= self.max_model_len:
+      raise ValueError(f"the prompt has {len(ids)} tokens: at least the model's max_model_len={self.max_model_len}, "
+                       "with no room for a token of output")
     max_tokens = params.max_tokens or self.max_model_len - len(ids)
     if len(ids) + max_tokens > self.max_model_len:
       raise ValueError(f"the prompt has {len(ids)} tokens and max_tokens={max_tokens}: together more than the "
@@ -178,7 +181,7 @@ class Engine:
       arrival = next(self._arrivals)
       seq = Sequence(arrival, request, index, list(ids), len(ids), arrival, fork_of=request.sequences[0] if index else None)
       request.sequences.append(seq)
-      detokenizer = Detokenizer(self.tokenizer, params.stop, request.stop_ids) if self.tokenizer else None
+      detokenizer = Detokenizer(self.tokenizer, params.stop, request.stop_ids, ids) if self.tokenizer else None
       request.completions.append(_Completion(detokenizer))
       self.scheduler.add(seq)
     self._requests[request_id] = request
