@@ -7,8 +7,8 @@ and our own `infer.generate`, on the same requests and the same weights, in the 
 
 The weights: a seeded `transformers.LlamaForCausalLM` saved with `save_pretrained`; the server loads
 that directory (`python -m infer.serve --config.checkpoint=DIR`, a subprocess, with a small
-sentencepiece tokenizer written beside the weights: prompts are sent as token ids, so it only has
-to load). The requests: --requests prompts of random token ids whose prompt and output lengths are
+sentencepiece tokenizer of the same vocabulary written beside the weights: prompts are sent as token
+ids, and every generated id has text, so each token is streamed as it comes). The requests: --requests prompts of random token ids whose prompt and output lengths are
 log-normal (medians --prompt_median and --output_median, sigma --sigma, clipped to [4, --max_len/2]),
 like chat traffic, greedy, with `ignore_eos` so every request makes exactly its output length.
 
@@ -97,8 +97,9 @@ def make_checkpoint(args, workdir):
   from rundir import tokenizer as tokenizer_lib  # noqa: PLC0415
   from train import corpus  # noqa: PLC0415
 
-  texts = [text for _, text in corpus.stdlib_documents()[:200]]
-  tokenizer_lib.train_tokenizer(texts, os.path.join(path, tokenizer_lib.MODEL_FILENAME), vocab_size=512)
+  # As many pieces as the model's vocabulary, so every generated id has text to stream (about 10 s).
+  texts = [text for _, text in corpus.stdlib_documents()]
+  tokenizer_lib.train_tokenizer(texts, os.path.join(path, tokenizer_lib.MODEL_FILENAME), vocab_size=args.vocab)
   return torch, transformers, hf_model, path
 
 

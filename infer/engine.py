@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import time
 import zlib
+from collections.abc import Mapping
 from collections.abc import Sequence as SequenceOf
 
 import jax
@@ -30,7 +31,7 @@ from infer.paged_step import StepInputs, empty_cache, paged_step
 from infer.row_sampling import RowSampling
 from infer.sampling_params import SamplingParams, check_token_ids
 from infer.scheduler import Scheduler, Sequence
-from model import sharding
+from model import multi_lora, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +121,15 @@ class _Completion:
 class Engine:
   """Serves a Transformer: add_request / abort / step, or generate for an offline batch."""
 
-  def __init__(self, module, tokenizer=None, config: EngineConfig = EngineConfig()):
+  def __init__(self, module, tokenizer=None, config: EngineConfig = EngineConfig(),
+               adapters: Mapping[str, str] | None = None):
+    """adapters: name -> a PEFT LoRA directory; requests name one (add_request(..., adapter=name)), and
+    rows of one step use different ones (model/multi_lora.py)."""
     if not isinstance(config, EngineConfig):
       raise ValueError(f"config must be an infer.EngineConfig, got {type(config).__name__}")
+    self.adapter_names: tuple[str, ...] = ()
+    if adapters:
+      module, self.adapter_names = multi_lora.stack(module, dict(adapters))
     c = self.config = config
     self.tokenizer = tokenizer
     self.model_config = module.config
@@ -151,8 +158,12 @@ class Engine:
   # -- requests -------------------------------------------------------------------------------------
 
   def add_request(self, prompt: str | SequenceOf[int], params: SamplingParams | None = None,
-                  request_id: str | None = None) -> str:
-    """Queues a prompt (text, or token ids); returns its request id."""
+                  request_id: str | None = None, *, adapter: str | None = None) -> str:
+    """Queues a prompt (text, or token ids), generated with the LoRA adapter named (None: the base);
+    returns its request id."""
+    if adapter is not None and adapter not in self.adapter_names:
+      raise ValueError(f"adapter {adapter!r} is not one of this engine's adapters {list(self.adapter_names)}")
+    adapter_id = 0 if adapter is None else self.adapter_names.index(adapter) + 1
     params = SamplingParams() if params is None else params
     if not isinstance(params, SamplingParams):
       raise ValueError(f"params must be an infer.SamplingParams, got {type(params).__name__}")
@@ -179,7 +190,8 @@ class Engine:
                        seed & 0xFFFFFFFF, frozenset(stop_ids), time.monotonic())
     for index in range(params.n):
       arrival = next(self._arrivals)
-      seq = Sequence(arrival, request, index, list(ids), len(ids), arrival, fork_of=request.sequences[0] if index else None)
+      seq = Sequence(arrival, request, index, list(ids), len(ids), arrival, fork_of=request.sequences[0] if index else None,
+                     cache_key=adapter_id)
       request.sequences.append(seq)
       detokenizer = Detokenizer(self.tokenizer, params.stop, request.stop_ids, ids) if self.tokenizer else None
       request.completions.append(_Completion(detokenizer))
@@ -271,6 +283,7 @@ class Engine:
     tokens = np.zeros(total, np.int32)
     positions = np.full(total, -1, np.int32)
     seq_ids = np.zeros(total, np.int32)
+    adapter_ids = np.zeros(total, np.int32) if self.adapter_names else None
     # The table's width: a bucket of the longest sequence's blocks (the jnp attention gathers them all).
     width = min(self.blocks_per_seq, power_of_two(max(len(s.sequence.blocks) for s in scheduled)))
     tables = np.zeros((rows, width), np.int32)
@@ -281,6 +294,8 @@ class Engine:
       tokens[start: start + item.count] = seq.tokens[item.start: item.start + item.count]
       positions[start: start + item.count] = np.arange(item.start, item.start + item.count)
       seq_ids[start: start + item.count] = row
+      if adapter_ids is not None:
+        adapter_ids[start: start + item.count] = seq.cache_key
       tables[row, : len(seq.blocks)] = seq.blocks
       sample_at[row] = start + item.count - 1
       start += item.count
@@ -291,7 +306,8 @@ class Engine:
     sampling, history = self._row_sampling(scheduled, rows)
     # The kernel tiles queries by the most tokens one sequence has (1 when every row decodes).
     max_q_len = power_of_two(max(counts)) if self.model_config.attention_impl == "pallas" else None
-    inputs = StepInputs(tokens, positions, seq_ids, tables, sample_at, copy_from, copy_to, sampling, history)
+    inputs = StepInputs(tokens, positions, seq_ids, tables, sample_at, copy_from, copy_to, sampling, history,
+                        adapter_ids)
     params = [item.sequence.request.params for item in scheduled]
     filters = any(p.top_k or p.top_p < 1 or p.min_p for p in params)
     top_logprobs = any(p.logprobs for p in params)

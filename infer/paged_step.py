@@ -15,6 +15,7 @@ from flax import nnx
 
 from infer.decoding import _in_rules
 from infer.row_sampling import RowSampling, sample_rows
+from model import multi_lora
 from model.kv_cache import PagedKVCache, PageTable
 
 
@@ -30,6 +31,7 @@ class StepInputs:
   copy_to: jax.Array  # [C] int32: ... and where (num_blocks: no copy)
   sampling: RowSampling  # [B] each
   history: jax.Array | None  # [B, G] int32 output tokens so far (-1 pads), only when a row has penalties
+  adapter_ids: jax.Array | None  # [T] int32: each token's LoRA adapter (0: none), when the model serves several
 
 
 def copy_blocks(cache: PagedKVCache, source: jax.Array, destination: jax.Array) -> PagedKVCache:
@@ -46,6 +48,8 @@ def paged_step(graphdef, params, cache: PagedKVCache, inputs: StepInputs, *, max
   """(cache, sampled: {tokens, logprobs [B], with top_logprobs: top_tokens, top_logprobs [B, 20]})."""
   with _in_rules(mesh, rules):
     model = nnx.merge(graphdef, params)
+    if inputs.adapter_ids is not None:
+      multi_lora.route(model, inputs.adapter_ids[None])
     cache = copy_blocks(cache, inputs.copy_from, inputs.copy_to)
     pages = PageTable(inputs.block_tables, inputs.seq_ids, max_q_len)
     features, cache = model.features(inputs.tokens[None], positions=inputs.positions[None], cache=cache, pages=pages)

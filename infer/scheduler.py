@@ -28,6 +28,7 @@ class Sequence:
   prompt_len: int
   arrival: int  # admission order: smaller is older
   fork_of: "Sequence | None" = None  # a sibling whose prompt blocks this one shares
+  cache_key: object = None  # what else the keys and values depend on (the adapter): part of every block hash
   num_computed: int = 0  # tokens whose keys and values are in the cache
   blocks: list[int] = dataclasses.field(default_factory=list)
   hashes: list[int] = dataclasses.field(default_factory=list)  # hash chain of its full computed blocks
@@ -57,10 +58,9 @@ class Schedule:
 
 
 class Scheduler:
-  def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int, extra_hash=None):
+  def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
     self.blocks = blocks
     self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-    self.extra_hash = extra_hash
     self.waiting: collections.deque[Sequence] = collections.deque()
     self.running: list[Sequence] = []
     self.num_preemptions = 0
@@ -119,7 +119,7 @@ class Scheduler:
     full = seq.num_computed // self.blocks.block_size
     known = len(seq.hashes)
     if full > known:
-      seq.hashes = block_hashes(seq.tokens, self.blocks.block_size, full, self.extra_hash, seq.hashes)
+      seq.hashes = block_hashes(seq.tokens, self.blocks.block_size, full, seq.cache_key, seq.hashes)
       for i in range(known, full):
         self.blocks.register(seq.blocks[i], seq.hashes[i])
 
@@ -143,7 +143,7 @@ class Scheduler:
     """Starts a sequence after the cached blocks of its tokens; at least its last token is computed
     (its logits pick the next token)."""
     full = (len(seq.tokens) - 1) // self.blocks.block_size
-    seq.hashes = block_hashes(seq.tokens, self.blocks.block_size, full, self.extra_hash)
+    seq.hashes = block_hashes(seq.tokens, self.blocks.block_size, full, seq.cache_key)
     seq.blocks = self.blocks.match(seq.hashes)
     seq.hashes = seq.hashes[: len(seq.blocks)]
     seq.num_computed = len(seq.blocks) * self.blocks.block_size

@@ -227,3 +227,33 @@ def test_bad_requests_get_clear_errors(model):
   engine.add_request([1, 2, 3], request_id="a")
   engine.abort("a")
   assert not engine.has_unfinished() and engine.block_manager.num_free == ENGINE.num_blocks
+
+
+def test_rows_of_one_step_use_different_lora_adapters():
+  """Two PEFT LoRA adapters (one saved by PEFT, one by model.peft) and the base served at once: each request
+  gets what its adapter, merged into the base (model.peft, checked against PEFT), gives alone."""
+  from pathlib import Path  # noqa: PLC0415
+
+  from model import hf, peft, projections  # noqa: PLC0415
+
+  fixtures = Path(__file__).parent / "fixtures"
+  base = hf.from_pretrained(fixtures / "hf" / "llama", dtype="float32", param_dtype="float32")
+  paths = {"peft": str(fixtures / "peft" / "lora"), "ours": str(fixtures / "peft" / "ours_lora")}
+  engine = infer.Engine(base, None, ENGINE, adapters=paths)
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(0, base.config.vocab_size, n).tolist() for n in (5, 15, 9, 14, 3, 12)]
+  names = [None, "peft", "ours", "ours", None, "peft"]
+  for i, (prompt, name) in enumerate(zip(prompts, names)):
+    engine.add_request(prompt, infer.SamplingParams(max_tokens=7), request_id=str(i), adapter=name)
+  done = {}
+  while engine.has_unfinished():
+    done.update({o.request_id: o for o in engine.step() if o.finished})
+  merged = {None: base}
+  for name, path in paths.items():
+    merged[name] = peft.merge(peft.load_adapter(projections.shallow_copy(base), path))
+  for i, (prompt, name) in enumerate(zip(prompts, names)):
+    alone = infer.generate(merged[name], [prompt], max_new_tokens=7).tokens[0]
+    assert done[str(i)].outputs[0].token_ids == alone, (i, name)
+  assert len({tuple(done[str(i)].outputs[0].token_ids) for i in (1, 2)}) == 2  # the adapters differ
+  with pytest.raises(ValueError, match="not one of this engine's adapters"):
+    engine.add_request([1, 2], adapter="missing")

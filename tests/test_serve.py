@@ -41,6 +41,9 @@ from rundir import tokenizer as tokenizer_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "hf" / "llama"
+# LoRA adapters of that Llama (PEFT's format), served beside it.
+ADAPTERS = {"peft-lora": str(ROOT / "tests" / "fixtures" / "peft" / "lora"),
+            "ours-lora": str(ROOT / "tests" / "fixtures" / "peft" / "ours_lora")}
 MODEL = "tiny-llama"
 PROMPT = "the cat sat on"
 # Few step shapes, so few compilations: at most 16 tokens a step (one token bucket), and blocks as long as
@@ -102,6 +105,7 @@ def entry_point(hf_dir):
   """`python -m infer.serve` on hf_dir, started with the module (see `live`) and stopped after it."""
   port = portpicker.pick_unused_port()
   flags = [f"--config.{k}={v}" for k, v in ENGINE.items()]
+  flags.append("--config.adapters=" + ",".join(f"{name}={path}" for name, path in ADAPTERS.items()))
   proc = subprocess.Popen(
       [sys.executable, "-m", "infer.serve", "--config=configs/infer/serve.py", f"--config.checkpoint={hf_dir}",
        f"--config.port={port}", *flags], cwd=ROOT, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -121,7 +125,7 @@ def live(hf_dir, entry_point):
   # time it serves its first request, the step it compiles is in the session's persistent cache.
   del entry_point
   module, tokenizer = rundir.load(hf_dir)
-  engine = infer.Engine(module, tokenizer, infer.EngineConfig(**ENGINE))
+  engine = infer.Engine(module, tokenizer, infer.EngineConfig(**ENGINE), adapters=ADAPTERS)
   render = jinja_renderer(hf_chat_template(hf_dir))
   app = build_app(AsyncEngine(engine), model_name=MODEL, chat_template=render)
   with _serving(app) as port:
@@ -156,6 +160,26 @@ def test_completions_whole_and_streamed_are_the_engines_greedy_text(live):
   # A prompt of token ids is the same prompt.
   ids = c.completions.create(model=MODEL, prompt=offline.prompt_token_ids, **GREEDY)
   assert ids.choices[0].text == choice.text
+
+
+def test_the_model_field_picks_a_lora_adapter_per_request(live):
+  """Requests for the base and each adapter, concurrently (rows of the same steps): each gets the
+  greedy text of its adapter merged into the base (model.peft), generated alone."""
+  from infer.cli import continuation  # noqa: PLC0415
+  from model import peft, projections  # noqa: PLC0415
+
+  names = [MODEL, *ADAPTERS]
+  with futures.ThreadPoolExecutor(len(names)) as pool:
+    got = list(pool.map(lambda name: live.client.completions.create(model=name, prompt=PROMPT, **GREEDY), names))
+  prompt = [live.tokenizer.bos_id, *live.tokenizer.encode(PROMPT)]
+  for name, completion in zip(names, got):
+    module = live.module
+    if name in ADAPTERS:
+      module = peft.merge(peft.load_adapter(projections.shallow_copy(live.module), ADAPTERS[name]))
+    tokens = infer.generate(module, [prompt], max_new_tokens=24).tokens[0]
+    assert completion.model == name
+    assert completion.choices[0].text == continuation(live.tokenizer, prompt, tokens), name
+  assert len({c.choices[0].text for c in got}) == 3
 
 
 def test_chat_whole_and_streamed(live):
@@ -359,7 +383,7 @@ def test_a_client_leaving_aborts_its_request_and_frees_its_blocks(live):
 
 
 def test_models_health_and_metrics(live):
-  assert [m.id for m in live.client.models.list()] == [MODEL]
+  assert [m.id for m in live.client.models.list()] == [MODEL, *ADAPTERS]
   assert httpx.get(f"{live.url}/health", timeout=10).json() == {"status": "ok"}
   metrics = httpx.get(f"{live.url}/metrics", timeout=10).text
   for name in ("infer_num_requests_running", "infer_num_requests_waiting", "infer_kv_cache_blocks_used",
@@ -401,3 +425,4 @@ def test_the_entry_point_serves_a_hugging_face_directory(hf_dir, entry_point):
   # uvicorn shuts down cleanly, then re-raises the signal it caught (so the exit status tells of it).
   assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in output, output
   assert f"serving '{MODEL}'" in output and "chat template: the chat_template of tokenizer_config.json" in output
+  assert f"adapters: {', '.join(ADAPTERS)}" in output

@@ -10,7 +10,8 @@ then, e.g. with OpenAI's own client:
 
 DIR is what `python -m infer` takes (rundir.load). Endpoints: POST /v1/completions and
 /v1/chat/completions (streamed with `stream: true`), GET /v1/models, /health and /metrics
-(Prometheus). The model answers to `model_name` (default: DIR's last path component).
+(Prometheus). The model answers to `model_name` (default: DIR's last path component), and each
+LoRA adapter of `adapters` to its name.
 
 chat_template: '' uses the Hugging Face directory's own (`chat_template` in its
 tokenizer_config.json) when it has one, else 'chatml'; or name one of align.chat.TEMPLATES.
@@ -31,6 +32,9 @@ def get_config(arg: str | None = None):
   config.port = 8000
   config.model_name = ""  # the `model` requests name; '': the checkpoint directory's name
   config.chat_template = ""  # '': the HF directory's chat_template, else 'chatml'; or an align.chat template
+  # LoRA adapters (PEFT directories) served beside the base: "name=DIR,name2=DIR2"; a request's `model`
+  # names one (or the base), and requests with different adapters share the engine's steps.
+  config.adapters = ""
   # infer.EngineConfig
   config.block_size = 16  # tokens per KV-cache block
   config.num_blocks = 0  # KV-cache blocks; 0: max_num_seqs sequences of max_model_len

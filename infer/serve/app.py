@@ -45,14 +45,20 @@ class _Server:
     self.strings = protocol.TokenStrings(async_engine.engine.tokenizer)
     self.started = int(time.time())
 
-  def check_model(self, model: str) -> None:
-    if model != self.model_name:
-      raise APIError(f"the model {model!r} does not exist; this server serves {self.model_name!r}", status=404,
-                     param="model", code="model_not_found")
+  @property
+  def models(self) -> tuple[str, ...]:  # the base, then its LoRA adapters
+    return (self.model_name, *self.async_engine.engine.adapter_names)
 
-  async def add(self, prompt, params, request_id: str, *, param: str) -> RequestStream:
+  def adapter(self, model: str) -> str | None:
+    """The LoRA adapter a request's `model` names (None: the base); an unknown name is a 404."""
+    if model not in self.models:
+      raise APIError(f"the model {model!r} does not exist; this server serves {list(self.models)}", status=404,
+                     param="model", code="model_not_found")
+    return None if model == self.model_name else model
+
+  async def add(self, prompt, params, request_id: str, *, param: str, model: str) -> RequestStream:
     try:
-      return await self.async_engine.add(prompt, params, request_id)
+      return await self.async_engine.add(prompt, params, request_id, self.adapter(model))
     except QueueFull as e:
       raise APIError(f"the server is busy: {e}; retry later", status=429, type="rate_limit_error",
                      code="queue_full") from None
@@ -101,16 +107,17 @@ def build_app(async_engine: AsyncEngine, *, model_name: str, chat_template: Chat
 
   @app.get("/v1/models")
   async def models():
-    card = {"id": model_name, "object": "model", "created": server.started, "owned_by": "ingredients",
-            "max_model_len": async_engine.engine.max_model_len}
-    return {"object": "list", "data": [card]}
+    cards = [{"id": name, "object": "model", "created": server.started, "owned_by": "ingredients",
+              "root": model_name, "parent": None if name == model_name else model_name,
+              "max_model_len": async_engine.engine.max_model_len} for name in server.models]
+    return {"object": "list", "data": cards}
 
   @app.post("/v1/completions")
   async def completions(request: Request):
     body = protocol.parse_completion(await _json(request))
-    server.check_model(body.model)
+    server.adapter(body.model)
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    stream = await server.add(body.prompt, body.params, request_id, param="prompt")
+    stream = await server.add(body.prompt, body.params, request_id, param="prompt", model=body.model)
     if body.stream:
       return _sse(_completion_chunks(server, stream, body, request_id, created), stream)
     output = await _final(request, stream)
@@ -119,15 +126,15 @@ def build_app(async_engine: AsyncEngine, *, model_name: str, chat_template: Chat
     choices = [{"index": o.index, "text": o.text, "finish_reason": o.finish_reason,
                 "logprobs": None if o.logprobs is None else protocol.completion_logprobs(o.logprobs, server.strings)}
                for o in output.outputs]
-    return protocol.completion_object(request_id, created, model_name, choices, protocol.usage(output))
+    return protocol.completion_object(request_id, created, body.model, choices, protocol.usage(output))
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: Request):
     body = protocol.parse_chat(await _json(request))
-    server.check_model(body.model)
+    server.adapter(body.model)
     prompt = server.render_chat(body.messages)
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    stream = await server.add(prompt, body.params, request_id, param="messages")
+    stream = await server.add(prompt, body.params, request_id, param="messages", model=body.model)
     if body.stream:
       return _sse(_chat_chunks(server, stream, body, request_id, created), stream)
     output = await _final(request, stream)
@@ -136,7 +143,7 @@ def build_app(async_engine: AsyncEngine, *, model_name: str, chat_template: Chat
     choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text}, "finish_reason": o.finish_reason,
                 "logprobs": None if o.logprobs is None else protocol.chat_logprobs(o.logprobs, server.strings)}
                for o in output.outputs]
-    return protocol.chat_object(request_id, created, model_name, choices, protocol.usage(output), chunk=False)
+    return protocol.chat_object(request_id, created, body.model, choices, protocol.usage(output), chunk=False)
 
   return app
 
@@ -247,15 +254,15 @@ async def _completion_chunks(server: _Server, stream: RequestStream, body: proto
       deltas.offset[completion.index] += sum(len(t) for t in logprobs["tokens"])
     choice = {"index": completion.index, "text": text, "logprobs": logprobs,
               "finish_reason": completion.finish_reason if finished else None}
-    yield protocol.completion_object(request_id, created, server.model_name, [choice], None)
+    yield protocol.completion_object(request_id, created, body.model, [choice], None)
   if body.include_usage and final:
-    yield protocol.completion_object(request_id, created, server.model_name, [], protocol.usage(final[-1]))
+    yield protocol.completion_object(request_id, created, body.model, [], protocol.usage(final[-1]))
 
 
 async def _chat_chunks(server: _Server, stream: RequestStream, body: protocol.ChatRequest,
                        request_id: str, created: int) -> AsyncIterator[dict]:
   def chunk(choices, usage=None):
-    return protocol.chat_object(request_id, created, server.model_name, choices, usage, chunk=True)
+    return protocol.chat_object(request_id, created, body.model, choices, usage, chunk=True)
 
   for index in range(body.params.n):  # OpenAI's first chunk of each choice: the role, no content yet
     yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

@@ -106,6 +106,7 @@ class _Add:
   prompt: str | Sequence[int]
   params: SamplingParams
   stream: RequestStream
+  adapter: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,12 +144,14 @@ class AsyncEngine:
   def alive(self) -> bool:
     return self._thread is not None and self._thread.is_alive()
 
-  async def add(self, prompt: str | Sequence[int], params: SamplingParams, request_id: str) -> RequestStream:
-    """Queues a request; returns its stream once the engine took it, or raises what add_request raised."""
+  async def add(self, prompt: str | Sequence[int], params: SamplingParams, request_id: str,
+                adapter: str | None = None) -> RequestStream:
+    """Queues a request (with the LoRA adapter named, or the base); returns its stream once the engine
+    took it, or raises what add_request raised."""
     if not self.alive:
       raise EngineStopped("the engine is not running")
     stream = RequestStream(request_id, asyncio.get_running_loop(), self.abort)
-    self._inbox.put(_Add(request_id, prompt, params, stream))
+    self._inbox.put(_Add(request_id, prompt, params, stream, adapter))
     try:
       await stream.accepted
     except asyncio.CancelledError:  # the handler was cancelled: drop the request if it got in
@@ -191,7 +194,7 @@ class AsyncEngine:
 
   def _add(self, command: _Add) -> None:
     try:
-      self.engine.add_request(command.prompt, command.params, request_id=command.request_id)
+      self.engine.add_request(command.prompt, command.params, request_id=command.request_id, adapter=command.adapter)
     except Exception as e:  # noqa: BLE001 (ValueError, QueueFull: the handler turns each into its status)
       command.stream.accept(e)
       return

@@ -48,6 +48,20 @@ def validate(config: ml_collections.ConfigDict, chat_templates: Collection[str])
         f"checkpoint's own {TOKENIZER_CONFIG} chat_template (else {DEFAULT_TEMPLATE})")
 
 
+def adapter_paths(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """config.adapters, "name=DIR,name2=DIR2", as {name: DIR}; a malformed entry is a ConfigError."""
+  paths = {}
+  for entry in filter(None, (e.strip() for e in config.adapters.split(","))):
+    name, _, path = entry.partition("=")
+    if not name or not path or name in paths or name == model_name(config):
+      raise validation.ConfigError(
+          f"config.adapters entry {entry!r} must be NAME=DIR with a name not used before (nor the model's)")
+    if not os.path.isdir(path):
+      raise validation.ConfigError(f"config.adapters: {path!r} (adapter {name!r}) is not a directory")
+    paths[name] = path
+  return paths
+
+
 def engine_config(config: ml_collections.ConfigDict) -> infer.EngineConfig:
   return infer.EngineConfig(
       block_size=config.block_size, num_blocks=config.num_blocks or None, max_num_seqs=config.max_num_seqs,
@@ -80,18 +94,20 @@ def run(config: ml_collections.ConfigDict, *, chat_templates: Mapping[str, ChatT
   if not os.path.isdir(config.checkpoint):  # a typo, not a bug: one line (configs/cli.py)
     raise validation.ConfigError(f"config.checkpoint={config.checkpoint!r} does not exist or is not a directory")
   template_name, chat_template = pick_chat_template(config, chat_templates)
+  adapters = adapter_paths(config)
 
   # ------------------------------------------------------------------ load the model (on one device) and the engine
   module, tokenizer = rundir.load(config.checkpoint, step=None if config.step < 0 else config.step)
   try:
-    engine = infer.Engine(module, tokenizer, engine_config(config))
-  except ValueError as e:  # "EngineConfig.num_blocks=... cannot hold one sequence": the keys are the config's
+    engine = infer.Engine(module, tokenizer, engine_config(config), adapters=adapters)
+  except ValueError as e:  # "EngineConfig.num_blocks=... cannot hold one sequence", an adapter that is not LoRA
     raise validation.ConfigError(str(e).replace("EngineConfig.", "config.")) from None
 
   # ------------------------------------------------------------------ serve
   name = model_name(config)
   app = build_app(AsyncEngine(engine), model_name=name, chat_template=chat_template)
   print(f"serving {name!r} ({config.checkpoint}, max_model_len={engine.max_model_len}, chat template: "
-        f"{template_name}) on http://{config.host}:{config.port}/v1", flush=True)
+        f"{template_name}{', adapters: ' + ', '.join(adapters) if adapters else ''}) on "
+        f"http://{config.host}:{config.port}/v1", flush=True)
   # Streams still open at shutdown get a few seconds, then their requests are aborted.
   uvicorn.run(app, host=config.host, port=config.port, timeout_graceful_shutdown=5)
