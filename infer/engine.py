@@ -260,6 +260,37 @@ class Engine:
         touched[item.sequence.request.request_id] = item.sequence.request
     return [self._output(r) for r in touched.values()]
 
+  def warmup(self) -> int:
+    """Compiles the step for every (tokens, block-table width) bucket a greedy request can need, on
+    all-padding inputs (nothing is written or sampled), so that no compilation stalls serving later.
+    Returns how many step variants there are now."""
+    c, buckets = self.config, []
+    total = bucket(1)
+    while True:
+      buckets.append(total)
+      if total >= c.max_num_batched_tokens:
+        break
+      total *= 2
+    widths = sorted({min(self.blocks_per_seq, 1 << i) for i in range(self.blocks_per_seq.bit_length() + 1)})
+    for total in buckets:
+      rows = min(total, bucket(c.max_num_seqs))
+      for width in widths:
+        max_q_len = None if self.model_config.attention_impl != "pallas" else power_of_two(
+            min(total, c.max_num_batched_tokens))  # the kernel's other query lengths compile when met
+        shape = (total, width, None, max_q_len, False, False)
+        if shape in self.step_shapes:
+          continue
+        inputs = StepInputs(
+            np.zeros(total, np.int32), np.full(total, -1, np.int32), np.zeros(total, np.int32),
+            np.zeros((rows, width), np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32),
+            np.full(rows, self.block_manager.num_blocks, np.int32),
+            self._row_sampling([], rows)[0], None, np.zeros(total, np.int32) if self.adapter_names else None)
+        self.cache, sampled = paged_step(self.graphdef, self.params, self.cache, inputs, max_q_len=max_q_len,
+                                         filters=False, top_logprobs=False, mesh=self.mesh, rules=self.rules)
+        jax.block_until_ready(sampled)
+        self.step_shapes.add(shape)
+    return len(self.step_shapes)
+
   def generate(self, prompts, params: SamplingParams | SequenceOf[SamplingParams] | None = None) -> list[RequestOutput]:
     """Runs prompts (texts or token-id lists) to completion; their final RequestOutputs, in order."""
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):

@@ -62,12 +62,13 @@ def test_each_request_equals_generate_alone_whatever_arrived_with_it(model):
     prompt = rng.integers(0, CONFIG.vocab_size, rng.integers(1, 31)).tolist()
     arrivals.append((int(rng.integers(0, 40)), str(i), prompt, infer.SamplingParams(max_tokens=int(rng.integers(1, 17)))))
   engine = infer.Engine(model, None, ENGINE)
+  assert engine.warmup() == 2 * 5  # token buckets 16, 32 x block-table widths 1, 2, 4, 8, 16
+  compiled = set(engine.step_shapes)
   chunked = []
   done = _run(engine, arrivals, check=lambda e, _: chunked.extend(
       s for s in e.scheduler.running if 0 < s.num_computed < s.prompt_len))
   assert engine.scheduler.num_preemptions > 0 and chunked  # both happened
-  # Bucketed: 2 token counts (16, 32) x 3 block-table widths (4, 8, 16 blocks) at most.
-  assert len(engine.step_shapes) <= 6, engine.step_shapes
+  assert engine.step_shapes == compiled  # serving met no shape the warm-up had not compiled
   for _, request_id, prompt, params in arrivals:
     alone = infer.generate(model, [prompt], max_new_tokens=params.max_tokens)
     assert done[request_id].outputs[0].token_ids == alone.tokens[0], request_id

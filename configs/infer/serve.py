@@ -44,4 +44,6 @@ def get_config(arg: str | None = None):
   config.enable_prefix_caching = True
   config.max_waiting = 1024  # requests waiting beyond this are refused with 429
   config.seed = 0  # seeds requests that give none
+  # Compile every step shape before serving (infer.Engine.warmup), so no compilation stalls requests.
+  config.warmup = True
   return config

@@ -8,6 +8,7 @@ entry point passes them in). A bad key or value is a ConfigError naming it, befo
 """
 
 import os
+import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
@@ -102,6 +103,11 @@ def run(config: ml_collections.ConfigDict, *, chat_templates: Mapping[str, ChatT
     engine = infer.Engine(module, tokenizer, engine_config(config), adapters=adapters)
   except ValueError as e:  # "EngineConfig.num_blocks=... cannot hold one sequence", an adapter that is not LoRA
     raise validation.ConfigError(str(e).replace("EngineConfig.", "config.")) from None
+
+  if config.warmup:
+    started = time.perf_counter()
+    shapes = engine.warmup()
+    print(f"compiled {shapes} step shapes in {time.perf_counter() - started:.0f} s", flush=True)
 
   # ------------------------------------------------------------------ serve
   name = model_name(config)
