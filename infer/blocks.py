@@ -32,7 +32,7 @@ class BlockManager:
     self._evictable = collections.OrderedDict()  # free but cached: block -> None, least recently freed first
     self._by_hash: dict[int, int] = {}
     self._hash_of: dict[int, int] = {}
-    self.hits = self.queries = 0  # prefix-cache blocks found / looked up
+    self.hits = 0  # prefix-cache blocks found
     self.allocations = 0  # blocks handed out by allocate, ever
 
   @property
@@ -92,6 +92,5 @@ class BlockManager:
           break
         self.hold(block)
         found.append(block)
-      self.queries += len(hashes)
       self.hits += len(found)
     return found

@@ -10,7 +10,6 @@ import dataclasses
 import math
 import os
 import sys
-from collections.abc import Sequence
 from typing import TextIO
 
 import jax
@@ -18,6 +17,7 @@ import ml_collections
 from flax import nnx
 
 import infer
+from infer.detokenize import continuation, decode
 from configs import validation
 from configs.infer import generate as generate_config
 import rundir
@@ -44,23 +44,6 @@ def encode_prompt(tokenizer, prompt: str, *, add_bos: bool = True) -> list[int]:
 
 def stop_tokens(tokenizer, stop_at_eos: bool = True) -> tuple[int, ...]:
   return (tokenizer.eos_id,) if stop_at_eos and tokenizer.eos_id >= 0 else ()
-
-
-def decode(tokenizer, ids: Sequence[int]) -> str:
-  """The text of `ids`, leaving out ids past the tokenizer's vocabulary (a model's embedding
-  table is often padded beyond it, and sentencepiece refuses such ids)."""
-  return tokenizer.decode([i for i in ids if 0 <= i < tokenizer.vocab_size])
-
-
-def continuation(tokenizer, prompt_ids: Sequence[int], tokens: Sequence[int]) -> str:
-  """The text `tokens` add after the prompt's.
-
-  Decoded together with the prompt: sentencepiece drops the leading space of a first piece
-  decoded on its own ('▁the' alone is 'the'), which would glue the first word to the prompt.
-  """
-  head = decode(tokenizer, prompt_ids)
-  full = decode(tokenizer, [*prompt_ids, *tokens])
-  return full[len(os.path.commonprefix([head, full])):]
 
 
 def complete(

@@ -73,9 +73,14 @@ class DecodeState:
   step: jax.Array  # [] int32: decode steps taken
 
 
+def power_of_two(n: int) -> int:
+  """The least power of two >= n (1 for n <= 1)."""
+  return 1 << (max(n, 1) - 1).bit_length()
+
+
 def bucket(n: int) -> int:
   """The padded size for a length n: a power of two, at least _MIN_BUCKET."""
-  return max(_MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+  return max(_MIN_BUCKET, power_of_two(n))
 
 
 def row_keys(rng, batch_size: int) -> jax.Array:

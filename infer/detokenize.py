@@ -8,10 +8,28 @@ UTF-8 sequence split across byte tokens) and a tail that could be the beginning 
 so a stream never shows characters that the final text does not have.
 """
 
+import os
+from collections.abc import Sequence
+
 _REPLACEMENT = "\ufffd"
-
-
 _CONTEXT = 4  # prompt tokens decoded before the output
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:
+  """The text of `ids`, leaving out ids past the tokenizer's vocabulary (a model's embedding
+  table is often padded beyond it, and sentencepiece refuses such ids)."""
+  return tokenizer.decode([i for i in ids if 0 <= i < tokenizer.vocab_size])
+
+
+def continuation(tokenizer, prompt_ids: Sequence[int], tokens: Sequence[int]) -> str:
+  """The text `tokens` add after the prompt's.
+
+  Decoded together with the prompt: sentencepiece drops the leading space of a first piece
+  decoded on its own ('▁the' alone is 'the'), which would glue the first word to the prompt.
+  """
+  head = decode(tokenizer, prompt_ids)
+  full = decode(tokenizer, [*prompt_ids, *tokens])
+  return full[len(os.path.commonprefix([head, full])):]
 
 
 class Detokenizer:
@@ -19,19 +37,7 @@ class Detokenizer:
     self._tokenizer, self._stop, self._stop_ids = tokenizer, tuple(stop), stop_ids
     self._ids: list[int] = []
     self._text = ""
-    self._vocab = getattr(tokenizer, "vocab_size", None)
-    self._context = self._known(list(prompt_ids)[-_CONTEXT:])
-    self._context_text = tokenizer.decode(self._context) if self._context else ""
-
-  def _known(self, ids):
-    return [i for i in ids if self._vocab is None or 0 <= i < self._vocab]
-
-  def _decode(self) -> str:
-    ids = self._known(self._ids)
-    if not self._context:
-      return self._tokenizer.decode(ids)
-    text = self._tokenizer.decode(self._context + ids)
-    return text[len(self._context_text):] if text.startswith(self._context_text) else self._tokenizer.decode(ids)
+    self._context = list(prompt_ids)[-_CONTEXT:]
 
   def add(self, token: int) -> bool:
     """Appends a token; True when the text now holds a stop string (the text ends before it)."""
@@ -39,7 +45,7 @@ class Detokenizer:
       return False
     self._ids.append(int(token))
     before = len(self._text)
-    self._text = self._decode()
+    self._text = continuation(self._tokenizer, self._context, self._ids)
     if not self._stop:
       return False
     search_from = max(0, before - max(len(s) for s in self._stop))

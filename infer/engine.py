@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from infer.blocks import BlockManager
-from infer.decoding import bucket, mesh_of
+from infer.decoding import bucket, mesh_of, power_of_two
 from infer.detokenize import Detokenizer
 from infer.paged_step import StepInputs, empty_cache, paged_step
 from infer.row_sampling import RowSampling
@@ -55,11 +55,6 @@ class EngineConfig:
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"EngineConfig.{name}={value!r} must be a positive int or None")
-
-
-def power_of_two(n: int) -> int:
-  """The least power of two >= n: the block-table widths and kernel query lengths a step compiles for."""
-  return 1 << (max(n, 1) - 1).bit_length()
 
 
 class QueueFull(RuntimeError):
@@ -153,7 +148,7 @@ class Engine:
     # The distinct step variants used, each one compilation: (tokens, table width, history width,
     # kernel query length, filters, top log-probs).
     self.step_shapes: set[tuple] = set()
-    self.counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, cached_prompt_tokens=0)
+    self.counters = dict(prompt_tokens=0, generation_tokens=0, steps=0)
 
   # -- requests -------------------------------------------------------------------------------------
 
@@ -190,7 +185,7 @@ class Engine:
                        seed & 0xFFFFFFFF, frozenset(stop_ids), time.monotonic())
     for index in range(params.n):
       arrival = next(self._arrivals)
-      seq = Sequence(arrival, request, index, list(ids), len(ids), arrival, fork_of=request.sequences[0] if index else None,
+      seq = Sequence(request, index, list(ids), len(ids), arrival, fork_of=request.sequences[0] if index else None,
                      cache_key=adapter_id)
       request.sequences.append(seq)
       detokenizer = Detokenizer(self.tokenizer, params.stop, request.stop_ids, ids) if self.tokenizer else None

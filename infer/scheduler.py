@@ -21,7 +21,6 @@ from infer.blocks import BlockManager, block_hashes
 class Sequence:
   """One completion being generated: its tokens, its blocks and how far its cache is computed."""
 
-  seq_id: int
   request: object  # the engine's request record
   index: int  # which of the request's n completions
   tokens: list[int]  # prompt, then output

@@ -199,7 +199,7 @@ def test_row_sampling_equals_single_setting_filters_row_by_row():
 class _Chars:
   """A tokenizer with one character per id."""
 
-  eos_id, bos_id = 0, -1
+  eos_id, bos_id, vocab_size = 0, -1, 27
 
   def decode(self, ids):
     return "".join(chr(96 + i) for i in ids)

@@ -56,9 +56,9 @@ class _Server:
                      param="model", code="model_not_found")
     return None if model == self.model_name else model
 
-  async def add(self, prompt, params, request_id: str, *, param: str, model: str) -> RequestStream:
+  async def add(self, prompt, params, request_id: str, *, param: str, adapter: str | None) -> RequestStream:
     try:
-      return await self.async_engine.add(prompt, params, request_id, self.adapter(model))
+      return await self.async_engine.add(prompt, params, request_id, adapter)
     except QueueFull as e:
       raise APIError(f"the server is busy: {e}; retry later", status=429, type="rate_limit_error",
                      code="queue_full") from None
@@ -115,9 +115,9 @@ def build_app(async_engine: AsyncEngine, *, model_name: str, chat_template: Chat
   @app.post("/v1/completions")
   async def completions(request: Request):
     body = protocol.parse_completion(await _json(request))
-    server.adapter(body.model)
+    adapter = server.adapter(body.model)
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    stream = await server.add(body.prompt, body.params, request_id, param="prompt", model=body.model)
+    stream = await server.add(body.prompt, body.params, request_id, param="prompt", adapter=adapter)
     if body.stream:
       return _sse(_completion_chunks(server, stream, body, request_id, created), stream)
     output = await _final(request, stream)
@@ -131,10 +131,10 @@ def build_app(async_engine: AsyncEngine, *, model_name: str, chat_template: Chat
   @app.post("/v1/chat/completions")
   async def chat_completions(request: Request):
     body = protocol.parse_chat(await _json(request))
-    server.adapter(body.model)
+    adapter = server.adapter(body.model)
     prompt = server.render_chat(body.messages)
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    stream = await server.add(prompt, body.params, request_id, param="messages", model=body.model)
+    stream = await server.add(prompt, body.params, request_id, param="messages", adapter=adapter)
     if body.stream:
       return _sse(_chat_chunks(server, stream, body, request_id, created), stream)
     output = await _final(request, stream)
