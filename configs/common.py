@@ -149,6 +149,9 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
   config.sample_seed = 0
   config.mesh = mesh_config()
   config.sharding_rules = sharding_rules()
+  # The Cloud TPU slice the config is sized for ('v5p-64'; '' for none): `python -m train.aot`
+  # compiles for it when --topology is not given. Nothing else reads it.
+  config.topology = ""
   # Mixed precision: bf16 activations and matmuls, fp32 parameters and optimizer state.
   config.model = model_config("tiny", dtype="bfloat16", param_dtype="float32")
   config.tokenizer = tokenizer_config()

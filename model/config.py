@@ -145,6 +145,12 @@ PRESETS: dict[str, ModelConfig] = {
         rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
         max_position_embeddings=131_072, **_LLAMA,
     ),
+    "llama3.1-70b": ModelConfig(
+        vocab_size=128_256, embed_dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
+        mlp_dim=28_672, norm_eps=1e-5, rope_theta=500_000.0, rope_scaling="llama3", rope_scaling_factor=8.0,
+        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+        max_position_embeddings=131_072, **_LLAMA,
+    ),
     "llama2-7b": ModelConfig(
         vocab_size=32_000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
         mlp_dim=11_008, norm_eps=1e-5, rope_theta=10_000.0, max_position_embeddings=4096, **_LLAMA,
@@ -163,6 +169,13 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=152_064, embed_dim=3584, num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
         mlp_dim=18_944, norm_eps=1e-6, rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=False,
         max_position_embeddings=32_768, **_LLAMA,
+    ),
+    "gemma2-9b": ModelConfig(
+        vocab_size=256_000, embed_dim=3584, num_layers=42, num_heads=16, num_kv_heads=8, head_dim=256,
+        mlp_dim=14_336, mlp_activation="gelu_tanh", norm="gemma_rms", norm_eps=1e-6, post_norms=True,
+        position="rope", rope_theta=10_000.0, sliding_window=4096, global_layer_every=2, attn_logit_softcap=50.0,
+        final_logit_softcap=30.0, query_pre_attn_scalar=256.0, tie_embeddings=True, scale_embeddings=True,
+        max_position_embeddings=8192,
     ),
     "gemma-2b": ModelConfig(
         vocab_size=256_000, embed_dim=2048, num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256,

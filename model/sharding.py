@@ -41,7 +41,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kv_heads", ("tensor",)),
     ("head_dim", ()),
     ("mlp", ("tensor",)),
-    ("norm", ()),
+    ("norm", ("fsdp",)),  # fully sharded: every weight, norms too (their all-gather is a [D] vector)
 )
 
 Rules = Sequence[tuple[str, Sequence[str] | str | None]]

@@ -96,12 +96,18 @@ class Transformer(nnx.Module):
     c = self.config
 
     def block_fn(x, block, window):
-      return block(x, positions=positions, segment_ids=segment_ids, sliding_window=window)
+      # Remat wraps the block with the window closed over: as an argument, a static window would be
+      # traced, and the fused attention backends (pallas, cudnn) take only a static one.
+      def run(x, block):
+        return block(x, positions=positions, segment_ids=segment_ids, sliding_window=window)
 
-    if c.remat_policy != "none":
-      block_fn = nnx.remat(block_fn, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
+      if c.remat_policy != "none":
+        run = nnx.remat(run, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
+      return run(x, block)
 
-    windows = [c.layer_window(i) for i in range(c.num_layers)]
+    # A window as long as the row is no window: then it stays static when layers alternate (Gemma 2
+    # at T <= 4096), and the fused backends can take it.
+    windows = [w if w < x.shape[1] else 0 for w in (c.layer_window(i) for i in range(c.num_layers))]
     if not c.scan_layers:
       for block, window in zip(self.layers, windows):
         x = block_fn(x, block, window)

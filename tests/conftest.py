@@ -19,6 +19,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# libtpu (the test extra) compiles Pallas kernels and train steps for TPU slices on this CPU: without
+# its lockfile, so each xdist worker may load it, and quietly (train/aot/topology.py).
+from train.aot import topology as _tpu_topology  # noqa: E402 (imports no jax)
+
+_tpu_topology.quiet_libtpu()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -89,6 +89,17 @@ def test_remat_changes_neither_logits_nor_gradients(policy):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_remat_keeps_the_pallas_kernel_in_the_training_program(policy):
+  """A remat policy must not turn a static window into a traced one, which the fused backends
+  refuse (they fall back to plain attention, with its [B, N, T, S] logits, silently)."""
+  config = model.get_preset("tiny", attention_impl="pallas", remat_policy=policy, sliding_window=4)
+  m = model.Transformer(config, rngs=nnx.Rngs(0))
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  jaxpr = jax.make_jaxpr(nnx.grad(lambda m: jnp.mean(m(tokens, segment_ids=jnp.ones_like(tokens)))))(m)
+  assert "pallas_call" in str(jaxpr)
+
+
 def test_bfloat16_compute_tracks_float32():
   tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, 256)
   f32 = model.Transformer(model.get_preset("tiny", init_std=0.1), rngs=nnx.Rngs(0))

@@ -63,6 +63,22 @@ def init_state(params: nnx.State, optimizer: optax.GradientTransformation, seed:
   }
 
 
+def state_shardings(params: nnx.State, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """Where `init_state(params)` lives: each optimizer moment on its parameter's shards (so fsdp
+  splits Adam's mu and nu as it splits the weights), counters and the rng replicated.
+
+  `params` are arrays or ShapeDtypeStructs with shardings. Left to the compiler, a jitted
+  init_state replicates the moments (zeros_like's result is not tied to its input's placement).
+  """
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  opt_shapes = jax.eval_shape(optimizer.init, params)
+  opt_shardings = optax.tree_map_params(optimizer, lambda _, placed: placed, opt_shapes, param_shardings,
+                                        transform_non_params=lambda _: replicated)
+  return {"step": replicated, "params": param_shardings, "opt_state": opt_shardings, "rng": replicated,
+          "nonfinite_in_row": replicated, "nonfinite_total": replicated}
+
+
 def _split_micro_batches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.Array]:
   """[B, T] -> [A, B/A, T]; micro-batch i takes rows i, i + A, ... so the sharded B/A axis stays in place."""
 

@@ -152,8 +152,10 @@ def _tokenizer_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
   return tokenizer_config
 
 
-def _mesh_and_rules(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, sharding.Rules]:
-  mesh = sharding.make_mesh(validation.check_mesh(config.mesh, jax.device_count()))
+def mesh_and_rules(config: ml_collections.ConfigDict, devices=None) -> tuple[jax.sharding.Mesh, sharding.Rules]:
+  """config.mesh over `devices` (default: all of this job's), and config.sharding_rules."""
+  devices = jax.devices() if devices is None else devices
+  mesh = sharding.make_mesh(validation.check_mesh(config.mesh, len(devices)), devices)
   rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.sharding_rules)
   return mesh, rules
 
@@ -228,7 +230,7 @@ def setup(
   distributed.initialize(config.distributed)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh, rules = _mesh_and_rules(config)
+  mesh, rules = mesh_and_rules(config)
 
   # ------------------------------------------------------------------ tokenizer
   tokenizer = tokenizer_lib.get_tokenizer(
@@ -254,8 +256,9 @@ def setup(
 
     # ---------------------------------------------------------------- optimizer and state
     optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
-    state = jax.jit(functools.partial(step_lib.init_state, optimizer=optimizer, seed=config.seed))(params)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    state_shardings = step_lib.state_shardings(params, optimizer, mesh)
+    state = jax.jit(functools.partial(step_lib.init_state, optimizer=optimizer, seed=config.seed),
+                    out_shardings=state_shardings)(params)
     data_state = None
     if latest is not None:
       state, data_state = checkpointer.restore(latest, checkpoint_lib.abstract_with_shardings(state))
@@ -264,12 +267,7 @@ def setup(
 
   # ------------------------------------------------------------------ the jitted steps
   loss_fn = loss_fn or functools.partial(losses.next_token_loss, z_loss=config.z_loss)
-  train_step = jax.jit(
-      step_lib.make_train_step(graphdef, loss_fn, optimizer, schedule, grad_accum_steps=config.grad_accum_steps),
-      in_shardings=(state_shardings, None, None),  # rest keeps its placement; batches arrive placed by global_batch
-      out_shardings=(state_shardings, None),
-      donate_argnums=0,
-  )
+  train_step = jit_train_step(graphdef, loss_fn, optimizer, schedule, config, state_shardings)
   eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(state_shardings["params"], None, None))
   run = Run(
       config=config, workdir=workdir, mesh=mesh, rules=rules, model_config=model_config, tokenizer=tokenizer,
@@ -290,6 +288,16 @@ def setup(
   if jax.process_index() == 0:
     loading.write_json_atomic(workdir / loading.CONFIG_FILE, _saved_config(run))
   return run
+
+
+def jit_train_step(graphdef, loss_fn, optimizer, schedule, config, state_shardings):
+  """The jitted train step `(state, rest, batch) -> (state, metrics)`, as every run (and train.aot) compiles it."""
+  return jax.jit(
+      step_lib.make_train_step(graphdef, loss_fn, optimizer, schedule, grad_accum_steps=config.grad_accum_steps),
+      in_shardings=(state_shardings, None, None),  # rest keeps its placement; batches arrive placed by global_batch
+      out_shardings=(state_shardings, None),
+      donate_argnums=0,
+  )
 
 
 def _with_rest(step, rest, first, batch):

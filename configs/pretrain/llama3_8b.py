@@ -1,0 +1,22 @@
+"""Llama 3.1 8B pre-training on a TPU slice: v5p-64 by default, `:topology=v6e-64` too.
+
+  python -m train.aot --config=configs/pretrain/llama3_8b.py               # compile and report here
+  python -m train --config=configs/pretrain/llama3_8b.py --workdir=gs://...  # on the slice
+
+Fully sharded (fsdp over every chip), full remat, flash attention, bf16 compute with fp32 weights
+and Adam moments, 8192-token sequences, about a million tokens a step (see configs/pretrain/scale.py).
+"""
+
+from configs import common
+from configs.pretrain.scale import scaled_config
+
+SLICES = {
+    "v5p-64": dict(chips=32, per_chip=4, mesh=dict(data=1, fsdp=-1)),
+    "v6e-64": dict(chips=64, per_chip=2, mesh=dict(data=1, fsdp=-1)),
+}
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, topology="v5p-64", steps=20_000)
+  return scaled_config("llama3.1-8b", topology=arg.topology, slices=SLICES, seq_len=8192, steps=arg.steps,
+                       learning_rate=3e-4)
