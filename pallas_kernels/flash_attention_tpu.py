@@ -32,6 +32,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import tpu_vmem
 from pallas_kernels.flash_geometry import (MASKED, FlashStatic, block_spec, div, full_kv_range, full_q_range, kv_range,
                                            logits, mask, mask_free_blocks, q_range, segment_block_ranges)
 
@@ -247,6 +248,8 @@ def forward(q, k, v, q_seg, kv_seg, st: FlashStatic):
   batch, heads, q_len, head_dim = q.shape
   kv_heads, kv_len = k.shape[1], k.shape[2]
   num_kv_blocks = kv_len // st.block_kv
+  tpu_vmem.check_flash("forward", block_q=st.block_q, block_kv=st.block_kv, head_dim=head_dim, dtype=q.dtype,
+                       group=heads // kv_heads, interpret=st.interpret)
   kernel = functools.partial(_forward_kernel, scale=st.scale, causal=st.causal, window=st.window, softcap=st.softcap,
                              block_kv=st.block_kv, num_kv_blocks=num_kv_blocks, offset=st.offset,
                              full_blocks=mask_free_blocks(full_kv_range, st), kv_len=st.kv_len)
@@ -276,6 +279,8 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, st: FlashStatic):
   kv_heads, kv_len = k.shape[1], k.shape[2]
   group = heads // kv_heads
   num_q_blocks, num_kv_blocks = q_len // st.block_q, kv_len // st.block_kv
+  tpu_vmem.check_flash("backward", block_q=st.block_q, block_kv=st.block_kv, head_dim=head_dim, dtype=q.dtype,
+                       group=group, interpret=st.interpret)
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)  # [B, N, Tp, 1]
   kv_ranges, q_ranges = _ranges(q_seg, kv_seg, st)
   q_seg, kv_seg = _segment_columns(q_seg, kv_seg)

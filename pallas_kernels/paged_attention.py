@@ -49,6 +49,7 @@ from jax._src import config as jax_config  # the TPU interpret-mode flag has no 
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import tpu_vmem
 from pallas_kernels.flash_geometry import MASKED, block_spec
 
 # Defaults, untimed (no TPU has been lent): query tiles of ~128 rows (tokens x G, the MXU's width)
@@ -371,6 +372,9 @@ def _paged_attention(q, k_pages, v_pages, block_tables, seq_ids, positions, wind
   tiling = _Tiling.choose(tokens=tokens, num_seqs=num_seqs, table_width=table_width, block_size=block_size,
                           group=heads // kv_heads, static_window=static_window, max_q_len=max_q_len, block_q=block_q,
                           pages_per_step=pages_per_step)
+  tpu_vmem.check_paged(block_q=tiling.block_q, group=heads // kv_heads, pages_per_step=tiling.pages_per_step,
+                       block_size=block_size, kv_heads=kv_heads, head_dim=q.shape[2], dtype=q.dtype,
+                       interpret=interpret)
   sched = _schedule(_i32(seq_ids), _i32(positions), window, tiling, num_seqs=num_seqs, table_width=table_width,
                     block_size=block_size, windowed=static_window != 0)
   run = functools.partial(
