@@ -157,3 +157,27 @@ def test_decode_compiles_prefill_and_a_decode_step_with_the_cache_in_memory():
   assert result.program_memory["decode step"]["KV cache and decode state"] >= cache_bytes
   assert result.hbm_per_device_bytes == max(sum(m.values()) for m in result.program_memory.values())
   assert result.estimated_step_seconds > 0 and result.tokens_per_step == 16 * 512 + 16
+
+
+@needs_libtpu
+def test_grpo_compiles_its_train_step_and_rollout_with_the_state_resident():
+  from align import aot as align_aot, run as align_run  # noqa: PLC0415 (tests may reach align)
+  from configs.align.common import align_config  # noqa: PLC0415
+
+  config = align_config("grpo")
+  config.model = _tiny_config().model
+  config.batch_size, config.seq_len, config.grad_accum_steps = 16, 128, 2
+  config.mesh = common.mesh_config(data=1, fsdp=-1)
+  config.task.name = "arithmetic"
+  config.rl.prompts_per_iteration, config.rl.samples_per_prompt, config.rl.max_new_tokens = 4, 4, 64
+  config.grpo.kl_coef = 0.05  # a frozen reference beside the policy
+  config.init_from = "unused/by/aot"
+  t, devices = jobs.slice_devices(config, "v5e-4", validate=align_run.validate)
+  programs, run = align_aot.programs(config, devices)
+  result = jobs.compile_programs("grpo", t, run.mesh, run.rules, programs)
+  assert result.programs == ["train step", "rollout prefill", "rollout decode step"] and result.fits
+  frozen = report.shard_bytes(run.rest)
+  assert frozen == report.shard_bytes(run.state["params"]) > 0  # the reference: a copy of the policy's weights
+  decode = result.program_memory["rollout decode step"]
+  assert decode["frozen weights (resident)"] == frozen and decode["optimizer state (resident)"] > 0
+  assert result.tokens_per_step == 16 * 128 + 16 * 64 + 16

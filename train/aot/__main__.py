@@ -8,7 +8,9 @@ time and the collectives in the program. `--config.KEY=VALUE` overrides as for `
 config.mesh is laid over the slice's chips (its axes must multiply to their number).
 
 Jobs: train (the trainer's train step); decode (infer.generate's prefill of config.batch_size
-prompts of config.seq_len tokens and one decode step, `--new_tokens` the room in the KV cache).
+prompts of config.seq_len tokens and one decode step, `--new_tokens` the room in the KV cache);
+grpo (a GRPO config's train step, and its rollout's prefill and decode step with the train state
+resident: configs/align/grpo_llama3_8b.py).
 """
 
 import os
@@ -20,6 +22,7 @@ from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from align import aot as align_aot, run as align_run  # noqa: E402
 from configs import cli, validation  # noqa: E402
 from infer import aot as infer_aot  # noqa: E402
 from rundir.loading import write_json_atomic  # noqa: E402
@@ -47,11 +50,23 @@ def decode_report(config, topology_name: str, new_tokens: int) -> report.Report:
   return jobs.compile_programs("decode", topology, mesh, rules, programs)
 
 
+def grpo_report(config, topology_name: str) -> report.Report:
+  """GRPO's train step and its rollout's prefill and decode step (align/aot.py); config: a GRPO config."""
+  if config.get("method") != "grpo":
+    raise validation.ConfigError(f"--job=grpo needs a GRPO config (configs/align/...), but config.method is "
+                                 f"{config.get('method')!r}")
+  topology, devices = jobs.slice_devices(config, topology_name, validate=align_run.validate)
+  programs, run = align_aot.programs(config, devices)
+  return jobs.compile_programs("grpo", topology, run.mesh, run.rules, programs)
+
+
 def main(argv):
   if len(argv) > 1:
     raise validation.ConfigError(f"unexpected arguments: {argv[1:]}")
   if _JOB.value == "decode":
     result = decode_report(_CONFIG.value, _TOPOLOGY.value, _NEW_TOKENS.value)
+  elif _JOB.value == "grpo":
+    result = grpo_report(_CONFIG.value, _TOPOLOGY.value)
   else:
     result = jobs.run(_CONFIG.value, _TOPOLOGY.value)
   print(report.to_text(result), flush=True)

@@ -48,13 +48,14 @@ class Compiled:
 @contextlib.contextmanager
 def _no_persistent_cache():
   """Compile-only TPU executables cannot be read back from jax's persistent compilation cache (it
-  needs a TPU client): keep them out of it."""
-  enabled = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
+  needs a TPU client): keep them out of it. Whether the cache is used is settled once per process,
+  so where it is on (the test suite's), nothing is written: no compile is slow enough to be."""
+  min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e12)
   try:
     yield
   finally:
-    jax.config.update("jax_enable_compilation_cache", enabled)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
 
 
 def compile_program(program: Program, mesh, rules) -> Compiled:
