@@ -29,6 +29,7 @@ class Lowerable:
   lower: Callable[[], tuple[Any, dict[str, Any]]]
   model_flops: float  # the model's own flops in one call, all devices
   tokens: int
+  repeats: int = 1  # calls per step of the job
 
 
 def forward_flops(config: model_lib.ModelConfig, tokens: int, context: int) -> float:

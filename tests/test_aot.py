@@ -180,4 +180,4 @@ def test_grpo_compiles_its_train_step_and_rollout_with_the_state_resident():
   assert frozen == report.shard_bytes(run.state["params"]) > 0  # the reference: a copy of the policy's weights
   decode = result.program_memory["rollout decode step"]
   assert decode["frozen weights (resident)"] == frozen and decode["optimizer state (resident)"] > 0
-  assert result.tokens_per_step == 16 * 128 + 16 * 64 + 16
+  assert result.tokens_per_step == 16 * 128 + 16 * 64 + 16 * 64  # train rows, prompts, a token per row per step

@@ -33,6 +33,7 @@ class Program:
   lower: Callable[[], tuple[Any, dict[str, Any]]]
   model_flops: float  # the model's own flops in one call, all devices
   tokens: int  # tokens one call processes
+  repeats: int = 1  # calls per step of the job (a rollout's decode step: once per new token)
 
 
 @dataclasses.dataclass
@@ -95,16 +96,16 @@ def measure(job: str, topology: topology_lib.Topology, mesh, programs: list[Comp
   xla_flops, seconds = 0.0, 0.0
   for c in programs:
     f, s = report.cost(c.compiled, topology.chip) if c.compiled is not None else (0.0, 0.0)
-    xla_flops += f * len(mesh.devices.flat)  # cost_analysis counts one device's program
-    seconds += s
-  model_flops = sum(c.program.model_flops for c in programs)
+    xla_flops += f * len(mesh.devices.flat) * c.program.repeats  # cost_analysis counts one device's program
+    seconds += s * c.program.repeats
+  model_flops = sum(c.program.model_flops * c.program.repeats for c in programs)
   peak = topology.chip.peak_bf16_flops * topology.num_chips
   estimated = seconds * max(1.0, model_flops / xla_flops) if xla_flops else 0.0
   return report.Report(
       job=job, topology=topology.name, chip=topology.libtpu_name, num_devices=topology.num_chips,
       num_hosts=topology.num_hosts, mesh=dict(mesh.shape), hbm_capacity_bytes=topology.chip.hbm_bytes,
       memory=memory, hbm_per_device_bytes=int(hbm), flops_per_step=xla_flops, model_flops_per_step=model_flops,
-      tokens_per_step=sum(c.program.tokens for c in programs), estimated_step_seconds=estimated,
+      tokens_per_step=sum(c.program.tokens * c.program.repeats for c in programs), estimated_step_seconds=estimated,
       estimated_mfu=model_flops / (estimated * peak) if estimated > 0 else 0.0, xla_optimal_seconds=seconds,
       compile_seconds=sum(c.seconds for c in programs),
       collectives=_merged(report.collectives(c.hlo) for c in programs),
