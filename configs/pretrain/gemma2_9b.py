@@ -4,7 +4,7 @@
   python -m train --config=configs/pretrain/gemma2_9b.py --workdir=gs://...  # on the slice
 
 Fully sharded over every chip, full remat, flash attention (with Gemma 2's logit soft-cap), bf16
-compute with fp32 weights and Adam moments (configs/pretrain/scale.py). Sequences of 4096 tokens:
+compute with fp32 weights and Adam moments (configs/at_scale.py). Sequences of 4096 tokens:
 no longer than Gemma 2's 4096-token window, every layer attends globally, so the scanned layers
 keep a static window and the flash kernel (at 8192 the alternating local/global windows are scanned
 over as data, which only plain attention takes; `--config.model.scan_layers=False` keeps them
@@ -12,7 +12,7 @@ static at a longer compile).
 """
 
 from configs import common
-from configs.pretrain.scale import scaled_config
+from configs.at_scale import scaled_config
 
 SLICES = {
     "v5p-64": dict(chips=32, per_chip=8, mesh=dict(data=1, fsdp=-1)),

@@ -4,11 +4,11 @@
   python -m train --config=configs/pretrain/llama3_70b.py --workdir=gs://...  # on the slice
 
 Fully sharded over every chip, full remat, flash attention, bf16 compute with fp32 weights and Adam
-moments, 8192-token sequences, two per chip: about 4M tokens a step (configs/pretrain/scale.py).
+moments, 8192-token sequences, two per chip: about 4M tokens a step (configs/at_scale.py).
 """
 
 from configs import common
-from configs.pretrain.scale import scaled_config
+from configs.at_scale import scaled_config
 
 SLICES = {
     "v5p-512": dict(chips=256, per_chip=2, mesh=dict(data=1, fsdp=-1)),

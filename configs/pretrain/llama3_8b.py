@@ -4,11 +4,11 @@
   python -m train --config=configs/pretrain/llama3_8b.py --workdir=gs://...  # on the slice
 
 Fully sharded (fsdp over every chip), full remat, flash attention, bf16 compute with fp32 weights
-and Adam moments, 8192-token sequences, about a million tokens a step (see configs/pretrain/scale.py).
+and Adam moments, 8192-token sequences, about a million tokens a step (see configs/at_scale.py).
 """
 
 from configs import common
-from configs.pretrain.scale import scaled_config
+from configs.at_scale import scaled_config
 
 SLICES = {
     "v5p-64": dict(chips=32, per_chip=4, mesh=dict(data=1, fsdp=-1)),

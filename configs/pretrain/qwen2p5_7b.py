@@ -4,11 +4,11 @@
   python -m train --config=configs/pretrain/qwen2p5_7b.py --workdir=gs://...  # on the slice
 
 Fully sharded over every chip, full remat, flash attention, bf16 compute with fp32 weights and Adam
-moments, 8192-token sequences (configs/pretrain/scale.py).
+moments, 8192-token sequences (configs/at_scale.py).
 """
 
 from configs import common
-from configs.pretrain.scale import scaled_config
+from configs.at_scale import scaled_config
 
 SLICES = {
     "v5p-64": dict(chips=32, per_chip=4, mesh=dict(data=1, fsdp=-1)),
