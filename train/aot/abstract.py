@@ -21,7 +21,7 @@ import model as model_lib
 from configs import validation
 from model import peft, sharding
 from rundir import loading
-from train import optimizer as optimizer_lib
+from train import data, optimizer as optimizer_lib
 from train import step as step_lib
 from train import trainer
 
@@ -88,10 +88,10 @@ def build(config: ml_collections.ConfigDict, devices, *, make_module=None, decod
   return run
 
 
-def batch(config: ml_collections.ConfigDict, mesh: Mesh, rules, keys=None, rows: int | None = None) -> dict[str, Any]:
-  """A pre-training batch `{tokens, targets, loss_mask, segment_ids, positions}` of int32 [B, T],
-  sharded over the batch axes as trainer.global_batch places one."""
-  shape = (rows or config.batch_size, config.seq_len)
+def batch(config: ml_collections.ConfigDict, mesh: Mesh, rules) -> dict[str, Any]:
+  """A pre-training batch (train.data.BATCH_KEYS, each int32 [B, T]), sharded over the batch axes
+  as trainer.global_batch places one."""
+  shape = (config.batch_size, config.seq_len)
   spec = sharding.logical_to_spec(trainer.BATCH_AXES, shape, mesh, rules)
   placed = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=NamedSharding(mesh, spec))
-  return {key: placed for key in (keys or ("tokens", "targets", "loss_mask", "segment_ids", "positions"))}
+  return {key: placed for key in data.BATCH_KEYS}

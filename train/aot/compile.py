@@ -108,19 +108,9 @@ def measure(job: str, topology: topology_lib.Topology, mesh, programs: list[Comp
       tokens_per_step=sum(c.program.tokens * c.program.repeats for c in programs), estimated_step_seconds=estimated,
       estimated_mfu=model_flops / (estimated * peak) if estimated > 0 else 0.0, xla_optimal_seconds=seconds,
       compile_seconds=sum(c.seconds for c in programs),
-      collectives=_merged(report.collectives(c.hlo) for c in programs),
+      collectives=report.collectives("\n".join(c.hlo for c in programs)),  # read line by line: summed
       programs=[c.program.name for c in programs], program_memory=by_program,
   )
-
-
-def _merged(dicts) -> dict[str, dict[str, int]]:
-  out: dict[str, dict[str, int]] = {}
-  for d in dicts:
-    for kind, entry in d.items():
-      into = out.setdefault(kind, {"count": 0, "bytes": 0})
-      into["count"] += entry["count"]
-      into["bytes"] += entry["bytes"]
-  return dict(sorted(out.items()))
 
 
 def train_flops(model_config: model_lib.ModelConfig, batch_size: int, seq_len: int) -> float:
@@ -130,15 +120,14 @@ def train_flops(model_config: model_lib.ModelConfig, batch_size: int, seq_len: i
 
 
 def train_program(config: ml_collections.ConfigDict, devices, *, loss_fn: Callable | None = None,
-                  make_module=None, decoder_path: str = "", batch_keys=None,
-                  batch_fn: Callable | None = None, name: str = "train step") -> tuple[Program, abstract.AbstractRun]:
+                  make_module=None, decoder_path: str = "", batch_fn: Callable | None = None, name: str = "train step") -> tuple[Program, abstract.AbstractRun]:
   """The trainer's jitted train step (trainer.jit_train_step, as every run compiles it) over the
   abstract state of `config` on `devices`. A method passes its loss, module and batch maker
   (batch_fn(config, mesh, rules) -> abstract batch)."""
   run = abstract.build(config, devices, make_module=make_module, decoder_path=decoder_path)
   loss_fn = loss_fn or functools.partial(losses.next_token_loss, z_loss=config.z_loss)
   jitted = trainer.jit_train_step(run.graphdef, loss_fn, run.optimizer, run.schedule, config, run.state_shardings)
-  batch = (batch_fn or functools.partial(abstract.batch, keys=batch_keys))(config, run.mesh, run.rules)
+  batch = (batch_fn or abstract.batch)(config, run.mesh, run.rules)
   parts = {"parameters": run.state["params"],
            "optimizer state": run.state["opt_state"],
            "frozen weights": run.rest,
