@@ -30,6 +30,7 @@ class Lowerable:
   model_flops: float  # the model's own flops in one call, all devices
   tokens: int
   repeats: int = 1  # calls per step of the job
+  on_compiled: Callable[[Any], None] | None = None  # given the compiled executable, if compiled
 
 
 def forward_flops(config: model_lib.ModelConfig, tokens: int, context: int) -> float:
@@ -53,18 +54,27 @@ def decode_programs(graphdef, params, model_config: model_lib.ModelConfig, mesh,
   lower_prefill = functools.partial(decoding.prefill.lower, graphdef, params, tokens, lengths, keys, max_new_tokens,
                                     buffer=buffer, cache_length=cache_length, **static)
 
+  prefill_outputs = []  # the compiled prefill's (out_info, output_shardings), once compiled
+
   def prefill():
     return lower_prefill(), {"parameters": params, "prompts": tokens}
 
   def decode_step():
-    compiled = lower_prefill().compile()  # the decode state is placed as the prefill leaves it
+    # The decode state is placed as the compiled prefill leaves it (compiled here only when the
+    # job did not compile the prefill first).
+    if not prefill_outputs:
+      keep_prefill_outputs(lower_prefill().compile())
+    out_info, output_shardings = prefill_outputs[-1]
     state = jax.tree.map(lambda s, placed: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placed),
-                         compiled.out_info, compiled.output_shardings)
+                         out_info, output_shardings)
     return (decoding.decode.lower(graphdef, params, state, max_new_tokens, 1, **static),
             {"parameters": params, "KV cache and decode state": state})
 
+  def keep_prefill_outputs(compiled):
+    prefill_outputs.append((compiled.out_info, compiled.output_shardings))
+
   return [
       Lowerable("prefill", prefill, forward_flops(model_config, batch_size * prompt_len, prompt_len),
-                batch_size * prompt_len),
+                batch_size * prompt_len, on_compiled=keep_prefill_outputs),
       Lowerable("decode step", decode_step, forward_flops(model_config, batch_size, cache_length), batch_size),
   ]

@@ -181,3 +181,6 @@ def test_grpo_compiles_its_train_step_and_rollout_with_the_state_resident():
   decode = result.program_memory["rollout decode step"]
   assert decode["frozen weights (resident)"] == frozen and decode["optimizer state (resident)"] > 0
   assert result.tokens_per_step == 16 * 128 + 16 * 64 + 16 * 64  # train rows, prompts, a token per row per step
+  # Each program's time is its own (a decode step is priced as itself, not at the train step's rate).
+  assert list(result.program_seconds) == result.programs and all(s > 0 for s in result.program_seconds.values())
+  assert result.estimated_step_seconds == pytest.approx(sum(result.program_seconds.values()))

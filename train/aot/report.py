@@ -10,7 +10,8 @@ iteration, and custom calls (Pallas kernels: flash attention) count nothing. Mea
 8B's widths with 2 layers: scanned, with full remat and flash attention, XLA counted 22% of the
 model's flops; unrolled, without remat, with XLA's attention, 100.2%. So the estimated step time is XLA's `optimal_seconds` scaled by
 the model's own flops (model.flops_per_token) over the flops XLA counted, when that is above 1:
-the uncounted iterations taken to run at the counted ones' rate. The MFU is the model's flops
+the uncounted iterations taken to run at the counted ones' rate. A job of several programs (GRPO's
+train step, prefill and decode steps) is scaled program by program, each by its own shortfall. The MFU is the model's flops
 over that time and the slice's peak. `optimal_seconds` prices each op at the chip's roofline (its
 peak flops or HBM bandwidth, whichever binds), with no overheads: the time is a lower bound and
 the MFU an upper bound (Llama 3.1 8B's step: 45% on v5p-64, but 100% of peak on v6e-64, where the
@@ -81,6 +82,7 @@ class Report:
   xla_optimal_seconds: float = 0.0  # XLA's own figure, before the loop correction
   programs: list[str] = dataclasses.field(default_factory=list)
   program_memory: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # per program, by category
+  program_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # per program, estimated, all its calls
 
   @property
   def fits(self) -> bool:
@@ -92,8 +94,8 @@ class Report:
     out["shortfall_bytes"] = max(0, self.hbm_per_device_bytes - self.hbm_capacity_bytes)
     out["flops_per_token"] = self.model_flops_per_step / max(self.tokens_per_step, 1)
     out["estimates"] = ("estimated_step_seconds and estimated_mfu come from XLA's TPU cost model "
-                        "(cost_analysis optimal_seconds, scaled by model flops over XLA-counted flops when "
-                        "above 1), not a measurement on a chip")
+                        "(cost_analysis optimal_seconds, scaled per program by model flops over XLA-counted flops "
+                        "when above 1), not a measurement on a chip")
     return out
 
 
@@ -161,8 +163,10 @@ def to_text(report: Report) -> str:
       f"estimated step time {r.estimated_step_seconds * 1e3:.1f} ms, estimated MFU {100 * r.estimated_mfu:.1f}% "
       f"(ESTIMATES from XLA's TPU cost model, {r.xla_optimal_seconds * 1e3:.1f} ms as it counts, scaled to the "
       "model's flops: a roofline bound, so the MFU is at most this; not measurements)",
-      "collectives (ops in the program; a loop body's counted once):",
   ]
+  if len(r.program_seconds) > 1:
+    lines.append("  of which " + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in r.program_seconds.items()))
+  lines.append("collectives (ops in the program; a loop body's counted once):")
   lines += [f"  {kind:<20} {c['count']:>5} ops {format_bytes(c['bytes']):>12}" for kind, c in r.collectives.items()]
   if not r.collectives:
     lines.append("  none")
