@@ -7,9 +7,11 @@ A GPU or TPU run of the hardware-only tests sets JAX_PLATFORMS itself.
 import os
 import tempfile
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+from tests import xla_env
+
+# 8 fake devices and XLA's quickest CPU compilation (tests/xla_env.py), unless the caller chose flags.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_env.xla_flags(8)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests build the same programs many times (every trainer setup and generate call jits anew, and
 # the multi-host and SIGTERM tests start processes); a persistent cache shared by the session and

@@ -3,7 +3,6 @@ packing keeps examples whole and apart."""
 
 import json
 
-import numpy as np
 import pytest
 
 from align import data

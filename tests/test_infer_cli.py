@@ -1,7 +1,6 @@
 """Loading a run's workdir or a Hugging Face directory, and `python -m infer`'s streaming text path."""
 
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from configs.infer import generate as generate_config
 import rundir
 from infer import cli
 from model import quant, sharding
+from tests import xla_env
 from tests.test_train import _config  # the same tiny run the trainer tests use
 from rundir import tokenizer as tokenizer_lib
 from train import trainer
@@ -79,7 +79,7 @@ def test_a_run_trained_on_8_devices_loads_on_1(trained):
       f"m, _ = rundir.load({str(workdir)!r}); "
       "print(jax.device_count(), sum(float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(m)))"
   )
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device
+  env = xla_env.subprocess_env(None)  # one CPU device
   proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   devices, loaded = proc.stdout.split()[-2:]

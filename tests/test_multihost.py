@@ -4,7 +4,6 @@ on the frozen base, the reference its adapters-off view), whose rollouts sample 
 sharded across both processes."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from align import run as align_run
-from tests import multihost_worker
+from tests import multihost_worker, xla_env
 from tests.test_train import _losses, corpus  # noqa: F401 (corpus is a fixture)
 from train import trainer
 
@@ -29,8 +28,7 @@ def _free_port() -> int:
 
 def _run_two_processes(mode, corpus_dir, tokenizer, init_from, workdir):
   port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": str(ROOT)}
+  env = xla_env.subprocess_env(4, PYTHONPATH=str(ROOT))
   procs = [
       subprocess.Popen(
           [sys.executable, "-m", "tests.multihost_worker", mode, str(corpus_dir), str(tokenizer), str(init_from),

@@ -2,7 +2,6 @@
 base stays bitwise what init_from holds, a run resumes exactly, `rundir.load` rebuilds a PEFT run,
 and SFT, DPO and GRPO run with LoRA and with QLoRA (three of the six through `python -m align`)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from align import run as align_run
 from configs import common
 from configs.align.common import align_config
 from model import peft, quant
-from tests import test_align_sft
+from tests import test_align_sft, xla_env
 from train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +148,7 @@ def test_grpo_with_qlora_takes_its_reference_from_the_base(tokenizer_path, lora_
 
 
 def _align_cli(tmp_path, config: str, workdir: Path, *flags: str) -> str:
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = xla_env.subprocess_env(2)
   command = [sys.executable, "-m", "align", f"--config={config}", f"--workdir={workdir}", *flags]
   done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]

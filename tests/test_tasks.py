@@ -16,6 +16,7 @@ from align.tasks import answers
 from configs import validation
 from configs.align.common import align_config
 from rundir import tokenizer as tokenizer_lib
+from tests import xla_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,8 +162,7 @@ TINY = ["--config.model.num_layers=1", "--config.model.embed_dim=32", "--config.
 
 def _align(tmp_path, config: str, workdir: Path, *flags: str) -> str:
   """`python -m align` in a subprocess on 2 host devices; returns its stdout."""
-  env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = xla_env.subprocess_env(2, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   command = [sys.executable, "-m", "align", f"--config={config}", f"--workdir={workdir}", *TINY, *flags]
   done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]

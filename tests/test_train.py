@@ -1,7 +1,6 @@
 """The real trainer on a tiny model over 8 fake CPU devices: meshes, accumulation, resume, errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import common, validation
+from tests import xla_env
 from train import trainer
 
 STEPS = 10
@@ -112,7 +112,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
       "import pathlib, sys; from tests.test_train import _config; from train import trainer; "
       f"trainer.train(_config(pathlib.Path({str(root)!r}), {str(tokenizer)!r}, total_steps=100000), {str(tmp_path)!r})"
   )
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  env = xla_env.subprocess_env(8)
   proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   for line in proc.stdout:  # wait until it trains

@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import tqdm
-from tensorboardX import SummaryWriter
 
 # Dense bf16 peak FLOP/s per device, for MFU; devices not listed get no mfu.
 PEAK_FLOPS = {
@@ -44,6 +43,8 @@ class MetricsWriter:
       return
     workdir = Path(workdir)
     self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+    # Imported here: tensorboardX imports torch when torch is installed (4 s of every start-up).
+    from tensorboardX import SummaryWriter  # noqa: PLC0415
     self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
     if sys.stderr.isatty():
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
