@@ -163,7 +163,8 @@ def _align_cli(tmp_path, config: str, workdir: Path, *flags: str) -> str:
 ])
 def test_python_m_align_with_adapters(method, config, peft_flags, tokenizer_path, base_run, tmp_path):
   flags = [f"--config.init_from={base_run}", f"--config.tokenizer.path={tokenizer_path}",
-           "--config.task.name=arithmetic", "--config.task.accuracy_problems=2", "--config.task.accuracy_tokens=8",
+           "--config.task.name=arithmetic", "--config.task.train_size=32", "--config.task.accuracy_problems=2",
+           "--config.task.accuracy_tokens=8",
            "--config.seq_len=96", "--config.batch_size=4", "--config.eval_every=0", "--config.mesh.data=2",
            "--config.optimizer.warmup_steps=0", *peft_flags]
   out = _align_cli(tmp_path, config, tmp_path / method, *flags)
