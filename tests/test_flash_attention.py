@@ -265,11 +265,13 @@ def test_runs_under_tpu_interpret_mode():
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-4, err_msg=name)
 
 
+_TPU_SEGMENTS = (24, 40, 4, 1, dict(causal=True, sliding_window=9, logit_softcap=3.0, segments=True))
+_TPU_NO_SEGMENTS = (28, 44, 2, 1, dict(causal=True, sliding_window=20, segments=False))  # mask-free tiles in the window
+
+
 @pytest.mark.parametrize(
     "q_len,kv_len,heads,kv_heads,kwargs",
-    [(24, 40, 4, 1, dict(causal=True, sliding_window=9, logit_softcap=3.0, segments=True)),
-     (40, 40, 2, 2, dict(causal=False, segments=True)),
-     (28, 44, 2, 1, dict(causal=True, sliding_window=20, segments=False))],  # mask-free tiles inside the window
+    [_TPU_SEGMENTS, (40, 40, 2, 2, dict(causal=False, segments=True)), _TPU_NO_SEGMENTS],
     ids=["causal_T<S_window_softcap_gqa4_segments", "bidirectional_segments", "causal_T<S_window_gqa2_no_segments"],
 )
 def test_tpu_layout_under_tpu_interpret_mode(q_len, kv_len, heads, kv_heads, kwargs):
@@ -381,13 +383,9 @@ def test_x64_lowers_the_same_kernels(x64, platform):
   assert len(with_x64) == 3 and with_x64 == without
 
 
-_X64_SEGMENTS = (24, 40, 4, 1, dict(causal=True, sliding_window=9, logit_softcap=3.0, segments=True))
-_X64_NO_SEGMENTS = (28, 44, 2, 1, dict(causal=True, sliding_window=20, segments=False))
-
-
 @pytest.mark.parametrize(
     "layout,q_len,kv_len,heads,kv_heads,kwargs",
-    [("default", *_X64_SEGMENTS), ("tpu_interpret", *_X64_SEGMENTS), ("default", *_X64_NO_SEGMENTS)],
+    [("default", *_TPU_SEGMENTS), ("tpu_interpret", *_TPU_SEGMENTS), ("default", *_TPU_NO_SEGMENTS)],
     ids=["default-causal_T<S_window_softcap_gqa4_segments", "tpu_interpret-causal_T<S_window_softcap_gqa4_segments",
          "default-causal_T<S_window_gqa2_no_segments"],
 )

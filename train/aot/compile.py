@@ -129,7 +129,8 @@ def train_flops(model_config: model_lib.ModelConfig, batch_size: int, seq_len: i
 
 
 def train_program(config: ml_collections.ConfigDict, devices, *, loss_fn: Callable | None = None,
-                  make_module=None, decoder_path: str = "", batch_fn: Callable | None = None, name: str = "train step") -> tuple[Program, abstract.AbstractRun]:
+                  make_module=None, decoder_path: str = "", batch_fn: Callable | None = None,
+                  name: str = "train step") -> tuple[Program, abstract.AbstractRun]:
   """The trainer's jitted train step (trainer.jit_train_step, as every run compiles it) over the
   abstract state of `config` on `devices`. A method passes its loss, module and batch maker
   (batch_fn(config, mesh, rules) -> abstract batch)."""

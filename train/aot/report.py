@@ -8,14 +8,15 @@ and the program's code. Flops and `optimal_seconds` come from `cost_analysis()`,
 of the TPU: an estimate, not a measurement. That model counts a loop's body once, not once per
 iteration, and custom calls (Pallas kernels: flash attention) count nothing. Measured on Llama 3.1
 8B's widths with 2 layers: scanned, with full remat and flash attention, XLA counted 22% of the
-model's flops; unrolled, without remat, with XLA's attention, 100.2%. So the estimated step time is XLA's `optimal_seconds` scaled by
-the model's own flops (model.flops_per_token) over the flops XLA counted, when that is above 1:
-the uncounted iterations taken to run at the counted ones' rate. A job of several programs (GRPO's
-train step, prefill and decode steps) is scaled program by program, each by its own shortfall. The MFU is the model's flops
-over that time and the slice's peak. `optimal_seconds` prices each op at the chip's roofline (its
-peak flops or HBM bandwidth, whichever binds), with no overheads: the time is a lower bound and
-the MFU an upper bound (Llama 3.1 8B's step: 45% on v5p-64, but 100% of peak on v6e-64, where the
-model finds every op compute-bound).
+model's flops; unrolled, without remat, with XLA's attention, 100.2%. So the estimated step time
+is XLA's `optimal_seconds` scaled by the model's own flops (model.flops_per_token) over the flops
+XLA counted, when that is above 1: the uncounted iterations taken to run at the counted ones'
+rate. A job of several programs (GRPO's train step, prefill and decode steps) is scaled program by
+program, each by its own shortfall. The MFU is the model's flops over that time and the slice's
+peak. `optimal_seconds` prices each op at the chip's roofline (its peak flops or HBM bandwidth,
+whichever binds), with no overheads: the time is a lower bound and the MFU an upper bound (Llama
+3.1 8B's step: 45% on v5p-64, but 100% of peak on v6e-64, where the model finds every op
+compute-bound).
 """
 
 import collections
@@ -165,7 +166,8 @@ def to_text(report: Report) -> str:
       "model's flops: a roofline bound, so the MFU is at most this; not measurements)",
   ]
   if len(r.program_seconds) > 1:
-    lines.append("  of which " + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in r.program_seconds.items()))
+    each = (f"{name} {seconds * 1e3:.1f} ms" for name, seconds in r.program_seconds.items())
+    lines.append("  of which " + ", ".join(each))
   lines.append("collectives (ops in the program; a loop body's counted once):")
   lines += [f"  {kind:<20} {c['count']:>5} ops {format_bytes(c['bytes']):>12}" for kind, c in r.collectives.items()]
   if not r.collectives:
