@@ -8,6 +8,7 @@ layers never need to know which.
 """
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -30,7 +31,43 @@ def project(eq: str, x: jax.Array, weight, dtype) -> jax.Array:
   """einsum(eq, x, W) in `dtype`, for W a parameter or a module that multiplies by itself."""
   if isinstance(weight, nnx.Module):
     return weight(eq, x, dtype)
-  return jnp.einsum(eq, x, weight[...].astype(dtype))
+  return weight_einsum(eq, x, weight[...].astype(dtype))
+
+
+def weight_einsum(eq: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+  """jnp.einsum(eq, x, w) whose backward pass is two einsums that name their outputs' letters in
+  the order of x's and w's: dx = einsum(out, w -> x), dw = einsum(x, out -> w).
+
+  The same products autodiff computes, in the same dtypes. Autodiff's transposed dot_general
+  yields dW with its axes in another order and a transpose after it, and XLA:CPU fuses that
+  transpose into the elementwise backward ops that produce the cotangent (a strided write
+  through [B*T, F]): on the benchmark's MLP that made the backward pass 1.4x slower
+  (benchmarks/RESULTS.md, train step). Every letter of x must appear in w or the output.
+  """
+  if x.dtype != w.dtype or (preferred_element_type is not None and preferred_element_type != x.dtype):
+    return jnp.einsum(eq, x, w, preferred_element_type=preferred_element_type)  # mixed dtypes: autodiff's rules
+  return _weight_einsum(eq, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _weight_einsum(eq, x, w):
+  return jnp.einsum(eq, x, w)
+
+
+def _weight_einsum_fwd(eq, x, w):
+  return jnp.einsum(eq, x, w), (x, w)
+
+
+def _weight_einsum_bwd(eq, residuals, dy):
+  x, w = residuals
+  operands, out = eq.split("->")
+  x_letters, w_letters = operands.split(",")
+  dx = jnp.einsum(f"{out},{w_letters}->{x_letters}", dy, w)
+  dw = jnp.einsum(f"{x_letters},{out}->{w_letters}", x, dy)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_weight_einsum.defvjp(_weight_einsum_fwd, _weight_einsum_bwd)
 
 
 def split_equation(eq: str, in_rank: int) -> tuple[str, str, str, str]:

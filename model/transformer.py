@@ -10,6 +10,7 @@ from flax import nnx
 from model.config import ModelConfig
 from model.kv_cache import KVCache, PagedKVCache, PageTable
 from model.layers import BTD, Block, Norm, param
+from model.projections import weight_einsum
 from model.sharding import shard
 
 BTV = ("activation_batch", "activation_length", "activation_vocab")
@@ -35,7 +36,7 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 # fine-tuning adapters on a bf16 or float32 base).
 @functools.partial(jax.checkpoint, static_argnums=(0, 3), policy=jax.checkpoint_policies.nothing_saveable)
 def _output_projection(eq: str, features: jax.Array, weight: jax.Array, dtype) -> jax.Array:
-  return jnp.einsum(eq, features, weight.astype(dtype), preferred_element_type=jnp.float32)
+  return weight_einsum(eq, features, weight.astype(dtype), preferred_element_type=jnp.float32)
 
 
 class Transformer(nnx.Module):

@@ -1,5 +1,6 @@
 """Attention backends against a float64, one-head-at-a-time numpy reference."""
 
+import functools
 import logging
 
 import jax
@@ -47,6 +48,42 @@ def test_xla_attention_matches_float64_reference(heads, kv_heads, causal, window
       kv_segments=SEGMENTS if segments else None, softcap=softcap,
   )
   np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window,segments", [(0, False), (150, True)])
+def test_causal_blocks_match_float64_reference(window, segments):
+  """From T = 256 the xla path computes causal self-attention block by block, skipping the blocks
+  above the diagonal (and, with a window, those before it); T = 260 leaves a ragged last block."""
+  q_len = 260
+  q, k, v = _inputs(2, 1, q_len=q_len, kv_len=q_len, seed=3)
+  seg = np.repeat(np.array([[1, 2, 3], [1, 1, 2]]), [90, 100, 70], axis=1) if segments else None
+  slopes = positional.alibi_slopes(2)
+  kwargs = dict(causal=True, window=window, softcap=2.0, alibi_slopes=slopes, q_segments=seg, kv_segments=seg)
+  out = attention_ops.dot_product_attention(
+      q, k, v, q_segment_ids=None if seg is None else jnp.asarray(seg), kv_segment_ids=None if seg is None else
+      jnp.asarray(seg), causal=True, sliding_window=window, logit_softcap=2.0, alibi_slopes=slopes,
+  )
+  np.testing.assert_allclose(out, reference.attention(q, k, v, **kwargs), atol=2e-5, rtol=2e-5)
+  # Gradients equal those of one masked pass over all of T (the path shorter sequences take).
+  segment_ids = None if seg is None else jnp.asarray(seg)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(jnp.sin(fn(q, k, v)))
+
+  blocked = functools.partial(
+      attention_ops.dot_product_attention, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+      sliding_window=window, logit_softcap=2.0, alibi_slopes=slopes,
+  )
+  positions = jnp.broadcast_to(jnp.arange(q_len), (B, q_len))
+  whole = functools.partial(
+      attention_ops._masked_xla_attention, q_positions=positions, kv_positions=positions,
+      q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True, sliding_window=window,
+      scale=H**-0.5, logit_softcap=2.0, alibi_slopes=slopes,
+  )
+  got = jax.grad(functools.partial(loss, blocked), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(functools.partial(loss, whole), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
 
 
 def test_shorter_queries_are_the_last_positions():

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import model
-from model import positional, transformer
+from model import positional, projections, transformer
 
 CONFIG = model.get_preset("tiny", sliding_window=6)  # windowed, GQA: the paths packing must respect
 
@@ -135,3 +135,27 @@ def test_pallas_backend_matches_xla_logits_and_gradients():
   np.testing.assert_allclose(loss_pallas, loss_xla, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads_pallas), jax.tree.leaves(grads_xla)):
     np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+@pytest.mark.parametrize("eq,x_shape,w_shape", [
+    ("BTD,DF->BTF", (2, 5, 8), (8, 12)),
+    ("BTNH,NHD->BTD", (2, 5, 3, 4), (3, 4, 8)),
+    ("BTD,VD->BTV", (2, 5, 8), (16, 8)),  # a tied head: the weight's input axis last
+])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weight_einsum_gradients_equal_autodiffs(eq, x_shape, w_shape, dtype):
+  """The projections' hand-written backward pass (model/projections.py) against jax's autodiff of
+  the plain einsum, in float32 and in bfloat16 (where the outputs must keep the operands' dtype)."""
+  kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape).astype(dtype)
+  w = jax.random.normal(kw, w_shape).astype(dtype)
+  out_shape = jax.eval_shape(lambda x, w: jnp.einsum(eq, x, w), x, w).shape
+  cotangent = jax.random.normal(kc, out_shape).astype(dtype)
+  ours, ours_vjp = jax.vjp(lambda x, w: projections.weight_einsum(eq, x, w), x, w)
+  theirs, theirs_vjp = jax.vjp(lambda x, w: jnp.einsum(eq, x, w), x, w)
+  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
+  tolerance = 1e-6 if dtype == "float32" else 2e-2
+  for got, want in zip(ours_vjp(cotangent), theirs_vjp(cotangent)):
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tolerance,
+                               atol=tolerance)
