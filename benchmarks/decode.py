@@ -179,6 +179,35 @@ def measure(calls: dict, repeats: int):
   return {name: (statistics.median(times[name]), times[name], warm[name], last[name]) for name in calls}
 
 
+def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> dict[str, float]:
+  """Bytes/s at which this machine streams a buffer far larger than its caches: a jitted jnp.sum
+  (XLA's threads) and numpy's sum (one core), each the fastest of `repeats` after a warm-up."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  host = np.ones(nbytes // 4, np.float32)
+  device = jnp.asarray(host)
+  total = jax.jit(jnp.sum)
+  rates = {}
+  for name, fn in (("jax", lambda: total(device).block_until_ready()), ("numpy", lambda: host.sum())):
+    fn()
+    rates[name] = nbytes / min(timed(fn)[0] for _ in range(repeats))
+  return rates
+
+
+def bytes_per_step(module, batch: int, context: float) -> tuple[int, int]:
+  """(weight bytes, KV-cache bytes) a decode step must read at least: every parameter but the input
+  embedding table (a step gathers B of its rows; a tied table is read whole as the LM head), and
+  each row's keys and values for `context` positions."""
+  from flax import nnx  # noqa: PLC0415
+
+  c = module.config
+  weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+  if not c.tie_embeddings:
+    weights -= module.embedding[...].size * module.embedding[...].dtype.itemsize
+  kv = 2 * c.num_layers * batch * context * c.num_kv_heads * c.head_dim * np.dtype(c.compute_dtype).itemsize
+  return weights, int(kv)
+
+
 def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
   """(fraction of equal tokens, fraction of fully equal rows, mean length of the common prefix) of [B, N] arrays."""
   equal = a == b
@@ -208,6 +237,11 @@ def main(argv=None):
         f"V={args.vocab}, {count(ours):,} params (HF {sum(p.numel() for p in theirs.parameters()):,}); "
         f"draft: L={draft_layers}, {count(draft):,} params; T={t} prompt tokens, {n} new tokens, "
         f"median of {args.repeats} after 1 warm-up", flush=True)
+
+  bandwidth = read_bandwidth()
+  best_rate = max(bandwidth.values())
+  print("read bandwidth: " + ", ".join(f"{name} {rate / 1e9:.1f} GB/s" for name, rate in bandwidth.items())
+        + f"; the bound below uses the faster, {best_rate / 1e9:.1f} GB/s", flush=True)
 
   decode_rows, spec_rows, notes = [], [], []
   for b in batches:
@@ -283,6 +317,13 @@ def main(argv=None):
           f"{row['min_decode_tps']:>9,.1f}")
     if row["side"] == "hf":
       o = next(x for x in decode_rows if x["b"] == row["b"] and x["side"] == "ours")
+      weights, kv = bytes_per_step(ours, row["b"], t + n / 2)
+      bound_ms = 1e3 * (weights + kv) / best_rate
+      print(f"{row['b']:>3} {'bound':<6} {bound_ms:.1f} ms/step = ({weights / 1e6:.0f} MB weights + {kv / 1e6:.1f} MB "
+            f"of KV at the mean context {t + n / 2:.0f}) / {best_rate / 1e9:.1f} GB/s; ms/step over it: ours "
+            f"{o['step_ms'] / bound_ms:.2f}x, HF {row['step_ms'] / bound_ms:.2f}x (fastest calls: ours "
+            f"{1e3 * row['b'] / o['min_decode_tps'] / bound_ms:.2f}x, HF "
+            f"{1e3 * row['b'] / row['min_decode_tps'] / bound_ms:.2f}x)")
       ratio = lambda key: o[key] / row[key]  # noqa: E731
       print(f"{row['b']:>3} {'ratio':<6}{'':>18}{ratio('prefill_tps'):>14.2f}x{ratio('decode_tps'):>13.2f}x"
             f"{'':>9}{ratio('min_prefill_tps'):>13.2f}x{ratio('min_decode_tps'):>8.2f}x")

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 
 from infer.sampling import Sampling, sample, sampling_logprobs, token_statistics
 from model import sharding
+from model.transformer import Transformer, unstacked
 
 _MIN_BUCKET = 16
 STATISTICS = ("logprobs", "model_logprobs", "entropies", "top1_probs")
@@ -128,6 +129,19 @@ def mesh_of(params) -> jax.sharding.Mesh | None:
     if isinstance(getattr(leaf, "sharding", None), NamedSharding):
       return leaf.sharding.mesh
   return None
+
+
+def decoding_view(model: nnx.Module, mesh=None) -> nnx.Module:
+  """The model as the decode loop should run it: on one CPU device, a scanned decoder with its
+  layers unstacked (`model.transformer.unstacked`: a copy of the layer weights per call, which
+  halves a decode step's memory traffic there); anywhere else, and on a mesh, the model itself."""
+  if not isinstance(model, Transformer) or not model.config.scan_layers or mesh is not None:
+    return model
+  params = nnx.state(model, nnx.Param)
+  if mesh_of(params) is not None:
+    return model
+  devices = {device for leaf in jax.tree.leaves(params) for device in leaf.devices()}
+  return unstacked(model) if len(devices) == 1 and devices.pop().platform == "cpu" else model
 
 
 def _in_rules(mesh, rules):
@@ -264,7 +278,7 @@ def _start(model, prompts, *, max_new_tokens, sampling=Sampling(), rng=None, sto
   if bad:
     raise ValueError(f"stop_tokens {bad} are outside the vocabulary [0, {vocab_size})")
   tokens, lengths = pad_prompts(prompts, vocab_size)
-  graphdef, params = nnx.split(model)
+  graphdef, params = nnx.split(decoding_view(model, mesh))
   mesh = mesh if mesh is not None else mesh_of(params)
   rules = sharding.with_default_rules(rules if rules is not None else sharding.DEFAULT_RULES) if mesh else None
   buffer = bucket(max_new_tokens)

@@ -8,6 +8,10 @@ norm(max(p - q, 0)); if all k are accepted a bonus token is drawn from p_k. The 
 distributed exactly as the target's sampling distribution (the same `Sampling` applies to both
 models; at temperature 0 the output is the target's greedy output).
 
+The draft is a model (a small one distilled from the target, or the target's own early layers) or
+`PromptLookup` (n-gram proposals from the row's own context, infer/prompt_lookup.py: a point-mass q,
+so acceptance is p(d_j) and the residual is p without d_j).
+
 Both caches follow the convention of model/kv_cache.py (slot = position): a row's `last` token
 is not yet in either cache, and the slots a rejection leaves stale lie beyond the row's position,
 so they are overwritten before anything attends to them. Rows advance by different amounts.
@@ -22,6 +26,8 @@ import numpy as np
 from flax import nnx
 
 from infer import decoding as gen
+from infer import prompt_lookup
+from infer.prompt_lookup import PromptLookup
 from infer.sampling import Sampling, sample, sampling_logprobs, token_statistics
 from model import sharding
 
@@ -30,7 +36,7 @@ from model import sharding
 @dataclasses.dataclass
 class SpeculativeState:
   target_cache: object
-  draft_cache: object
+  draft_cache: object  # the draft model's KV cache, or for PromptLookup the [B, S] token history
   last: jax.Array  # [B] the last token (prompt or emitted), in neither cache yet ...
   positions: jax.Array  # [B] ... and its position
   lengths: jax.Array  # [B] tokens emitted
@@ -58,6 +64,9 @@ def _prefill(target_def, target_params, draft_def, draft_params, tokens, lengths
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
     caches = []
     for graphdef, params in ((target_def, target_params), (draft_def, draft_params)):
+      if isinstance(graphdef, PromptLookup):  # the history: the prompt, then each emitted token
+        caches.append(jnp.zeros((batch, cache_length), jnp.int32).at[:, :prompt_len].set(tokens))
+        continue
       model = nnx.merge(graphdef, params)
       _, cache = model.features(tokens, positions=positions, cache=model.init_cache(batch, cache_length))
       caches.append(cache)
@@ -74,11 +83,22 @@ def _prefill(target_def, target_params, draft_def, draft_params, tokens, lengths
 
 
 def _round(state: SpeculativeState, target, draft_def, draft_params, *, k, sampling, stop_tokens, max_new_tokens):
-  batch = state.last.shape[0]
-  rows = jnp.arange(batch)
-  active = ~state.done
+  # 1. The draft proposes d_1..d_k with their distributions q_0..q_{k-1} [B, k, V].
+  if isinstance(draft_def, PromptLookup):
+    draft_cache = state.draft_cache
+    proposals = prompt_lookup.propose(draft_cache, state.positions, k, draft_def)  # [B, k]
+    vocab = target.config.vocab_size
+    q = jnp.where(jax.nn.one_hot(proposals, vocab, dtype=bool), 0.0, -jnp.inf)  # a point mass on each
+  else:
+    draft_cache, proposals, q = _draft_proposals(state, draft_def, draft_params, k=k, sampling=sampling)
+  q = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # [B, k + 1, V]; q_k is never used
+  return _verify(state, target, draft_cache, proposals, q, k=k, sampling=sampling, stop_tokens=stop_tokens,
+                 max_new_tokens=max_new_tokens, history=isinstance(draft_def, PromptLookup))
 
-  # 1. The draft proposes d_1..d_k, then reads d_k into its cache (no logits needed for that).
+
+def _draft_proposals(state, draft_def, draft_params, *, k, sampling):
+  """The draft model samples d_1..d_k, then reads d_k into its cache (no logits needed for that)."""
+
   def draft_step(carry, j):
     cache, token, params = carry
     draft = nnx.merge(draft_def, params)
@@ -93,9 +113,13 @@ def _round(state: SpeculativeState, target, draft_def, draft_params, *, k, sampl
   _, draft_cache = nnx.merge(draft_def, draft_params).features(
       last_proposal[:, None], positions=(state.positions + k)[:, None], cache=draft_cache
   )
-  proposals = proposals.T  # [B, k]: d_1..d_k
-  q = jnp.moveaxis(q, 0, 1)  # [B, k, V]: q_0..q_{k-1}
-  q = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # [B, k + 1, V]; q_k is never used
+  return draft_cache, proposals.T, jnp.moveaxis(q, 0, 1)  # [B, k]: d_1..d_k; [B, k, V]: q_0..q_{k-1}
+
+
+def _verify(state, target, draft_cache, proposals, q, *, k, sampling, stop_tokens, max_new_tokens, history):
+  batch = state.last.shape[0]
+  rows = jnp.arange(batch)
+  active = ~state.done
 
   # 2. The target scores [last, d_1..d_k] in one pass: p_0..p_k.
   inputs = jnp.concatenate([state.last[:, None], proposals], axis=1)  # [B, k + 1]
@@ -140,6 +164,8 @@ def _round(state: SpeculativeState, target, draft_def, draft_params, *, k, sampl
   lengths = state.lengths + count
   stop_now = active & hit_stop
   new_last = jnp.take_along_axis(emitted, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+  if history:
+    draft_cache = prompt_lookup.record(draft_cache, state.positions, emitted, count)
   return dataclasses.replace(
       state, target_cache=target_cache, draft_cache=draft_cache,
       last=jnp.where(active, new_last, state.last), positions=state.positions + count,
@@ -171,7 +197,7 @@ def _decode(target_def, target_params, draft_def, draft_params, state, max_new_t
 
 def speculative_generate(
     target: nnx.Module,
-    draft: nnx.Module,
+    draft: "nnx.Module | PromptLookup",
     prompts,
     *,
     max_new_tokens: int,
@@ -183,7 +209,8 @@ def speculative_generate(
     rules=None,
 ) -> gen.Generation:
   """Generates as `generate(target, ...)` would (same distribution), with `draft` proposing
-  num_draft_tokens tokens per target call. Both models must share the vocabulary.
+  num_draft_tokens tokens per target call: a model sharing the target's vocabulary, or
+  `infer.PromptLookup()` (n-gram proposals from each row's own prompt and output; no model).
 
   The result's `stats`: acceptance_rate (accepted / proposed draft tokens), tokens_per_target_call
   (generated tokens per scoring pass of the target, prompt prefill not counted) and target_calls.
@@ -195,12 +222,14 @@ def speculative_generate(
   if not isinstance(sampling, Sampling):
     raise ValueError(f"sampling must be an infer.Sampling, got {type(sampling).__name__}")
   vocab_size = target.config.vocab_size
-  if draft.config.vocab_size != vocab_size:
+  if not isinstance(draft, (PromptLookup, nnx.Module)):
+    raise ValueError(f"draft must be an nnx.Module or an infer.PromptLookup, got {type(draft).__name__}")
+  if isinstance(draft, nnx.Module) and draft.config.vocab_size != vocab_size:
     raise ValueError(f"the draft's vocab_size={draft.config.vocab_size} differs from the target's {vocab_size}")
   stop_tokens = tuple(int(t) for t in stop_tokens)
   tokens, lengths = gen.pad_prompts(prompts, vocab_size)
-  target_def, target_params = nnx.split(target)
-  draft_def, draft_params = nnx.split(draft)
+  target_def, target_params = nnx.split(gen.decoding_view(target, mesh))
+  draft_def, draft_params = (draft, None) if isinstance(draft, PromptLookup) else nnx.split(gen.decoding_view(draft, mesh))
   mesh = mesh if mesh is not None else gen.mesh_of(target_params)
   rules = sharding.with_default_rules(rules if rules is not None else sharding.DEFAULT_RULES) if mesh else None
   k = int(num_draft_tokens)

@@ -180,3 +180,29 @@ class Transformer(nnx.Module):
                                         pages=pages)
     logits = self.logits(features)
     return logits if cache is None else (logits, new_cache)
+
+
+def unstacked(module: Transformer) -> Transformer:
+  """A view of a scanned decoder (scan_layers=True) with its layers as a list of blocks, each
+  holding its own layer's arrays (copies, made once); other modules are returned as they are.
+
+  For decoding on a CPU: there XLA copies a layer's weights out of the stacked [L, ...] arrays at
+  every step (the layer scan's dynamic slice, and a static slice alike) before multiplying by
+  them, which doubles the memory traffic of a step that is bound by it (benchmarks/RESULTS.md,
+  decode). Each block is the stacked Block's structure over one layer's slice, exactly what the
+  layer scan hands its body, so adapters and quantized weights work unchanged.
+  """
+  c = module.config
+  if not c.scan_layers:
+    return module
+  layers_def, layers_state = nnx.split(module.layers)
+  view = nnx.merge(*nnx.split(module))  # new module objects over the same arrays
+  view.layers = nnx.List([nnx.merge(layers_def, state) for state in _split_layers(layers_state, c.num_layers)])
+  view.config = c.replace(scan_layers=False)
+  return view
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _split_layers(state, num_layers: int) -> list:
+  """[L, ...] arrays -> L states of one layer's arrays each; one program copies them all."""
+  return [jax.tree.map(lambda x: x[i] if x.ndim and x.shape[0] == num_layers else x, state) for i in range(num_layers)]

@@ -159,3 +159,19 @@ def test_weight_einsum_gradients_equal_autodiffs(eq, x_shape, w_shape, dtype):
     assert got.dtype == want.dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tolerance,
                                atol=tolerance)
+
+
+def test_unstacked_view_computes_the_same_logits_and_cache(tiny):
+  """The decode loop's CPU view of a scanned decoder (its layers as a list) against the model."""
+  assert tiny.config.scan_layers
+  view = transformer.unstacked(tiny)
+  assert not view.config.scan_layers and len(view.layers) == tiny.config.num_layers
+  assert tiny.config.scan_layers  # the model itself is left as it was
+  tokens = jax.random.randint(jax.random.key(7), (2, 10), 0, tiny.config.vocab_size)
+  np.testing.assert_allclose(view(tokens), tiny(tokens), atol=2e-5, rtol=2e-5)
+  cache = tiny.init_cache(2, 16)
+  positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
+  (logits, ours) = view(tokens, positions=positions, cache=cache)
+  (want, theirs) = tiny(tokens, positions=positions, cache=cache)
+  np.testing.assert_allclose(logits, want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(ours.k, theirs.k, atol=2e-5, rtol=2e-5)

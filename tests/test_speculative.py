@@ -1,6 +1,7 @@
 """Speculative sampling: greedy output equals the target's greedy output, and sampled output follows
 the target's distribution exactly (a chi-square test against probabilities computed from full
-forward passes), with a good draft and with a poor one."""
+forward passes), with a good draft, a poor one and prompt lookup (n-gram proposals, checked
+against a plain-Python reference)."""
 
 import itertools
 
@@ -12,6 +13,7 @@ from flax import nnx
 from scipy import stats
 
 import infer
+from infer import prompt_lookup
 from model import Transformer, get_preset
 
 VOCAB = 6
@@ -30,10 +32,51 @@ def target():
 @pytest.fixture(scope="module")
 def drafts(target):
   poor = Transformer(TARGET_CONFIG.replace(num_layers=1, sliding_window=0, init_std=0.5), rngs=nnx.Rngs(7))
-  return {"poor": poor, "self": target}
+  return {"poor": poor, "self": target, "lookup": infer.PromptLookup(max_ngram=2)}
 
 
-@pytest.mark.parametrize("draft_name", ["poor", "self"])
+def _reference_proposals(context, k, max_ngram, min_ngram):
+  """Plain Python: the tokens after the latest earlier occurrence of the longest matching suffix
+  n-gram, continued through the tokens proposed so far; the last token again if nothing matches."""
+  start = len(context) - 1
+  for n in range(max_ngram, min_ngram - 1, -1):
+    if len(context) < n:
+      continue
+    earlier = [j for j in range(len(context) - n) if context[j:j + n] == context[-n:]]
+    if earlier:
+      start = earlier[-1] + n
+      break
+  extended = list(context)
+  for i in range(k):
+    extended.append(extended[start + i])
+  return extended[len(context):]
+
+
+def test_prompt_lookup_proposals_match_a_python_reference():
+  rng = np.random.default_rng(0)
+  k, length = 5, 40
+  for max_ngram, min_ngram in ((3, 1), (2, 2), (1, 1)):
+    lookup = infer.PromptLookup(max_ngram=max_ngram, min_ngram=min_ngram)
+    # Few symbols and planted repeats: matches of every length, loops, and rows without any match.
+    history = rng.integers(0, 4, (64, length)).astype(np.int32)
+    history[::3, 10:20] = history[::3, 0:10]
+    history[1::4, :12] = np.arange(12) % 3
+    history[2::8, :] = np.arange(length)  # distinct tokens: no n-gram repeats
+    positions = rng.integers(0, 30, 64).astype(np.int32)
+    got = np.asarray(prompt_lookup.propose(jnp.asarray(history), jnp.asarray(positions), k, lookup))
+    for row in range(64):
+      context = history[row, :positions[row] + 1].tolist()
+      assert got[row].tolist() == _reference_proposals(context, k, max_ngram, min_ngram), (row, context)
+
+
+def test_prompt_lookup_options_are_checked():
+  with pytest.raises(ValueError, match="min_ngram"):
+    infer.PromptLookup(max_ngram=2, min_ngram=3)
+  with pytest.raises(ValueError, match="max_ngram"):
+    infer.PromptLookup(max_ngram=0)
+
+
+@pytest.mark.parametrize("draft_name", ["poor", "self", "lookup"])
 def test_greedy_speculative_equals_target_greedy(target, drafts, draft_name):
   plain = infer.generate(target, PROMPTS, max_new_tokens=11)
   out = infer.speculative_generate(target, drafts[draft_name], PROMPTS, max_new_tokens=11, num_draft_tokens=3)
@@ -87,7 +130,7 @@ def _chi_square_pvalue(samples, probabilities):
   return stats.chi2.sf(statistic, len(observed) - 1)
 
 
-@pytest.mark.parametrize("draft_name", ["poor", "self"])
+@pytest.mark.parametrize("draft_name", ["poor", "self", "lookup"])
 def test_sampled_tokens_follow_the_target_distribution(target, drafts, draft_name):
   prompt, depth, samples = [1, 2, 3], 3, 6000
   exact = _exact_distribution(target, prompt, depth)
@@ -117,3 +160,5 @@ def test_bad_speculative_inputs_are_named(target):
     infer.speculative_generate(target, other_vocab, PROMPTS, max_new_tokens=4)
   with pytest.raises(ValueError, match="num_draft_tokens"):
     infer.speculative_generate(target, target, PROMPTS, max_new_tokens=4, num_draft_tokens=0)
+  with pytest.raises(ValueError, match="PromptLookup"):
+    infer.speculative_generate(target, "ngram", PROMPTS, max_new_tokens=4)
