@@ -13,6 +13,10 @@ so neither side stops early; ours runs `infer.generate` with the default (greedy
   prefill: the time to the first token, i.e. a whole generate call with max_new_tokens=1
            (prompt pass + first token + the call's fixed overhead); tokens/s = B * T / that time.
   decode:  tokens/s = B * (N - 1) / (time(N tokens) - time(1 token)).
+  bound:   the weight-streaming bound of a decode step: the bytes it must read (every weight but
+           the input embedding table, and each row's keys and values at the mean context) over
+           the read bandwidth measured at the start of the run (a jitted jnp.sum and numpy's sum
+           over 512 MiB; the faster); each side's ms/step is printed over it.
 
 Each time is the median of --repeats timed calls after one untimed warm-up call of the exact same
 shapes (ours compiles there: its compile time is the warm-up minus the median, printed apart).
