@@ -233,19 +233,19 @@ def dot_product_attention(
     default_q, default_kv = default_positions(batch, q_len, kv_len)
     q_positions = default_q if q_positions is None else q_positions
     kv_positions = default_kv if kv_positions is None else kv_positions
-  segments = (q_segment_ids, kv_segment_ids)
   attend = functools.partial(_masked_xla_attention, causal=causal, sliding_window=sliding_window, scale=scale,
                              logit_softcap=logit_softcap, alibi_slopes=alibi_slopes)
   if not (causal and not custom_positions and q_len == kv_len and q_len >= 2 * _MIN_CAUSAL_BLOCK) or _length_sharded(q):
-    return attend(q, k, v, q_positions, kv_positions, *segments)
+    return attend(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   # Causal self-attention by index: query block [a, b) sees keys [lo, b) only (lo > 0 with a static
   # window), so the blocks above the diagonal are never computed: (n + 1) / 2n of the work for n blocks.
   block = max(_MIN_CAUSAL_BLOCK, -(-q_len // _MAX_CAUSAL_BLOCKS))
+  static_window = sliding_window if isinstance(sliding_window, int) else 0
+  rows = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
   outs = []
   for start in range(0, q_len, block):
     end = min(start + block, q_len)
-    lo = max(0, start - sliding_window + 1) if isinstance(sliding_window, int) and sliding_window > 0 else 0
-    rows = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
+    lo = max(0, start - static_window + 1) if static_window > 0 else 0
     outs.append(attend(
         q[:, start:end], k[:, lo:end], v[:, lo:end], q_positions[:, start:end], kv_positions[:, lo:end],
         rows(q_segment_ids, start, end), rows(kv_segment_ids, lo, end),
