@@ -198,8 +198,7 @@ def prefill(graphdef, params, tokens, lengths, keys, max_new_tokens, *, buffer, 
     model = nnx.merge(graphdef, params)
     batch, prompt_len = tokens.shape
     cache = model.init_cache(batch, cache_length)
-    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
-    features, cache = model.features(tokens, positions=positions, cache=cache)
+    features, cache = model.features(tokens, cache=cache)  # a prefill: positions 0 .. prompt_len - 1
     last_features = jnp.take_along_axis(features, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     logits = model.logits(last_features)[:, 0]
     state = DecodeState(

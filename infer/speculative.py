@@ -61,14 +61,13 @@ def _prefill(target_def, target_params, draft_def, draft_params, tokens, lengths
   """Both models read the prompts into their caches; no logits are needed (the last prompt token is fed next)."""
   with gen._in_rules(mesh, rules):
     batch, prompt_len = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
     caches = []
     for graphdef, params in ((target_def, target_params), (draft_def, draft_params)):
       if isinstance(graphdef, PromptLookup):  # the history: the prompt, then each emitted token
         caches.append(jnp.zeros((batch, cache_length), jnp.int32).at[:, :prompt_len].set(tokens))
         continue
       model = nnx.merge(graphdef, params)
-      _, cache = model.features(tokens, positions=positions, cache=model.init_cache(batch, cache_length))
+      _, cache = model.features(tokens, cache=model.init_cache(batch, cache_length))
       caches.append(cache)
     lengths = lengths.astype(jnp.int32)
     zeros = jnp.zeros((batch,), jnp.int32)

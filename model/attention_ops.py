@@ -64,13 +64,14 @@ def xla_attention(
     scale: float,
     logit_softcap: float = 0.0,
     alibi_bias: jax.Array | None = None,  # [B, N, T, S] float32, added to the logits
+    kv_axes: str = "BSKH",  # or "BKSH": k and v as a KVCache holds them
 ) -> jax.Array:
   """Reference attention in plain jnp; logits and softmax in float32. Returns [B, T, N, H]."""
   batch, q_len, num_heads, head_dim = q.shape
-  num_kv_heads = k.shape[2]
+  num_kv_heads = k.shape[kv_axes.index("K")]
   group = num_heads // num_kv_heads
   q = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum(f"BTKGH,{kv_axes}->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
   if logit_softcap:
     logits = logit_softcap * jnp.tanh(logits / logit_softcap)
   if alibi_bias is not None:
@@ -78,7 +79,11 @@ def xla_attention(
   mask = mask[:, None, None, :, :]  # [B, 1, 1, T, S]
   probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
   probs = jnp.where(mask, probs, 0.0)  # a fully masked row attends to nothing
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  if kv_axes == "BKSH":  # the dot's own output order, then the small transpose (XLA:CPU writes a permuted dot output slowly)
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
+  else:
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
 
 
@@ -265,8 +270,28 @@ def _length_sharded(q: jax.Array) -> bool:
   return context is not None and sharding.logical_to_spec(BTNH, q.shape, *context)[1] is not None
 
 
+def cache_attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, K, S, H]: one layer of a KVCache, slot s holding position s
+    v: jax.Array,  # [B, K, S, H]
+    positions: jax.Array,  # [B, T]
+    *,
+    sliding_window: int | jax.Array = 0,
+    logit_softcap: float = 0.0,
+    scale: float,
+    alibi_slopes: np.ndarray | None = None,  # [N]
+) -> jax.Array:
+  """Causal attention of T tokens over a row's cache slots, in plain jnp (a decode step's [B, T, S]
+  logits are small, and the fused backends take no custom positions). Returns [B, T, N, H]."""
+  batch, slots = q.shape[0], k.shape[2]
+  kv_positions = jnp.broadcast_to(jnp.arange(slots), (batch, slots))
+  return _masked_xla_attention(q, k, v, positions, kv_positions, None, None, causal=True,
+                               sliding_window=sliding_window, scale=scale, logit_softcap=logit_softcap,
+                               alibi_slopes=alibi_slopes, kv_axes="BKSH")
+
+
 def _masked_xla_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, causal,
-                          sliding_window, scale, logit_softcap, alibi_slopes):
+                          sliding_window, scale, logit_softcap, alibi_slopes, kv_axes="BSKH"):
   """xla_attention with the mask (and ALiBi's bias) built from positions and segment ids."""
   mask = attention_mask(
       q_positions, kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal,
@@ -276,7 +301,8 @@ def _masked_xla_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_
   if alibi_slopes is not None:
     distance = jnp.abs(q_positions[:, :, None] - kv_positions[:, None, :]).astype(jnp.float32)  # [B, T, S]
     alibi_bias = -jnp.asarray(alibi_slopes, jnp.float32)[None, :, None, None] * distance[:, None]
-  return xla_attention(q, k, v, mask=mask, scale=scale, logit_softcap=logit_softcap, alibi_bias=alibi_bias)
+  return xla_attention(q, k, v, mask=mask, scale=scale, logit_softcap=logit_softcap, alibi_bias=alibi_bias,
+                       kv_axes=kv_axes)
 
 
 def paged_attention(

@@ -22,35 +22,37 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 from model.sharding import shard
 
-# [L, B, S, K, H]: sharded like activations (batch over data/fsdp, kv heads over tensor).
-CACHE_AXES = ("layers", "activation_batch", "activation_cache_length", "activation_kv_heads", "activation_head_dim")
+# [L, B, K, S, H]: sharded like activations (batch over data/fsdp, kv heads over tensor). Each kv
+# head's slots are contiguous, so a decode step's attention contracts one layer's cache where it
+# lies; in [B, S, K, H] order XLA:CPU transposed every layer's whole cache at every step.
+CACHE_AXES = ("layers", "activation_batch", "activation_kv_heads", "activation_cache_length", "activation_head_dim")
 
 
-def _zeros(config: ModelConfig, rows: int, columns: int, dtype, axes) -> tuple[jax.Array, jax.Array]:
-  """Keys and values: zeros of [L, rows, columns, K, H], placed by the logical axes."""
-  shape = (config.num_layers, rows, columns, config.num_kv_heads, config.head_dim)
-  zeros = shard(jnp.zeros(shape, dtype or config.compute_dtype), axes)
+def _zeros(config: ModelConfig, shape: tuple[int, ...], dtype, axes) -> tuple[jax.Array, jax.Array]:
+  """Keys and values: zeros of [L, *shape], placed by the logical axes."""
+  zeros = shard(jnp.zeros((config.num_layers, *shape), dtype or config.compute_dtype), axes)
   return zeros, zeros
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  k: jax.Array  # [L, B, S, K, H]
-  v: jax.Array  # [L, B, S, K, H]
+  k: jax.Array  # [L, B, K, S, H]
+  v: jax.Array  # [L, B, K, S, H]
 
   @property
   def max_length(self) -> int:  # S
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   @classmethod
   def create(cls, config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> "KVCache":
-    """Zeros of [L, B, S, K, H] in the model's compute dtype (call under jit to create it sharded)."""
-    return cls(*_zeros(config, batch_size, max_length, dtype, CACHE_AXES))
+    """Zeros of [L, B, K, S, H] in the model's compute dtype (call under jit to create it sharded)."""
+    shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+    return cls(*_zeros(config, shape, dtype, CACHE_AXES))
 
 
 def write(cache: jax.Array, layer: int | jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-  """cache [L, B, S, K, H] with new [B, T, K, H] written into `layer` at slots starts[b] .. starts[b] + T - 1.
+  """cache [L, B, K, S, H] with new [B, T, K, H] written into `layer` at slots starts[b] .. starts[b] + T - 1.
 
   A scatter, which XLA performs in place on a loop-carried cache. Slots past S are dropped (the
   callers size S so that this never happens to a token that is read).
@@ -58,7 +60,14 @@ def write(cache: jax.Array, layer: int | jax.Array, new: jax.Array, starts: jax.
   batch, length = new.shape[:2]
   slots = starts[:, None] + jnp.arange(length)  # [B, T]
   rows = jnp.arange(batch)[:, None]
-  return cache.at[layer, rows, slots].set(new.astype(cache.dtype), mode="drop")
+  # The indexed dims (B, T) lead the selection, then K and H: exactly new's [B, T, K, H].
+  return cache.at[layer, rows, :, slots].set(new.astype(cache.dtype), mode="drop")
+
+
+def write_from_start(cache: jax.Array, layer: int | jax.Array, new: jax.Array) -> jax.Array:
+  """cache [L, B, K, S, H] with new [B, T, K, H] in `layer` at slots 0 .. T - 1 of every row (a prefill)."""
+  new = jnp.swapaxes(new, 1, 2)[None].astype(cache.dtype)  # [1, B, K, T, H]
+  return jax.lax.dynamic_update_slice(cache, new, (layer, 0, 0, 0, 0))
 
 
 # [L, P, block_size, K, H]: blocks are whole on every device; kv heads over tensor, like activations.
@@ -82,7 +91,8 @@ class PagedKVCache:
   @classmethod
   def create(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype=None) -> "PagedKVCache":
     """Zeros of [L, P, block_size, K, H] in the model's compute dtype (call under jit to create it sharded)."""
-    return cls(*_zeros(config, num_blocks, block_size, dtype, PAGED_CACHE_AXES))
+    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    return cls(*_zeros(config, shape, dtype, PAGED_CACHE_AXES))
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("block_tables", "seq_ids"),

@@ -80,12 +80,15 @@ class Attention(nnx.Module):
       positions: jax.Array,  # [B, T]
       segment_ids: jax.Array | None,  # [B, T]
       sliding_window: int | jax.Array,
-      cache: tuple | None = None,  # (k, v [L, B, S, K, H], this layer, None) or, paged, (k, v [L, P, bs, K, H], layer, PageTable)
+      cache: tuple | None = None,  # (k, v [L, B, K, S, H], this layer, None) or, paged, (k, v [L, P, bs, K, H], layer, PageTable)
+      from_start: bool = False,  # with a dense cache: the chunk is positions and slots 0..T-1 of its rows
   ):
     """[B, T, D] -> [B, T, D]; with a cache, also the cache with this chunk's keys and values written.
 
     With a cache the T tokens sit at slots positions[:, 0] .. positions[:, 0] + T - 1 of their row
-    (consecutive positions) in this layer, and attend to every earlier slot the mask allows.
+    (consecutive positions) in this layer, and attend to every earlier slot the mask allows. From
+    the start, the slots past the chunk lie beyond every query: the chunk attends to itself alone,
+    as in training, through config.attention_impl.
     """
     c = self.config
     dtype = c.compute_dtype
@@ -101,28 +104,23 @@ class Attention(nnx.Module):
     q, k, v = shard(q, BTNH), shard(k, BTKH), shard(v, BTKH)
     scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
     alibi = positional.alibi_slopes(c.num_heads) if c.position == "alibi" else None
-    if cache is None:
+    if cache is None or from_start:
       out = attention_ops.dot_product_attention(
           q, k, v, impl=c.attention_impl, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
           sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,
       )
+      if from_start:
+        all_k, all_v, layer, _ = cache
+        cache = (kv_cache.write_from_start(all_k, layer, k), kv_cache.write_from_start(all_v, layer, v), layer, None)
     else:
-      if segment_ids is not None:
-        raise ValueError("segment_ids are not used with a KV cache: one sequence per row")
       all_k, all_v, layer, table = cache
       if table is not None:
         out, cache = self._paged(q, k, v, positions, sliding_window, scale, alibi, cache)
         return project("BTNH,NHD->BTD", shard(out, BTNH), self.wo, dtype), cache
       all_k = kv_cache.write(all_k, layer, k, positions[:, 0])
       all_v = kv_cache.write(all_v, layer, v, positions[:, 0])
-      keys, values = all_k[layer], all_v[layer]  # [B, S, K, H]
-      slots = jnp.broadcast_to(jnp.arange(keys.shape[1]), (x.shape[0], keys.shape[1]))  # [B, S]
-      # The plain backend: a decode step's [B, 1, S] logits are small, and custom positions are
-      # what the fused backends do not take.
-      out = attention_ops.dot_product_attention(
-          q, keys, values, impl="xla", q_positions=positions, kv_positions=slots, causal=True,
-          sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,
-      )
+      out = attention_ops.cache_attention(q, all_k[layer], all_v[layer], positions, sliding_window=sliding_window,
+                                          logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi)
       cache = (all_k, all_v, layer, None)
     out = shard(out, BTNH)
     out = project("BTNH,NHD->BTD", out, self.wo, dtype)
@@ -183,10 +181,9 @@ class Block(nnx.Module):
       self.attn_post_norm = Norm(config, rngs=rngs)
       self.mlp_post_norm = Norm(config, rngs=rngs)
 
-  def __call__(self, x, *, positions, segment_ids, sliding_window, cache=None):  # x: [B, T, D]
-    h = self.attn(
-        self.attn_norm(x), positions=positions, segment_ids=segment_ids, sliding_window=sliding_window, cache=cache
-    )
+  def __call__(self, x, *, positions, segment_ids, sliding_window, cache=None, from_start=False):  # x: [B, T, D]
+    h = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids, sliding_window=sliding_window,
+                  cache=cache, from_start=from_start)
     if cache is not None:
       h, cache = h
     if self.post_norms:

@@ -65,17 +65,24 @@ class Transformer(nnx.Module):
       *,
       positions: jax.Array | None = None,  # [B, T]; default 0..T-1, restarting per segment
       segment_ids: jax.Array | None = None,  # [B, T]; tokens attend only within their segment
-      cache: KVCache | PagedKVCache | None = None,  # [L, B, S, K, H]; tokens sit at slots positions[:, 0] + 0..T-1
+      cache: KVCache | PagedKVCache | None = None,  # [L, B, K, S, H]; tokens sit at slots positions[:, 0] + 0..T-1
       pages: PageTable | None = None,  # with a PagedKVCache: tokens [1, T] of many sequences, flattened
   ):
     """(final-normed hidden states [B, T, D], cache): the input of the output projection or of a
     head, and the cache with this chunk's keys and values written (None when decoding without one).
+
+    A KVCache with positions=None is a prefill: the chunk starts its rows (positions and slots
+    0..T-1), so its queries see only its own keys and attention runs as in training (causal blocks,
+    the fused backends) instead of over all S slots.
     """
     c = self.config
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
-    if cache is not None and positions is None:
-      raise ValueError("decoding with a cache needs the tokens' positions [B, T]")
+    if pages is not None and positions is None:
+      raise ValueError("a PagedKVCache needs the tokens' positions [1, T]")
+    if cache is not None and segment_ids is not None:
+      raise ValueError("segment_ids are not used with a KV cache: one sequence per row")
+    from_start = cache is not None and positions is None
     if (pages is None) != (cache is None or isinstance(cache, KVCache)):
       raise ValueError("a PagedKVCache needs its PageTable (pages=), and only it takes one")
     if positions is None:
@@ -90,7 +97,7 @@ class Transformer(nnx.Module):
 
     if cache is None:
       return self.final_norm(self._blocks(x, positions, segment_ids)), None
-    x, cache = self._cached_blocks(x, positions, cache, pages)
+    x, cache = self._cached_blocks(x, positions, cache, pages, from_start)
     return self.final_norm(x), cache
 
   def _blocks(self, x, positions, segment_ids):
@@ -123,7 +130,7 @@ class Transformer(nnx.Module):
       )(x, self.layers, jnp.asarray(windows, jnp.int32))
     return x
 
-  def _cached_blocks(self, x, positions, cache: KVCache | PagedKVCache, pages: PageTable | None):
+  def _cached_blocks(self, x, positions, cache: KVCache | PagedKVCache, pages: PageTable | None, from_start: bool):
     """The blocks, each writing its keys and values into its layer of the cache in place (the whole
     cache rides in the scan's carry, so a decode step copies none of it). No remat: nothing is
     differentiated here."""
@@ -131,16 +138,19 @@ class Transformer(nnx.Module):
     if cache.k.shape[0] != c.num_layers:
       raise ValueError(f"the cache has {cache.k.shape[0]} layers, the model {c.num_layers}")
     windows = [c.layer_window(i) for i in range(c.num_layers)]
+    if from_start:  # as in _blocks: a window as long as the chunk is no window, and stays static
+      windows = [w if w < x.shape[1] else 0 for w in windows]
     k, v = cache.k, cache.v
     if not c.scan_layers:
       for i, (block, window) in enumerate(zip(self.layers, windows)):
-        x, (k, v, *_) = block(x, positions=positions, segment_ids=None, sliding_window=window, cache=(k, v, i, pages))
+        x, (k, v, *_) = block(x, positions=positions, segment_ids=None, sliding_window=window,
+                              cache=(k, v, i, pages), from_start=from_start)
       return x, type(cache)(k, v)
 
     def block_fn(carry, block, layer, window):
       x, k, v = carry
       x, (k, v, *_) = block(x, positions=positions, segment_ids=None, sliding_window=window,
-                            cache=(k, v, layer, pages))
+                            cache=(k, v, layer, pages), from_start=from_start)
       return x, k, v
 
     layers = jnp.arange(c.num_layers)
@@ -157,7 +167,7 @@ class Transformer(nnx.Module):
     return x, type(cache)(k, v)
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-    """An empty cache of [L, B, S, K, H] zeros for decoding with this model."""
+    """An empty cache of [L, B, K, S, H] zeros for decoding with this model."""
     return KVCache.create(self.config, batch_size, max_length)
 
   def logits(self, features: jax.Array) -> jax.Array:

@@ -32,7 +32,7 @@ class ScriptedModel(nnx.Module):
   def init_cache(self, batch_size, max_length):
     return jnp.zeros((batch_size, max_length), jnp.int32)
 
-  def features(self, tokens, *, positions, cache):
+  def features(self, tokens, *, positions=None, cache):
     del positions
     return jax.nn.one_hot(tokens, self.config.vocab_size), cache
 

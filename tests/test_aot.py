@@ -152,7 +152,7 @@ def test_decode_compiles_prefill_and_a_decode_step_with_the_cache_in_memory():
                                        max_new_tokens=64)
   result = jobs.compile_programs("decode", t, mesh, rules, programs)
   assert result.programs == ["prefill", "decode step"] and result.fits
-  # The decode step holds the KV cache: [L, B, S, K, H] keys and values, bf16, split over the batch.
+  # The decode step holds the KV cache: [L, B, K, S, H] keys and values, bf16, split over the batch.
   cache_bytes = 2 * 2 * 16 * (512 + 64) * 2 * 32 * 2 // 4
   assert result.program_memory["decode step"]["KV cache and decode state"] >= cache_bytes
   assert result.hbm_per_device_bytes == max(sum(m.values()) for m in result.program_memory.values())

@@ -35,7 +35,9 @@ def _full_logits(model, sequence):
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
-def test_cached_decode_logits_equal_full_forward(scan_layers):
+@pytest.mark.parametrize("prefill", ["positions", "from_start"])
+def test_cached_decode_logits_equal_full_forward(scan_layers, prefill):
+  # from_start: positions=None, the prefill that attends within the chunk and writes slots 0..T-1.
   model = Transformer(CONFIG.replace(scan_layers=scan_layers), rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   lengths = np.array([3, 8, 1])
@@ -44,7 +46,8 @@ def test_cached_decode_logits_equal_full_forward(scan_layers):
   # Right-padded prompts whose padding is garbage: the cache must never let a query see it.
   padded = np.where(np.arange(8) < lengths[:, None], sequences[:, :8], rng.integers(0, CONFIG.vocab_size, (3, 8)))
   cache = model.init_cache(3, 32)
-  logits, cache = model(jnp.asarray(padded), positions=jnp.broadcast_to(jnp.arange(8), (3, 8)), cache=cache)
+  positions = None if prefill == "from_start" else jnp.broadcast_to(jnp.arange(8), (3, 8))
+  logits, cache = model(jnp.asarray(padded), positions=positions, cache=cache)
   full = [_full_logits(model, sequences[b].tolist()) for b in range(3)]
   for b in range(3):
     np.testing.assert_allclose(logits[b, : lengths[b]], full[b][: lengths[b]], atol=1e-5)
@@ -123,11 +126,11 @@ def test_generation_on_a_mesh_matches_one_device(model):
   prompts = PROMPTS + [[1, 2], [3]] * 2 + [[7] * 11]  # 8 rows: the batch splits over data x fsdp
   out = infer.generate(sharded, prompts, max_new_tokens=6)
   assert out.tokens == infer.generate(model, prompts, max_new_tokens=6).tokens
-  # The cache [L, B, S, K, H] is placed like activations: batch over data x fsdp, kv heads over tensor.
+  # The cache [L, B, K, S, H] is placed like activations: batch over data x fsdp, kv heads over tensor.
   _, state = decoding._start(sharded, prompts, max_new_tokens=6)
   assert state.cache.k.sharding.mesh == mesh
   spec = tuple(state.cache.k.sharding.spec)
-  assert spec + (None,) * (5 - len(spec)) == (None, ("data", "fsdp"), None, "tensor", None)
+  assert spec + (None,) * (5 - len(spec)) == (None, ("data", "fsdp"), "tensor", None, None)
 
 
 # ------------------------------------------------------------------ sampling filters on hand-made logits
