@@ -1,7 +1,7 @@
 """Two processes on 127.0.0.1 with 4 fake CPU devices each (gloo collectives) form one 8-device mesh
-and train to the same losses as one process with 8 devices: pre-training, and PPO with LoRA (adapters
-on the frozen base, the reference its adapters-off view), whose rollouts sample from parameters
-sharded across both processes."""
+and train to the same losses as one process with 8 devices: pre-training, PPO with LoRA (adapters
+on the frozen base, the reference its adapters-off view) and GRPO with full training and a frozen
+reference copy, whose rollouts sample from parameters sharded across both processes."""
 
 import json
 import socket
@@ -70,16 +70,20 @@ def test_two_processes_train_like_one(corpus, pretrained, tmp_path):  # noqa: F8
   assert (multi / "checkpoints" / "5").is_dir()
 
 
-def test_two_processes_sample_and_learn_like_one(corpus, pretrained, tmp_path):  # noqa: F811
-  """PPO's two iterations with LoRA adapters: the same samples (tokens, scores, log-probs, values,
-  advantages) and the same losses whether the fsdp-sharded policy spans one process or two."""
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_two_processes_sample_and_learn_like_one(corpus, pretrained, tmp_path, method):  # noqa: F811
+  """PPO's two iterations with LoRA adapters, and GRPO's with every parameter trained, a frozen
+  reference for its KL term and two micro-batches: the same samples (tokens, scores, log-probs,
+  values, advantages) and the same losses whether the fsdp-sharded policy spans one process or two."""
   root, tokenizer = corpus
   single, multi = tmp_path / "single", tmp_path / "multi"
-  align_run.run(multihost_worker.ppo_config(tokenizer, pretrained), single)
-  _run_two_processes("ppo", root, tokenizer, pretrained, multi)
+  config_of = {"ppo": multihost_worker.ppo_config, "grpo": multihost_worker.grpo_config}[method]
+  align_run.run(config_of(tokenizer, pretrained), single)
+  _run_two_processes(method, root, tokenizer, pretrained, multi)
   expected, got = _losses(single), _losses(multi)
-  assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
-  np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)], rtol=1e-4,
+  steps = list(range(1, config_of(tokenizer, pretrained).total_steps + 1))
+  assert sorted(got) == sorted(expected) == steps
+  np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps], rtol=1e-4,
                              atol=1e-4)  # the losses are ~1e-2: cross-process sums add in another order
   for iteration in (0, 1):
     with np.load(single / "rollouts" / f"{iteration}.npz") as a, np.load(multi / "rollouts" / f"{iteration}.npz") as b:
