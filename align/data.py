@@ -4,6 +4,7 @@ Formats (one JSON object per line):
   SFT           {"prompt": str, "completion": str}  or  {"messages": [{"role", "content"}, ...]}
                 (messages are rendered by a chat template, align/chat.py; only assistant turns train)
   preferences   {"prompt": str, "chosen": str, "rejected": str, "margin": float (optional)}
+  rankings      {"prompt": str, "responses": [str, ...], "scores": [float, ...]}  (RRHF; higher is better)
   prompts       {"prompt": str}  (what the online methods sample completions for)
   problems      {"prompt": str, "answer": str or number, "solution": str (optional)}  (align/tasks/jsonl.py)
 
@@ -59,6 +60,20 @@ def _check_preference(record) -> str | None:
   return None
 
 
+def _check_ranking(record) -> str | None:
+  if not isinstance(record, dict):
+    return f"expected a JSON object, got {type(record).__name__}"
+  if not isinstance(record.get("prompt"), str):
+    return f"needs a string field 'prompt'; it is {record.get('prompt')!r:.60}"
+  responses, scores = record.get("responses"), record.get("scores")
+  if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+    return f"'responses' must be a non-empty list of strings, got {responses!r:.60}"
+  if (not isinstance(scores, list) or len(scores) != len(responses)
+      or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores)):
+    return f"'scores' must be a list of {len(responses)} numbers (one per response), got {scores!r:.60}"
+  return None
+
+
 def _check_prompt(record) -> str | None:
   if not isinstance(record, dict):
     return f"expected a JSON object, got {type(record).__name__}"
@@ -78,11 +93,12 @@ def _check_problem(record) -> str | None:
   return None
 
 
-_CHECKS = {"sft": _check_sft, "preference": _check_preference, "prompt": _check_prompt, "problem": _check_problem}
+_CHECKS = {"sft": _check_sft, "preference": _check_preference, "ranking": _check_ranking, "prompt": _check_prompt,
+           "problem": _check_problem}
 
 
 def read_jsonl(path: str | Path, kind: str, *, on_error: str = "raise") -> list[dict]:
-  """Records of `kind` ('sft', 'preference', 'prompt' or 'problem') from a JSONL file, checked line by line."""
+  """Records of `kind` ('sft', 'preference', 'ranking', 'prompt' or 'problem') from a JSONL file, checked line by line."""
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error={on_error!r} is not one of {ON_ERROR}")
   check = _CHECKS.get(kind)

@@ -1,7 +1,8 @@
 """Preference and reward losses on per-sequence log-probabilities and rewards (pure functions).
 
 Every loss returns (loss, metrics) with the metric names users of TRL expect. Inputs are [B]
-arrays; log-probs are summed over completion tokens unless a docstring says otherwise.
+arrays (RRHF's [B, N]: N responses per prompt); log-probs are summed over completion tokens unless
+a docstring says otherwise.
 
 Each loss is a mean over the pairs that count: pair_mask [B] marks them (None: all; padding pairs
 do not count, see `pairs_that_count`), and the metrics are means over them. whole_pair_mask is the
@@ -160,3 +161,38 @@ def reward_loss(
       "rewards/margins": mean(chosen_rewards - rejected_rewards),
   }
   return pair_mean(per_pair, pair_mask, whole_pair_mask), metrics
+
+
+def rrhf_loss(
+    mean_logps: jax.Array,  # [B, N] per-token mean log-prob of each of a prompt's N responses
+    scores: jax.Array,  # [B, N] their scores (higher is better)
+    response_mask: jax.Array,  # [B, N] 1 for a response, 0 for padding
+    *,
+    sft_weight: float = 1.0,
+    whole_response_mask: jax.Array | None = None,  # [B', N]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """RRHF (Yuan et al. 2023, eq. 2-4), per prompt: sum over its responses i, j with r_i < r_j of
+  max(0, p_i - p_j), plus sft_weight * the per-token NLL of its best-scored response (-p_best;
+  the first of the best among ties), p being per-token mean log-probs. Padding responses enter no
+  pair; a prompt with no response does not count. A mean over the prompts that count (counted on
+  whole_response_mask when this is a micro-batch of it)."""
+  valid = jnp.asarray(response_mask) > 0
+  both = valid[:, :, None] & valid[:, None, :]
+  worse = (scores[:, :, None] < scores[:, None, :]) & both  # [B, N, N]: response i scores below response j
+  gaps = mean_logps[:, :, None] - mean_logps[:, None, :]  # [B, N, N]: p_i - p_j
+  rank = jnp.sum(jnp.where(worse, jax.nn.relu(gaps), 0.0), axis=(1, 2))  # [B]
+  best = jnp.argmax(jnp.where(valid, scores, -jnp.inf), axis=1)  # [B]
+  best_nll = -jnp.take_along_axis(mean_logps, best[:, None], axis=1)[:, 0]  # [B]
+  rows = jnp.any(valid, axis=1)
+  whole_rows = None if whole_response_mask is None else jnp.any(jnp.asarray(whole_response_mask) > 0, axis=1)
+  mean = functools.partial(pair_mean, pair_mask=rows)
+  ordered = jnp.sum(worse, axis=(1, 2))
+  right = jnp.sum(worse & (gaps < 0), axis=(1, 2))
+  metrics = {
+      "rrhf/rank_loss": mean(rank),
+      "rrhf/sft_loss": mean(best_nll),
+      # The share of scored-apart pairs whose log-probs are in the scores' order.
+      "rrhf/accuracy": jnp.sum(jnp.where(rows, right, 0)) / jnp.maximum(jnp.sum(jnp.where(rows, ordered, 0)), 1),
+      "logps/mean": jnp.sum(jnp.where(valid, mean_logps, 0.0)) / jnp.maximum(jnp.sum(valid), 1),
+  }
+  return pair_mean(rank + sft_weight * best_nll, rows, whole_rows), metrics

@@ -4,6 +4,12 @@ A method is its loss and its data. Each module in align/ that is a method ends w
 `METHOD = Method(...)`, and align/registry.py lists them all. `config.<block>` for each block the
 method reads is declared in configs/align/common.py (METHOD_BLOCKS), and `align_config(method)`
 holds only those blocks.
+
+A method's data may ask the trainer to restart: a batch carrying the key train.trainer.RESTART is
+trained on from the run's starting parameters and a new run's optimizer state (train.trainer.restart:
+init_from's weights or the seed's init, rebuilt; the step count and rng go on). An online method asks
+through its experience (align.rollout.Experience(restart=True): its first minibatch carries the key),
+so a resumed run restarts at the same step as a straight one (STaR's restarts: align/rest.py).
 """
 
 import dataclasses

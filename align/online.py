@@ -30,12 +30,13 @@ def reference_policy(module):
   return peft.without_adapters(policy)
 
 
-def validate_rl(config: ml_collections.ConfigDict, task: Task | None) -> None:
-  """The checks of config.rl, which every online method reads."""
+def validate_rl(config: ml_collections.ConfigDict, task: Task | None, *, reward: bool = True) -> None:
+  """The checks of config.rl, which every online method reads (config.rl.reward only where
+  `reward`: ReST's self-consistency mode reads no reward)."""
   rl = config.rl
   check_choice(config, "rl.on_error", data.ON_ERROR)
   known = (*(task.rewards if task is not None else ()), "model")
-  if rl.reward not in known:
+  if reward and rl.reward not in known:
     whose = f"task {task.name!r}'s verifiers and" if task is not None else "(no task, so only)"
     raise ValueError(f"config.rl.reward={rl.reward!r} is not one of {whose} a reward model: {known}")
   for key in ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs"):

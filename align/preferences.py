@@ -30,17 +30,25 @@ def records(config: ml_collections.ConfigDict, split: str, task: Task | None) ->
   return data.read_jsonl(path, "preference", on_error=c.on_error)
 
 
+def completion_features(prompt: str, completion: str, tokenizer, *, seq_len: int) -> dict[str, np.ndarray]:
+  """tokens, targets, mask [T] int32 of prompt + completion (bos, eos), right-padded; the mask on
+  the completion's targets."""
+  ids, trainable = data.tokenize_pieces(chat.prompt_completion(prompt, completion), tokenizer)
+  ids, trainable = ids[: seq_len + 1], trainable[: seq_len + 1]
+  n = len(ids) - 1
+  out = {}
+  for name, values in (("tokens", ids[:-1]), ("targets", ids[1:]), ("mask", trainable[1:])):
+    out[name] = np.zeros(seq_len, np.int32)
+    out[name][:n] = values
+  return out
+
+
 def pair_features(record: dict, tokenizer, *, seq_len: int) -> dict[str, np.ndarray]:
   """chosen_/rejected_ tokens, targets, mask [T] (mask on completion targets) and margin []."""
   out = {"margin": np.float32(record.get("margin", 0.0))}
   for side in ("chosen", "rejected"):
-    ids, trainable = data.tokenize_pieces(chat.prompt_completion(record["prompt"], record[side]), tokenizer)
-    ids, trainable = ids[: seq_len + 1], trainable[: seq_len + 1]
-    n = len(ids) - 1
-    for name, values in (("tokens", ids[:-1]), ("targets", ids[1:]), ("mask", trainable[1:])):
-      padded = np.zeros(seq_len, np.int32)
-      padded[:n] = values
-      out[f"{side}_{name}"] = padded
+    features = completion_features(record["prompt"], record[side], tokenizer, seq_len=seq_len)
+    out.update({f"{side}_{name}": values for name, values in features.items()})
   return out
 
 

@@ -7,7 +7,9 @@ differ in what they do with samples, not in how they get them. Each gives an `Ex
 used up the current experience, sampling from the *live* parameters (the trainer's current state,
 on the training mesh, no copy), and then serves the experience's schedule of minibatches, one per
 trainer step. Each experience is kept in the workdir (`rollouts/<iteration>.npz`, written
-atomically), so a run resumed mid-iteration trains on the very same samples.
+atomically), so a run resumed mid-iteration trains on the very same samples. An experience may ask
+the trainer to train on it from the run's starting parameters (`Experience.restart`: its first
+minibatch carries train.trainer.RESTART).
 """
 
 import dataclasses
@@ -28,6 +30,7 @@ import infer
 from align import data
 from model import sharding
 from train import losses as train_losses
+from train import trainer
 
 ROLLOUT_DIR = "rollouts"
 KEEP_EXPERIENCE = 8  # experience files kept in the workdir (older ones are deleted)
@@ -140,10 +143,12 @@ def token_logprobs(model, tokens: np.ndarray, targets: np.ndarray, *, temperatur
 @dataclasses.dataclass
 class Experience:
   """Rows [R, ...] of training data and the schedule [S, B] of row indices: minibatch s is rows
-  schedule[s]. Row arrays of any rank; the trainer places them along the batch axis."""
+  schedule[s]. Row arrays of any rank; the trainer places them along the batch axis. restart: the
+  trainer puts the parameters and optimizer state back to the run's start before minibatch 0."""
 
   rows: dict[str, np.ndarray]
   schedule: np.ndarray
+  restart: bool = False
 
   def __post_init__(self):
     sizes = {k: len(v) for k, v in self.rows.items()}
@@ -176,17 +181,24 @@ def cycle_schedule(row_ids: np.ndarray, batch_size: int, *, steps: int, seed: in
   return order[:need].reshape(steps, batch_size)
 
 
+def experience_path(workdir, iteration: int) -> Path:
+  """Where an ExperienceSource in `workdir` keeps iteration i's experience (the last KEEP_EXPERIENCE
+  of them): a method that builds on its previous experience (STaR's growing set) reads it there."""
+  return Path(workdir) / ROLLOUT_DIR / f"{iteration}.npz"
+
+
 def save_experience(path: Path, experience: Experience, state_out: dict[str, Any]) -> None:
   """An iteration's experience and the method state after it, written atomically (npz)."""
   data.save_npz_atomic(path, schedule=experience.schedule, state_out=json.dumps(state_out),
-                       **{f"row/{k}": v for k, v in experience.rows.items()})
+                       restart=np.asarray(experience.restart), **{f"row/{k}": v for k, v in experience.rows.items()})
 
 
 def load_experience(path: Path) -> tuple[Experience, dict[str, Any]]:
   """What save_experience wrote: (the experience, the method state after it)."""
   with np.load(path) as saved:
     rows = {k[len("row/"):]: saved[k] for k in saved.files if k.startswith("row/")}
-    return Experience(rows, saved["schedule"]), json.loads(str(saved["state_out"]))
+    restart = bool(saved["restart"]) if "restart" in saved.files else False
+    return Experience(rows, saved["schedule"], restart), json.loads(str(saved["state_out"]))
 
 
 Collect = Callable[[int, dict[str, Any]], tuple[Experience, dict[str, Any]]]
@@ -211,7 +223,8 @@ class _ExperienceIterator(grain.DatasetIterator):
 
   def __init__(self, collect: Collect, workdir: Path, batch_size: int, initial_state: dict[str, Any]):
     super().__init__()
-    self._collect, self._dir, self._batch_size = collect, workdir / ROLLOUT_DIR, batch_size
+    self._collect, self._workdir, self._batch_size = collect, workdir, batch_size
+    self._dir = workdir / ROLLOUT_DIR
     self._iteration, self._position = -1, 0
     # The method's state going into the current iteration's collect, and coming out of it.
     self._state_in, self._state_out = dict(initial_state), dict(initial_state)
@@ -219,7 +232,7 @@ class _ExperienceIterator(grain.DatasetIterator):
     self._loaded = -1
 
   def _path(self, iteration: int) -> Path:
-    return self._dir / f"{iteration}.npz"
+    return experience_path(self._workdir, iteration)
 
   def _collect_current(self) -> None:
     experience, self._state_out = self._collect(self._iteration, dict(self._state_in))
@@ -253,10 +266,14 @@ class _ExperienceIterator(grain.DatasetIterator):
       self._iteration, self._position, self._state_in = self._iteration + 1, 0, self._state_out
       self._collect_current()
     ids = self._experience.schedule[self._position]
+    first = self._position == 0
     self._position += 1
     per_process = self._batch_size // jax.process_count()
     mine = ids[jax.process_index() * per_process: (jax.process_index() + 1) * per_process]
-    return {k: v[mine] for k, v in self._experience.rows.items()}
+    batch = {k: v[mine] for k, v in self._experience.rows.items()}
+    if first and self._experience.restart:
+      batch[trainer.RESTART] = np.asarray(True)
+    return batch
 
   def get_state(self) -> dict[str, Any]:
     return {"iteration": self._iteration, "position": self._position, "method_state": self._state_in}

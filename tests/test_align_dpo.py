@@ -27,8 +27,9 @@ def tokenizer_path(tmp_path_factory):
   return path
 
 
-def _config(tokenizer_path, **overrides):
-  config = align_config("dpo")
+def _config(tokenizer_path, method="dpo", **overrides):
+  """The tiny run of these tests; tests/test_align_rrhf.py and tests/test_align_tpo.py run their methods on it."""
+  config = align_config(method)
   config.total_steps = 3
   config.batch_size = 8
   config.seq_len = 96

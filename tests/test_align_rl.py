@@ -1,8 +1,10 @@
 """The online methods on the shared trainer, 8 fake devices, a tiny model on single-digit addition:
 each raises the mean reward on a fixed prompt set; prompt and padding positions change no loss or
 gradient; a PPO run stopped mid-iteration resumes on the same samples; distillation raises a weak
-student's reward toward its teacher's."""
+student's reward toward its teacher's; self-consistency raises it with every reward raising; STaR
+with restarts trains each outer iteration from the starting state and resumes exactly."""
 
+import dataclasses
 import json
 import shutil
 
@@ -113,6 +115,70 @@ def test_method_raises_the_reward_on_a_fixed_prompt_set(start, tmp_path, case):
   after = _fixed_prompt_reward(run.policy(), run.tokenizer, config)
   assert np.isfinite(result["loss"])
   assert after >= before + 0.05, f"{case}: mean reward {before:.3f} -> {after:.3f}"
+
+
+def _no_reward(problem, completion):
+  raise AssertionError("a reward was read")
+
+
+def raising_arithmetic(config):
+  """The arithmetic task with every reward raising (config.task.name='tests.test_align_rl:raising_arithmetic')."""
+  task = arithmetic.make_task(config)
+  return dataclasses.replace(task, rewards={name: _no_reward for name in task.rewards})
+
+
+def test_self_consistency_raises_the_reward_without_reading_one(start, tmp_path):
+  tokenizer_path, sft_dir, _ = start
+  config = _config("rest", tokenizer_path, init_from=str(sft_dir), total_steps=16,
+                   **{"task.train_size": 16, "task.name": "tests.test_align_rl:raising_arithmetic",
+                      "rest.mode": "self_consistency", "rl.samples_per_prompt": 8, "rest.improve_epochs": 2.0})
+  run = _train("rest", config, tmp_path)
+  measured = config.copy_and_resolve_references()
+  measured.task.name = "arithmetic"  # the real rewards, for this test's measurement only
+  before = _fixed_prompt_reward(run.policy(), run.tokenizer, measured)
+  result = trainer.train_loop(run)
+  after = _fixed_prompt_reward(run.policy(), run.tokenizer, measured)
+  assert np.isfinite(result["loss"])
+  assert after >= before + 0.05, f"self_consistency: mean reward {before:.3f} -> {after:.3f}"
+
+
+def test_star_restarts_from_the_starting_state_and_resumes_exactly(start, tmp_path):
+  """Outer iterations of 2, 3 and 5 steps: the state the train step gets at the first step of each
+  later one holds the starting parameters and a new optimizer state; a run stopped mid-iteration
+  and at an outer iteration's end, then resumed, logs the straight run's losses."""
+  tokenizer_path, sft_dir, _ = start
+
+  def config(total):
+    return _config("rest", tokenizer_path, init_from=str(sft_dir), total_steps=total, log_every=1,
+                   **{"task.train_size": 16, "rest.mode": "star", "rest.star_restart": True, "rest.restart_steps": 2,
+                      "rest.restart_growth": 0.5})
+
+  straight = _train("rest", config(10), tmp_path / "straight")
+  given, train_step = {}, straight.train_step
+
+  def recording(state, batch):
+    given[int(state["step"])] = jax.device_get({k: state[k] for k in ("params", "opt_state")})
+    return train_step(state, batch)
+
+  straight.train_step = recording
+  trainer.train_loop(straight)
+  leaves = {step: jax.tree.leaves(tree) for step, tree in given.items()}
+  for step in (2, 5):  # the first steps of outer iterations 1 and 2
+    for got, want in zip(leaves[step], leaves[0], strict=True):
+      np.testing.assert_array_equal(got, want)
+  assert any(not np.array_equal(a, b) for a, b in zip(leaves[4], leaves[0]))  # it trained in between
+
+  for stop_at in (3, 5, None):
+    resumed = _train("rest", config(10), tmp_path / "resumed")
+    trainer.train_loop(resumed, stop_at=stop_at)
+
+  def losses(workdir):
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["loss"] for m in lines if "loss" in m}
+
+  a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+  for step in range(1, 11):
+    np.testing.assert_allclose(b[step], a[step], rtol=1e-5)
 
 
 def test_distillation_raises_a_weak_student_toward_its_teacher(start, tmp_path):

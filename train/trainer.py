@@ -4,6 +4,11 @@ plugs in its own `loss_fn(model, batch, rng) -> (loss, metrics)` and data.
 `train(config, workdir)` sets up the mesh, tokenizer, data, model and optimizer, resumes from
 the latest checkpoint in `workdir` if there is one, and runs the jitted step to
 `config.total_steps`, logging metrics, evaluating on the held-out split and checkpointing.
+
+A method's data may ask for a restart: a batch that carries the key RESTART (its value unread) is
+trained on from the run's starting parameters and a new run's optimizer state (`restart`), as
+when fine-tuning starts over from the base model (STaR). The request travels with the data, so a
+resumed run meets it at the very step a straight run did.
 """
 
 import dataclasses
@@ -36,6 +41,7 @@ from train import distributed, losses, metrics as metrics_lib, optimizer as opti
 from train import step as step_lib
 
 BATCH_AXES = ("activation_batch", "activation_length")
+RESTART = "restart"  # a batch key: restart from the starting parameters before this step (see `restart`)
 # What the optimizer updates: every parameter except those of a module kept under an attribute
 # named `frozen` (PPO's reference policy, a distillation teacher), which ride in `Run.rest`; with
 # config.peft, only the adapters and a method's heads (rundir.loading.trainable).
@@ -92,6 +98,8 @@ class Run:
   make_dataset: DatasetFn
   train_step: Any  # (state, batch) -> (state, metrics)
   eval_step: Any  # (params, batch) -> (weighted loss sum, weight)
+  init_state: Any  # params -> a new run's state (step 0, fresh optimizer state), placed on the mesh
+  starting_params: Callable[[], nnx.State]  # the trainable parameters a new run starts from, built again
   decoder_path: str = ""  # DECODER_ATTR when a method wrapped the decoder, else ''
   train_iter: Any = None  # the checkpointable iterator of the train split (set once the Run exists)
 
@@ -257,8 +265,9 @@ def setup(
     # ---------------------------------------------------------------- optimizer and state
     optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
     state_shardings = step_lib.state_shardings(params, optimizer, mesh)
-    state = jax.jit(functools.partial(step_lib.init_state, optimizer=optimizer, seed=config.seed),
-                    out_shardings=state_shardings)(params)
+    init_state = jax.jit(functools.partial(step_lib.init_state, optimizer=optimizer, seed=config.seed),
+                         out_shardings=state_shardings)
+    state = init_state(params)
     data_state = None
     if latest is not None:
       state, data_state = checkpointer.restore(latest, checkpoint_lib.abstract_with_shardings(state))
@@ -274,7 +283,8 @@ def setup(
       graphdef=graphdef, rest=rest, state=state, state_shardings=state_shardings, batch_sharding=batch_sharding,
       checkpointer=checkpointer, loss_fn=loss_fn, make_dataset=make_dataset or pretraining_dataset,
       train_step=functools.partial(_with_rest, train_step, rest), eval_step=functools.partial(_with_rest, eval_step, rest),
-      decoder_path=decoder_path,
+      init_state=init_state, decoder_path=decoder_path,
+      starting_params=functools.partial(_starting_params, config, tokenizer, mesh, rules, wrap_model, decoder_path),
   )
 
   # ------------------------------------------------------------------ data
@@ -288,6 +298,25 @@ def setup(
   if jax.process_index() == 0:
     loading.write_json_atomic(workdir / loading.CONFIG_FILE, _saved_config(run))
   return run
+
+
+def _starting_params(config, tokenizer, mesh, rules, wrap_model, decoder_path) -> nnx.State:
+  """The trainable parameters of a new run of `config`, built as setup builds them (init_from's
+  weights or config.seed's random init, the method's wrapper, new adapters): on a resumed run too,
+  whose own starting module is only a template for the restored state."""
+  with sharding.axis_rules(mesh, rules):
+    decoder, _ = _starting_module(config, tokenizer, {}, mesh, rules)
+    module, _ = _wrapped(decoder, wrap_model, config, mesh, rules)
+    _, params, _ = nnx.split(module, loading.trainable(loading.peft_on(config), decoder_path), ...)
+  return params
+
+
+def restart(run: Run) -> None:
+  """Puts the parameters back to the run's starting ones and the optimizer state to a new run's
+  (its step count too, so the learning-rate schedule starts over); the run's step, rng and
+  non-finite counters go on. What a batch carrying RESTART asks for."""
+  fresh = run.init_state(run.starting_params())
+  run.state = {**run.state, "params": fresh["params"], "opt_state": fresh["opt_state"]}
 
 
 def jit_train_step(graphdef, loss_fn, optimizer, schedule, config, state_shardings):
@@ -385,7 +414,10 @@ def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
   try:
     with _StopRequest() as stop, sharding.axis_rules(run.mesh, run.rules):
       while step < c.total_steps:
-        batch = global_batch(run, next(run.train_iter))
+        local = next(run.train_iter)
+        if local.pop(RESTART, None) is not None:
+          restart(run)
+        batch = global_batch(run, local)
         run.state, metrics = run.train_step(run.state, batch)
         step += 1
         pending.append(metrics)

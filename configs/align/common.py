@@ -15,6 +15,8 @@ METHOD_BLOCKS = {
     "grpo": ("rl", "grpo"),
     "rest": ("rl", "rest"),
     "distill": ("rl", "distill", "sft"),  # sft: the reference completions when there is no task
+    "rrhf": ("rrhf",),
+    "tpo": ("rl", "tpo"),
 }
 METHODS = tuple(METHOD_BLOCKS)
 
@@ -119,12 +121,16 @@ def grpo_config() -> ml_collections.ConfigDict:
 
 def rest_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "rest"  # 'rest', 'raft', 'rejection_sampling' or 'star'
+  c.mode = "rest"  # 'rest', 'raft', 'rejection_sampling', 'star' or 'self_consistency' (align/rest.py)
   c.thresholds = (0.5, 0.8, 1.0)  # rest: one Improve step per threshold, rising
   c.improve_steps = 10  # trainer steps per Improve step (rest) or per iteration (the others)
   c.improve_epochs = 0.0  # > 0: instead, this many passes over the samples each Improve step kept
   c.keep_fraction = 0.25  # raft: the top fraction of each iteration's samples
   c.min_reward = 1.0  # raft / rejection_sampling / star: a kept sample scores at least this
+  c.min_agreement = 0.0  # self_consistency: keep a prompt's paths when its majority has this share of them
+  c.star_restart = False  # star: each outer iteration fine-tunes the starting policy on all rationales so far
+  c.restart_steps = 40  # star_restart: steps of outer iteration 0 (the paper's 40) ...
+  c.restart_growth = 0.2  #   ... growing by this fraction per outer iteration (the paper's 20%)
   return c
 
 
@@ -140,8 +146,38 @@ def distill_config() -> ml_collections.ConfigDict:
   return c
 
 
+def rrhf_config() -> ml_collections.ConfigDict:
+  """RRHF (align/rrhf.py): a ranking loss over each prompt's scored responses, plus SFT on the best."""
+  c = ml_collections.ConfigDict()
+  c.source = "data"  # 'data': JSONL or the task's right and wrong completions; 'policy': the starting policy's samples
+  c.train_path = ""  # JSONL: {"prompt", "responses": [...], "scores": [...]} when config.task.name is ''
+  c.eval_path = ""
+  c.on_error = "raise"
+  c.responses = 4  # N: responses per row (a prompt with fewer has the rest masked)
+  c.sft_weight = 1.0  # the SFT loss on the best-scored response (1 in the paper)
+  c.reward = "exact"  # the task's verifier that scores the task's (or the policy's) responses
+  c.samples = 4  # source='policy': samples per prompt
+  c.temperature = 1.0  # source='policy': their sampling temperature
+  c.with_solutions = False  # source='policy': the task's worked solution joins each prompt's responses
+  return c
+
+
+def tpo_config() -> ml_collections.ConfigDict:
+  """TPO (align/tpo.py): think, respond, DPO on the best and worst by a judge of the response alone."""
+  c = ml_collections.ConfigDict()
+  # The paper's generic thought prompt; the response is the completion's text after `marker`.
+  c.template = ("Respond to the following user query in a comprehensive and detailed way. You can write down your "
+                "thought process before responding. Write your thoughts after \"Here is my thought process:\" and "
+                "write your response after \"Here is my response:\".\n\nUser query: {prompt}")
+  c.marker = "Here is my response:"
+  c.loss_type = "sigmoid"  # the DPO loss (align.losses.DPO_LOSS_TYPES)
+  c.beta = 0.1
+  return c
+
+
 BLOCKS = {"sft": sft_config, "dpo": dpo_config, "reward": reward_config, "rl": rl_config, "ppo": ppo_config,
-          "grpo": grpo_config, "rest": rest_config, "distill": distill_config}
+          "grpo": grpo_config, "rest": rest_config, "distill": distill_config, "rrhf": rrhf_config,
+          "tpo": tpo_config}
 
 
 def align_config(method: str, **overrides: Any) -> ml_collections.ConfigDict:
