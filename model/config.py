@@ -14,7 +14,7 @@ import jax.numpy as jnp
 NORMS = ("rms", "gemma_rms", "layer")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 POSITIONS = ("rope", "alibi", "none")
-ROPE_SCALINGS = ("none", "linear", "llama3")
+ROPE_SCALINGS = ("none", "linear", "llama3", "ntk", "dynamic_ntk", "yarn")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -39,12 +39,17 @@ class ModelConfig:
   post_norms: bool = False
   position: str = "rope"  # rope, alibi, none
   rope_theta: float = 10_000.0
-  rope_scaling: str = "none"  # none, linear, llama3
+  rope_scaling: str = "none"  # none, linear, llama3, ntk, dynamic_ntk, yarn (model/positional.py)
   rope_scaling_factor: float = 1.0
   rope_low_freq_factor: float = 1.0  # llama3 scaling only
   rope_high_freq_factor: float = 4.0  # llama3 scaling only
-  rope_original_max_len: int = 8192  # llama3 scaling only
-  max_position_embeddings: int = 2048  # informational; written to exported HF configs
+  rope_original_max_len: int = 8192  # llama3 and yarn: the context length the model was trained at
+  rope_yarn_beta_fast: float = 32.0  # yarn: rotations at which the ramp to interpolation starts ...
+  rope_yarn_beta_slow: float = 1.0  # ... and ends
+  rope_yarn_truncate: bool = True  # yarn: the ramp's ends rounded to whole dimensions (HF's `truncate`)
+  rope_attention_factor: float = 0.0  # yarn: q and k scaled by it; 0 is the paper's 0.1 ln(factor) + 1
+  # Written to exported HF configs; dynamic_ntk's threshold: beyond it, the base grows with the length.
+  max_position_embeddings: int = 2048
   # Query i sees key j only when i - w < j <= i; 0 means no window (Mistral convention).
   sliding_window: int = 0
   # Every n-th layer (1-based) attends globally, the rest use the window; 0 means every
@@ -94,6 +99,10 @@ class ModelConfig:
       errors.append(f"head_dim={self.head_dim} must be even for rope")
     if self.rope_scaling != "none" and self.rope_scaling_factor < 1.0:
       errors.append(f"rope_scaling_factor={self.rope_scaling_factor} must be >= 1 with rope_scaling={self.rope_scaling!r}")
+    if self.rope_scaling == "yarn" and self.rope_yarn_beta_fast <= self.rope_yarn_beta_slow:
+      errors.append(f"rope_yarn_beta_fast={self.rope_yarn_beta_fast} must exceed rope_yarn_beta_slow={self.rope_yarn_beta_slow}")
+    if self.rope_attention_factor < 0:
+      errors.append(f"rope_attention_factor={self.rope_attention_factor} must be >= 0 (0: yarn's default)")
     if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
       errors.append(
           f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed rope_low_freq_factor={self.rope_low_freq_factor}"

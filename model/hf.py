@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from model import positional
 from model.config import ModelConfig
 from model.sharding import DEFAULT_RULES, Rules, state_shardings
 from model.transformer import Transformer
@@ -76,9 +77,32 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
         rope_high_freq_factor=float(scaling["high_freq_factor"]),
         rope_original_max_len=int(scaling["original_max_position_embeddings"]),
     )
+  elif kind == "dynamic":  # the length threshold is max_position_embeddings, read with the rest of the config
+    out.update(rope_scaling="dynamic_ntk", rope_scaling_factor=float(scaling["factor"]))
+  elif kind == "yarn":
+    original = scaling.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+    factor = scaling.get("factor") or float(hf["max_position_embeddings"]) / original
+    out.update(rope_scaling="yarn", rope_scaling_factor=float(factor), rope_original_max_len=int(original),
+               rope_yarn_beta_fast=float(scaling.get("beta_fast") or 32.0),
+               rope_yarn_beta_slow=float(scaling.get("beta_slow") or 1.0),
+               rope_yarn_truncate=bool(scaling.get("truncate", True)),
+               rope_attention_factor=_yarn_attention_factor(scaling, float(factor)))
   else:
-    raise ValueError(f"config.json rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    raise ValueError(f"config.json rope scaling type {kind!r} is not supported (default, linear, llama3, dynamic, yarn)")
   return out
+
+
+def _yarn_attention_factor(scaling: Mapping[str, Any], factor: float) -> float:
+  """An explicit attention_factor, or DeepSeek's mscale / mscale_all_dim ratio; 0.0 (the paper's
+  0.1 ln(factor) + 1, model/positional.py) otherwise."""
+  if scaling.get("attention_factor") is not None:
+    return float(scaling["attention_factor"])
+  mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+  if mscale and mscale_all_dim:
+    def get(m):
+      return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return get(mscale) / get(mscale_all_dim)
+  return 0.0
 
 
 def _global_layer_every(layer_types: list[str]) -> int:
@@ -210,6 +234,20 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "low_freq_factor": c.rope_low_freq_factor,
         "high_freq_factor": c.rope_high_freq_factor,
         "original_max_position_embeddings": c.rope_original_max_len,
+    }
+  elif c.rope_scaling == "ntk":  # a static base change: plain rope with the changed base is the same model
+    out["rope_theta"] = c.rope_theta * c.rope_scaling_factor ** (c.head_dim / (c.head_dim - 2))
+  elif c.rope_scaling == "dynamic_ntk":
+    out["rope_scaling"] = {"rope_type": "dynamic", "factor": c.rope_scaling_factor}
+  elif c.rope_scaling == "yarn":
+    out["rope_scaling"] = {
+        "rope_type": "yarn",
+        "factor": c.rope_scaling_factor,
+        "original_max_position_embeddings": c.rope_original_max_len,
+        "beta_fast": c.rope_yarn_beta_fast,
+        "beta_slow": c.rope_yarn_beta_slow,
+        "truncate": c.rope_yarn_truncate,
+        "attention_factor": positional.rope_attention_factor(c),
     }
   if family == "mistral":
     out["sliding_window"] = c.sliding_window

@@ -98,9 +98,10 @@ class Attention(nnx.Module):
     if c.qkv_bias:
       q, k, v = q + self.bq[...].astype(dtype), k + self.bk[...].astype(dtype), v + self.bv[...].astype(dtype)
     if c.position == "rope":
-      inv_freq = positional.rope_inverse_frequencies(c)  # static: computed at trace time
-      q = positional.apply_rope(q, positions, inv_freq)
-      k = positional.apply_rope(k, positions, inv_freq)
+      inv_freq = positional.rope_inverse_frequencies(c, positions)  # static but for dynamic_ntk
+      rope_scale = positional.rope_attention_factor(c)
+      q = positional.apply_rope(q, positions, inv_freq, rope_scale)
+      k = positional.apply_rope(k, positions, inv_freq, rope_scale)
     q, k, v = shard(q, BTNH), shard(k, BTKH), shard(v, BTKH)
     scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
     alibi = positional.alibi_slopes(c.num_heads) if c.position == "alibi" else None

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from model import hf, sharding
+from flax import nnx
+
+from model import Transformer, hf, positional, sharding
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
-FAMILIES = ["llama", "llama3_rope", "mistral", "qwen2", "gemma", "gemma2"]
+FAMILIES = ["llama", "llama3_rope", "llama_dynamic_rope", "llama_yarn_rope", "mistral", "qwen2", "gemma", "gemma2"]
 
 
 def _reference(name):
@@ -41,6 +43,52 @@ def test_fixtures_exercise_what_they_claim():
   assert hf.from_pretrained(FIXTURES / "llama3_rope").config.rope_scaling == "llama3"
   assert hf.from_pretrained(FIXTURES / "qwen2").config.qkv_bias
   assert (FIXTURES / "llama3_rope" / "model.safetensors.index.json").exists()
+
+
+def test_rope_extension_fixtures_exercise_their_scaling():
+  dynamic = hf.from_pretrained(FIXTURES / "llama_dynamic_rope").config
+  assert dynamic.rope_scaling == "dynamic_ntk" and dynamic.rope_scaling_factor == 4.0
+  rows = _reference("llama_dynamic_rope")["tokens"].shape[1]
+  assert dynamic.max_position_embeddings < rows  # the base grows: logits differ from plain rope's
+  yarn = hf.from_pretrained(FIXTURES / "llama_yarn_rope").config
+  assert (yarn.rope_scaling, yarn.rope_scaling_factor, yarn.rope_original_max_len) == ("yarn", 4.0, 2048)
+  ratio = positional.rope_inverse_frequencies(yarn) / positional.rope_inverse_frequencies(yarn.replace(rope_scaling="none"))
+  assert ratio[0] == 1.0 and ratio[-1] == 0.25 and np.any((ratio < 1.0) & (ratio > 0.25))  # kept, ramped, interpolated
+  assert positional.rope_attention_factor(yarn) == pytest.approx(0.1 * np.log(4.0) + 1.0)
+
+
+def _rope_frequencies_float64(theta, head_dim):
+  return theta ** -(np.arange(0, head_dim, 2) / head_dim)
+
+
+def test_ntk_is_plain_rope_with_the_base_changed_and_exports_so(tmp_path):
+  """Static NTK-aware scaling (no transformers type of its own): base * factor^(H / (H - 2)), the
+  closed form; its export is a plain-rope checkpoint with that base, which reloads to the same logits."""
+  source = hf.from_pretrained(FIXTURES / "llama")
+  config = source.config.replace(rope_scaling="ntk", rope_scaling_factor=8.0)
+  h = config.head_dim
+  base = config.rope_theta * 8.0 ** (h / (h - 2))
+  np.testing.assert_allclose(positional.rope_inverse_frequencies(config), _rope_frequencies_float64(base, h), rtol=1e-12)
+  ntk = nnx.merge(nnx.graphdef(Transformer(config, rngs=nnx.Rngs(0))), nnx.state(source))
+  tokens = _reference("llama")["tokens"]
+  hf.save_pretrained(ntk, tmp_path / "ntk")
+  exported = json.loads((tmp_path / "ntk" / "config.json").read_text())
+  assert "rope_scaling" not in exported and exported["rope_theta"] == pytest.approx(base)
+  np.testing.assert_allclose(np.asarray(hf.from_pretrained(tmp_path / "ntk")(tokens)), np.asarray(ntk(tokens)), atol=1e-5)
+  assert not np.allclose(np.asarray(ntk(tokens)), np.asarray(source(tokens)), atol=1e-3)
+
+
+def test_dynamic_ntk_base_follows_the_length():
+  """dynamic_ntk against its closed form: the plain frequencies up to max_position_embeddings,
+  then base * (factor * L / max_len - (factor - 1))^(H / (H - 2)) for the length L = max position + 1."""
+  config = hf.from_pretrained(FIXTURES / "llama_dynamic_rope").config
+  h, m, f = config.head_dim, config.max_position_embeddings, config.rope_scaling_factor
+  for length in (m - 3, m, m + 1, 3 * m):
+    positions = np.arange(length)[None]
+    got = np.asarray(positional.rope_inverse_frequencies(config, positions))
+    scaled = max(length, m)
+    base = config.rope_theta * (f * scaled / m - (f - 1)) ** (h / (h - 2))
+    np.testing.assert_allclose(got, _rope_frequencies_float64(base, h), rtol=2e-6, err_msg=f"L={length}")
 
 
 def test_unscanned_layers_load_the_same():
@@ -107,8 +155,8 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
   (bad / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
   with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
     hf.from_pretrained(bad)
-  (bad / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
-  with pytest.raises(ValueError, match="rope scaling type 'yarn'"):
+  (bad / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}}))
+  with pytest.raises(ValueError, match="rope scaling type 'longrope'"):
     hf.from_pretrained(bad)
   (bad / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
   with pytest.raises(KeyError, match="model.layers.2"):

@@ -78,7 +78,7 @@ def test_greedy_generation_equals_argmax_of_full_forward(model):
   np.testing.assert_allclose(out.confidence, [lp.mean() for lp in out.model_logprobs], rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3_rope", "mistral", "qwen2", "gemma", "gemma2"])
+@pytest.mark.parametrize("name", ["llama", "llama3_rope", "llama_yarn_rope", "mistral", "qwen2", "gemma", "gemma2"])
 def test_greedy_equals_transformers_generate(name):
   reference = np.load(FIXTURES / name / "reference.npz")
   model = hf.from_pretrained(FIXTURES / name)
