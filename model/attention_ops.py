@@ -257,6 +257,46 @@ def dot_product_attention(
   return jnp.concatenate(outs, axis=1)
 
 
+def shifted_sparse_attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, T, K, H]
+    v: jax.Array,  # [B, T, K, H]
+    *,
+    group: int,
+    positions: jax.Array,  # [B, T]
+    segment_ids: jax.Array | None = None,  # [B, T]
+    impl: str = "xla",
+    **kwargs,
+) -> jax.Array:
+  """LongLoRA's shifted sparse attention, S^2-Attn (Chen et al. 2023), for fine-tuning at long T:
+  each token attends causally within its group of `group` positions, and the second half of the
+  heads uses groups shifted by group // 2, so that information crosses group boundaries. Returns
+  [B, T, N, H].
+
+  The groups are segment ids, so each backend runs it with the block skipping it already has for
+  packed segments (the flash kernel's cost is then linear in T). One difference from LongLoRA's
+  code, which rolls the shifted heads' tokens: here the shifted groups do not wrap around the
+  row's end, so no token sees a later position (LongLoRA's roll puts the row's last half-group in
+  the first group, before its first tokens)."""
+  num_heads, num_kv_heads = q.shape[2], k.shape[2]
+  if num_heads % 2 or (num_kv_heads % 2 and num_kv_heads != 1):
+    raise ValueError(f"shifted sparse attention splits the heads in halves: {num_heads} query heads and "
+                     f"{num_kv_heads} kv heads must be even (or 1 kv head)")
+  alibi_slopes = kwargs.pop("alibi_slopes", None)  # [N]: each half takes its heads' slopes
+  rows = jnp.zeros_like(positions) if segment_ids is None else segment_ids
+  groups_per_row = q.shape[1] // group + 2  # more than any row's group index, so ids stay distinct
+  half, half_kv = num_heads // 2, max(1, num_kv_heads // 2)
+  outs = []
+  for i, shift in enumerate((0, group // 2)):
+    ids = rows * groups_per_row + (positions + shift) // group  # [B, T]: (segment, group)
+    kv = slice(i * half_kv, (i + 1) * half_kv) if num_kv_heads > 1 else slice(None)
+    heads = slice(i * half, (i + 1) * half)
+    slopes = None if alibi_slopes is None else alibi_slopes[heads]
+    outs.append(dot_product_attention(q[:, :, heads], k[:, :, kv], v[:, :, kv], impl=impl, q_segment_ids=ids,
+                                      kv_segment_ids=ids, causal=True, alibi_slopes=slopes, **kwargs))
+  return jnp.concatenate(outs, axis=2)
+
+
 # The xla path's causal blocks: at least this many queries each, and at most this many blocks (compile time).
 _MIN_CAUSAL_BLOCK = 128
 _MAX_CAUSAL_BLOCKS = 8

@@ -48,6 +48,10 @@ class ModelConfig:
   rope_yarn_beta_slow: float = 1.0  # ... and ends
   rope_yarn_truncate: bool = True  # yarn: the ramp's ends rounded to whole dimensions (HF's `truncate`)
   rope_attention_factor: float = 0.0  # yarn: q and k scaled by it; 0 is the paper's 0.1 ln(factor) + 1
+  # LongLoRA's S^2-Attn (model/attention_ops.py) in forward passes without a KV cache (training,
+  # held-out loss): groups of this many positions, half the heads shifted by half a group; 0 is off.
+  # Decoding with a cache attends fully; load with 0 to score with full attention.
+  shifted_sparse_group: int = 0
   # Written to exported HF configs; dynamic_ntk's threshold: beyond it, the base grows with the length.
   max_position_embeddings: int = 2048
   # Query i sees key j only when i - w < j <= i; 0 means no window (Mistral convention).
@@ -87,6 +91,10 @@ class ModelConfig:
     ):
       if getattr(self, name) not in allowed:
         errors.append(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+    if self.shifted_sparse_group and (self.shifted_sparse_group < 2 or self.num_heads % 2
+                                      or (self.num_kv_heads % 2 and self.num_kv_heads != 1)):
+      errors.append(f"shifted_sparse_group={self.shifted_sparse_group} needs a group of >= 2 and heads that split in "
+                    f"halves (num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}: even, or 1 kv head)")
     for name in ("sliding_window", "global_layer_every"):
       if getattr(self, name) < 0:
         errors.append(f"{name}={getattr(self, name)!r} must be >= 0 (0 is off)")

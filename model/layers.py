@@ -105,7 +105,12 @@ class Attention(nnx.Module):
     q, k, v = shard(q, BTNH), shard(k, BTKH), shard(v, BTKH)
     scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
     alibi = positional.alibi_slopes(c.num_heads) if c.position == "alibi" else None
-    if cache is None or from_start:
+    if cache is None and c.shifted_sparse_group:  # LongLoRA's S^2-Attn: fine-tuning only, never with a cache
+      out = attention_ops.shifted_sparse_attention(
+          q, k, v, group=c.shifted_sparse_group, positions=positions, segment_ids=segment_ids, impl=c.attention_impl,
+          sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,
+      )
+    elif cache is None or from_start:
       out = attention_ops.dot_product_attention(
           q, k, v, impl=c.attention_impl, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
           sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,

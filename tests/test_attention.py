@@ -153,3 +153,37 @@ def test_bad_inputs_raise_clear_errors():
   q3, k3, v3 = _inputs(3, 2)
   with pytest.raises(ValueError, match="query heads 3 are not a multiple of kv heads 2"):
     attention_ops.dot_product_attention(q3, k3, v3)
+
+
+def _shifted_sparse_reference(q, k, v, group, segments):
+  """float64 S^2-Attn with its mask built pair by pair: head n (of N) sees key j from query i when
+  j <= i, both lie in one packed segment, and in one group of `group` positions, the groups of the
+  second half of the heads starting half a group later."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  batch, length, num_heads, head_dim = q.shape
+  num_kv_heads = k.shape[2]
+  out = np.zeros_like(q)
+  for b in range(batch):
+    starts = [t for t in range(length) if t == 0 or segments[b, t] != segments[b, t - 1]]
+    pos = np.array([t - max(s for s in starts if s <= t) for t in range(length)])  # position within its segment
+    for n in range(num_heads):
+      shift = 0 if n < num_heads // 2 else group // 2
+      kv_head = n // (num_heads // num_kv_heads)
+      for i in range(length):
+        visible = [j for j in range(i + 1) if segments[b, j] == segments[b, i]
+                   and (pos[i] + shift) // group == (pos[j] + shift) // group]
+        logits = np.array([q[b, i, n] @ k[b, j, kv_head] for j in visible]) * head_dim**-0.5
+        weights = np.exp(logits - logits.max())
+        out[b, i, n] = (weights / weights.sum()) @ v[b, visible, kv_head]
+  return out
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("kv_heads,segments", [(2, False), (1, True)])
+def test_shifted_sparse_attention_matches_float64_reference(impl, kv_heads, segments):
+  q, k, v = _inputs(4, kv_heads)
+  seg = SEGMENTS if segments else np.ones((B, T), np.int32)
+  positions = np.stack([np.concatenate([np.arange(n) for n in np.unique(row, return_counts=True)[1]]) for row in seg])
+  out = attention_ops.shifted_sparse_attention(
+      q, k, v, group=4, positions=jnp.asarray(positions), segment_ids=jnp.asarray(seg) if segments else None, impl=impl)
+  np.testing.assert_allclose(out, _shifted_sparse_reference(q, k, v, 4, seg), atol=1e-5, rtol=1e-5)

@@ -175,3 +175,23 @@ def test_unstacked_view_computes_the_same_logits_and_cache(tiny):
   (want, theirs) = tiny(tokens, positions=positions, cache=cache)
   np.testing.assert_allclose(logits, want, atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(ours.k, theirs.k, atol=2e-5, rtol=2e-5)
+
+
+def test_shifted_sparse_groups_apply_without_a_cache_only(tiny):
+  """S^2-Attn in the decoder: groups longer than twice the row are one group for both halves of the
+  heads, so the logits are full attention's; groups of 4 change them; a cached prefill and decode
+  attend fully whatever the group."""
+  tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, CONFIG.vocab_size)
+  state = nnx.state(tiny)
+
+  def with_group(group):
+    return nnx.merge(nnx.graphdef(model.Transformer(CONFIG.replace(shifted_sparse_group=group), rngs=nnx.Rngs(0))), state)
+
+  full = np.asarray(tiny(tokens))
+  np.testing.assert_allclose(with_group(24)(tokens), full, atol=1e-5)
+  sparse = with_group(4)
+  assert not np.allclose(sparse(tokens), full, atol=1e-3)
+  logits, _ = sparse(tokens, cache=sparse.init_cache(2, 16))  # a prefill: full attention
+  np.testing.assert_allclose(logits, full, atol=1e-5)
+  with pytest.raises(ValueError, match="shifted_sparse_group=4 needs"):
+    CONFIG.replace(num_heads=3, num_kv_heads=1, shifted_sparse_group=4)
