@@ -64,8 +64,10 @@ def test_a_missing_config_file_or_a_bad_value_type_is_one_line(module, args, mes
   assert _one_line(_run(module, *args)) == message
 
 
-def test_a_missing_checkpoint_is_named_in_the_last_line(tmp_path):
-  proc = _run("infer", "--config=configs/infer/generate.py", f"--config.checkpoint={tmp_path / 'nowhere'}")
+@pytest.mark.parametrize("module,config", [("infer", "configs/infer/generate.py"),
+                                           ("align.evaluate", "configs/infer/passkey.py")])
+def test_a_missing_checkpoint_is_named_in_the_last_line(tmp_path, module, config):
+  proc = _run(module, f"--config={config}", f"--config.checkpoint={tmp_path / 'nowhere'}")
   assert proc.returncode == cli.EXIT_STATUS and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   # jax may log its backend start-up above it
   assert proc.stderr.splitlines()[-1] == (
