@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import attention_ops, kv_cache, positional
+from model import attention_ops, kv_cache, positional, ring_attention
 from model.projections import project
 from model.config import ModelConfig
 from model.sharding import shard
@@ -109,6 +109,12 @@ class Attention(nnx.Module):
       out = attention_ops.shifted_sparse_attention(
           q, k, v, group=c.shifted_sparse_group, positions=positions, segment_ids=segment_ids, impl=c.attention_impl,
           sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,
+      )
+    elif cache is None and alibi is None and (axis := ring_attention.ring_axis(q)) is not None:
+      # The sequence is sharded: ring attention (context parallelism) whatever attention_impl says.
+      out = ring_attention.ring_attention(
+          q, k, v, mesh_axis=axis, causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+          sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale,
       )
     elif cache is None or from_start:
       out = attention_ops.dot_product_attention(

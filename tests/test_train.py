@@ -79,8 +79,9 @@ def test_loss_falls_and_metrics_are_logged(baseline):
         {"mesh.data": 1, "mesh.fsdp": 8},
         {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
         {"mesh.data": 8, "grad_accum_steps": 4},
+        {"mesh.data": 2, "mesh.sequence": 4},  # ring attention: the 32-token rows over 4 devices
     ],
-    ids=["fsdp8", "data2-fsdp2-tensor2", "accumulate4"],
+    ids=["fsdp8", "data2-fsdp2-tensor2", "accumulate4", "sequence4-ring"],
 )
 def test_losses_equal_across_meshes_and_accumulation(overrides, corpus, baseline, tmp_path):
   root, tokenizer = corpus

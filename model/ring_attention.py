@@ -1,0 +1,309 @@
+"""Ring attention (context parallelism): self-attention whose sequence is sharded over a mesh axis.
+
+Liu et al. 2023, "Ring Attention with Blockwise Transformers": each of the P devices on the axis
+keeps its T/P queries and passes its key/value block around the ring (`jax.lax.ppermute`), so after
+P steps every query block has met every key block, and no device ever holds more than one [T/P, T/P]
+block of scores. Partial softmaxes are merged with a running max and sum (flash attention's online
+softmax, Dao et al. 2022, eq. in sec. 3.1). The backward pass is FlashAttention-2's (Dao 2023,
+alg. 2) run around the ring a second time: dq stays home, and dk/dv accumulators travel with their
+key/value block and arrive back at its owner after P steps; only out and the log-sum-exp are saved.
+
+Causal load balancing is the zig-zag layout (Brandon et al. 2023, "Striped Attention" discusses
+the alternatives): the sequence is cut into 2P chunks and device d holds chunks d and 2P-1-d, so
+every device has as many visible (query, key) pairs as any other. Each device's block is then two
+chunks, and a (query chunk, key chunk) pair whose mask is all False is skipped with `lax.cond`
+(its matmuls are not run): that skips the chunk pairs above the causal diagonal, outside a sliding
+window, or across packed segments. Masks come from absolute positions and segment ids carried with
+each key/value block, so causal, window and segment masking are those of
+`attention_ops.attention_mask`.
+
+Every block runs in plain jnp in float32. The Pallas flash kernel is not used per block: its public
+`flash_attention` returns no log-sum-exp, and it masks causally by index within one (q, kv) call,
+which does not hold for zig-zag chunks of a ring step.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from model import sharding
+from model import attention_ops
+from model.attention_ops import BTKH, BTNH, attention_mask
+
+# Finite (as in attention_ops), so the running max of a row that has seen only masked keys stays finite.
+_MASKED = -0.7 * float(np.finfo(np.float32).max)
+
+
+def zigzag_indices(seq_len: int, num_shards: int) -> np.ndarray:
+  """[T] token order of the zig-zag layout: x[:, idx] puts chunks (d, 2P-1-d) on shard d.
+
+  np.argsort(idx) is the inverse permutation (back to sequence order)."""
+  if seq_len % (2 * num_shards):
+    raise ValueError(f"zig-zag needs seq_len={seq_len} divisible by 2 * num_shards={2 * num_shards}")
+  chunk = seq_len // (2 * num_shards)
+  order = [c for d in range(num_shards) for c in (d, 2 * num_shards - 1 - d)]
+  return np.concatenate([np.arange(c * chunk, (c + 1) * chunk) for c in order])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+  """Static settings of one ring call (hashable: custom_vjp's non-differentiable argument)."""
+
+  mesh: Mesh
+  axis: str
+  batch_spec: object  # mesh axes of B (and of K, below) that stay sharded inside the ring
+  heads_spec: object
+  causal: bool
+  logit_softcap: float
+  scale: float
+  chunks: int  # chunks per device block: 2 with zig-zag, else 1
+
+  @property
+  def size(self) -> int:
+    return self.mesh.shape[self.axis]
+
+
+def ring_attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, T, K, H]
+    v: jax.Array,  # [B, T, K, H]
+    *,
+    mesh: Mesh | None = None,  # default: the mesh of `sharding.axis_rules` in context
+    mesh_axis: str = "sequence",
+    causal: bool = True,
+    q_segment_ids: jax.Array | None = None,  # [B, T]
+    kv_segment_ids: jax.Array | None = None,  # [B, T]
+    sliding_window: int | jax.Array = 0,
+    logit_softcap: float = 0.0,
+    scale: float | None = None,
+    load_balance: bool | None = None,  # zig-zag layout; default: when causal
+) -> jax.Array:
+  """Self-attention with T split over `mesh_axis` and key/value blocks passed around a ring.
+
+  Takes and returns tokens in sequence order; with load balancing it permutes them into the
+  zig-zag layout and back (a gather along the sharded T, i.e. an all-to-all: a data pipeline that
+  feeds zig-zagged rows could skip both). Positions are 0..T-1. Batch and head axes stay sharded as
+  the context's rules shard BTNH and BTKH. Returns [B, T, N, H] in q's dtype."""
+  batch, seq_len, num_heads, head_dim = q.shape
+  if k.shape != v.shape or k.shape[:2] != (batch, seq_len) or k.shape[3] != head_dim:
+    raise ValueError(f"ring attention is self-attention: q {q.shape}, k {k.shape} and v {v.shape} must share B, T, H")
+  if num_heads % k.shape[2]:
+    raise ValueError(f"query heads {num_heads} are not a multiple of kv heads {k.shape[2]}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+  context = sharding.current_context()
+  if mesh is None:
+    if context is None:
+      raise ValueError("ring_attention needs a mesh: pass mesh= or call it inside sharding.axis_rules")
+    mesh = context[0]
+  if mesh_axis not in mesh.shape:
+    raise ValueError(f"mesh_axis={mesh_axis!r} is not an axis of the mesh {dict(mesh.shape)}")
+  size = mesh.shape[mesh_axis]
+  load_balance = causal if load_balance is None else load_balance
+  chunks = 2 if load_balance else 1
+  if seq_len % (chunks * size):
+    raise ValueError(f"seq_len={seq_len} is not divisible by {chunks} * {mesh_axis} size {size}")
+
+  batch_spec = heads_spec = None
+  if context is not None and context[0] == mesh:
+    q_spec = sharding.logical_to_spec(BTNH, q.shape, mesh, context[1])
+    kv_spec = sharding.logical_to_spec(BTKH, k.shape, mesh, context[1])
+    uses_axis = lambda s: s is not None and mesh_axis in ((s,) if isinstance(s, str) else s)  # noqa: E731
+    batch_spec = None if uses_axis(q_spec[0]) else q_spec[0]
+    # Heads stay split only where query and kv heads split alike (else each shard would need other kv heads).
+    heads_spec = q_spec[2] if q_spec[2] == kv_spec[2] and not uses_axis(q_spec[2]) else None
+  ring = _Ring(mesh, mesh_axis, batch_spec, heads_spec, causal, float(logit_softcap),
+               float(head_dim**-0.5 if scale is None else scale), chunks)
+
+  positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+  if q_segment_ids is None:
+    q_segment_ids = kv_segment_ids = jnp.zeros((batch, seq_len), jnp.int32)
+  window = jnp.asarray(sliding_window, jnp.int32)
+  arrays = (q, k, v, positions, q_segment_ids, kv_segment_ids)
+  if load_balance:
+    order = zigzag_indices(seq_len, size)
+    arrays = tuple(x[:, order] for x in arrays)
+  out = _ring_attention(ring, *arrays, window)
+  return out[:, np.argsort(order)] if load_balance else out
+
+
+def ring_axis(q: jax.Array) -> str | None:
+  """The mesh axis that the rules in context put on the query length, when the ring can run over
+  it (one axis, size > 1, T divisible by twice its size for the zig-zag); else None (and a warning
+  once where the length is sharded but the ring cannot take it: the sequence is then gathered)."""
+  context = sharding.current_context()
+  if context is None:
+    return None
+  mesh, rules = context
+  spec = sharding.logical_to_spec(BTNH, q.shape, mesh, rules)[1]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  if size == 1:
+    return None
+  if len(axes) != 1 or q.shape[1] % (2 * size):
+    attention_ops._warn_once(f"the sequence is sharded over {axes} ({size} shards) but ring attention needs one axis "
+                             f"and T={q.shape[1]} divisible by {2 * size}: attention gathers the sequence instead")
+    return None
+  return axes[0]
+
+
+# The custom_vjp over the sharded program: forward and backward each one shard_map of a ring.
+
+
+def _specs(ring: _Ring):
+  b, n, t = ring.batch_spec, ring.heads_spec, ring.axis
+  return PartitionSpec(b, t, n, None), PartitionSpec(b, t), PartitionSpec(b, n, None, t)  # BTNH, BT, BKGT
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_attention(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window):
+  return _ring_fwd(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window)[0]
+
+
+def _ring_fwd(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window):
+  x, bt, lse_spec = _specs(ring)
+  out, lse = jax.shard_map(
+      functools.partial(_forward_shard, ring), mesh=ring.mesh, in_specs=(x, x, x, bt, bt, bt, PartitionSpec()),
+      out_specs=(x, lse_spec), check_vma=False,
+  )(q, k, v, positions, q_segment_ids, kv_segment_ids, window)
+  return out, (q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse)
+
+
+def _ring_bwd(ring, residuals, dout):
+  q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse = residuals
+  x, bt, lse_spec = _specs(ring)
+  dq, dk, dv = jax.shard_map(
+      functools.partial(_backward_shard, ring), mesh=ring.mesh,
+      in_specs=(x, x, x, bt, bt, bt, PartitionSpec(), x, lse_spec, x), out_specs=(x, x, x), check_vma=False,
+  )(q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse, dout)
+  return dq, dk, dv, None, None, None, None
+
+
+_ring_attention.defvjp(_ring_fwd, _ring_bwd)
+
+
+# One device's share. Shapes are local: Tl = T / P queries and keys, Tc = Tl / chunks per chunk.
+
+
+def _split(x, chunks, axis):
+  return tuple(jnp.split(x, chunks, axis=axis))
+
+
+def _pass_on(ring: _Ring, tree):
+  """Send each array to the next device on the ring (device d receives d - 1's block)."""
+  perm = [(j, (j + 1) % ring.size) for j in range(ring.size)]
+  return jax.tree.map(lambda x: jax.lax.ppermute(x, ring.axis, perm), tree)
+
+
+def _mask(ring, q_pos, kv_pos, q_seg, kv_seg, window):
+  """[B, 1, 1, Tc, Sc] bool for one (query chunk, key chunk) pair."""
+  mask = attention_mask(q_pos, kv_pos, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=ring.causal,
+                        sliding_window=window)
+  return mask[:, None, None]
+
+
+def _logits(ring, q, k):
+  """Scaled (and soft-capped) logits [B, K, G, Tc, Sc] in float32, and tanh of the cap (or None)."""
+  s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * ring.scale
+  if not ring.logit_softcap:
+    return s, None
+  t = jnp.tanh(s / ring.logit_softcap)
+  return ring.logit_softcap * t, t
+
+
+def _forward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window):
+  batch, q_len, num_heads, head_dim = q.shape
+  num_kv_heads = k.shape[2]
+  group = num_heads // num_kv_heads
+  dtype = q.dtype
+  q = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, group, head_dim)  # [B, Tl, K, G, H]
+  qs = _split(q, ring.chunks, 1)
+  q_pos, q_seg = _split(positions, ring.chunks, 1), _split(q_segment_ids, ring.chunks, 1)
+  tc = q_len // ring.chunks
+  stats = tuple((jnp.zeros((batch, num_kv_heads, group, tc, head_dim), jnp.float32),  # o, [B, K, G, Tc, H]
+                 jnp.full((batch, num_kv_heads, group, tc), _MASKED, jnp.float32),  # running max m
+                 jnp.zeros((batch, num_kv_heads, group, tc), jnp.float32))  # running sum l
+                for _ in qs)
+
+  def attend(stat, q, k, v, mask):
+    o, m, l = stat
+    s, _ = _logits(ring, q, k)
+    s = jnp.where(mask, s, _MASKED)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    o = o * correction[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", p, v.astype(jnp.float32))
+    return o, m_new, l * correction + p.sum(-1)
+
+  def step(_, carry):
+    stats, block = carry
+    k, v, kv_pos, kv_seg = block
+    stats = list(stats)
+    for a in range(ring.chunks):
+      for b in range(ring.chunks):
+        mask = _mask(ring, q_pos[a], kv_pos[b], q_seg[a], kv_seg[b], window)
+        stats[a] = jax.lax.cond(mask.any(), attend, lambda stat, *_: stat, stats[a], qs[a], k[b], v[b], mask)
+    # The last step's pass only brings each block home: one block's transfer, overlapped with compute.
+    return tuple(stats), _pass_on(ring, block)
+
+  # k and v travel in their own dtype (half the bytes of float32 for bfloat16) and are upcast per block.
+  kv = (_split(k, ring.chunks, 1), _split(v, ring.chunks, 1), _split(positions, ring.chunks, 1),
+        _split(kv_segment_ids, ring.chunks, 1))
+  stats, _ = jax.lax.fori_loop(0, ring.size, step, (stats, kv))
+  outs, lses = [], []
+  for o, m, l in stats:
+    seen = l > 0  # a row that saw no key attends to nothing: zeros, as attention_ops does
+    outs.append(o / jnp.where(seen, l, 1.0)[..., None])
+    lses.append(jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf))  # exp(s - inf) = 0 backward
+  out = jnp.transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4))  # [B, Tl, K, G, H]
+  return out.reshape(batch, q_len, num_heads, head_dim).astype(dtype), jnp.concatenate(lses, axis=3)
+
+
+def _backward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse, dout):
+  batch, q_len, num_heads, head_dim = q.shape
+  num_kv_heads = k.shape[2]
+  group = num_heads // num_kv_heads
+  as5 = lambda x: x.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, group, head_dim)  # noqa: E731
+  q5, do5 = as5(q), as5(dout)
+  delta = jnp.einsum("BTKGH,BTKGH->BKGT", do5, as5(out))  # D_i = rowsum(dO * O), FA-2 alg. 2 line 4
+  qs, dos = _split(q5, ring.chunks, 1), _split(do5, ring.chunks, 1)
+  deltas, lses = _split(delta, ring.chunks, 3), _split(lse, ring.chunks, 3)
+  q_pos, q_seg = _split(positions, ring.chunks, 1), _split(q_segment_ids, ring.chunks, 1)
+  dqs = tuple(jnp.zeros_like(x) for x in qs)
+
+  def grads(acc, q, do, delta, lse, k, v, mask):
+    dq, dk, dv = acc
+    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+    s, t = _logits(ring, q, k)
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)  # [B, K, G, Tc, Sc]
+    dv = dv + jnp.einsum("BKGTS,BTKGH->BSKH", p, do)
+    ds = p * (jnp.einsum("BTKGH,BSKH->BKGTS", do, v) - delta[..., None])
+    if t is not None:
+      ds = ds * (1.0 - t * t)  # d(c tanh(x / c)) / dx
+    ds = ds * ring.scale
+    return (dq + jnp.einsum("BKGTS,BSKH->BTKGH", ds, k), dk + jnp.einsum("BKGTS,BTKGH->BSKH", ds, q), dv)
+
+  def step(_, carry):
+    dqs, block = carry
+    k, v, kv_pos, kv_seg, dk, dv = block
+    dqs, dk, dv = list(dqs), list(dk), list(dv)
+    for a in range(ring.chunks):
+      for b in range(ring.chunks):
+        mask = _mask(ring, q_pos[a], kv_pos[b], q_seg[a], kv_seg[b], window)
+        dqs[a], dk[b], dv[b] = jax.lax.cond(
+            mask.any(), grads, lambda acc, *_: acc, (dqs[a], dk[b], dv[b]), qs[a], dos[a], deltas[a], lses[a],
+            k[b], v[b], mask)
+    # dk and dv travel with their block; the P-th pass brings them home to the block's owner.
+    return tuple(dqs), _pass_on(ring, (k, v, kv_pos, kv_seg, tuple(dk), tuple(dv)))
+
+  ks, vs = _split(k, ring.chunks, 1), _split(v, ring.chunks, 1)
+  zeros = tuple(jnp.zeros(x.shape, jnp.float32) for x in ks)  # dk, dv accumulate in float32
+  block = (ks, vs, _split(positions, ring.chunks, 1), _split(kv_segment_ids, ring.chunks, 1), zeros, zeros)
+  dqs, block = jax.lax.fori_loop(0, ring.size, step, (dqs, block))
+  dk, dv = jnp.concatenate(block[4], axis=1), jnp.concatenate(block[5], axis=1)
+  dq = jnp.concatenate(dqs, axis=1).reshape(q.shape)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
