@@ -32,6 +32,10 @@ setuptools.setup(
         "uvicorn>=0.29",  # the ASGI server that runs it
         "prometheus_client>=0.20",  # /metrics in Prometheus' text format, counters and histograms
         "jinja2>=3.1",  # renders a Hugging Face directory's chat_template, as transformers does
+        # Training curves (train.plot), the scaling-law figures (train.scaling) and test-time compute
+        # curves: the standard plotting library; imported only when a figure is drawn (headless Agg).
+        # 3.7: legends placed outside the axes ("outside upper center").
+        "matplotlib>=3.7",
     ],
     extras_require={
         # pytest-xdist: JAX compilation (single-threaded) dominates the suite, so one worker per

@@ -141,6 +141,9 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
   config.init_from = ""  # a Hugging Face directory or another run's workdir
   config.z_loss = 0.0
   config.max_nonfinite_in_row = 20  # 0: never stop for non-finite steps
+  # Watts per device for the energy estimate in metrics.jsonl and summary.json; 0: the device kind's
+  # stated power where known (train/metrics.py), else no estimate.
+  config.device_power_watts = 0.0
   # `python -m train` ends by printing the model's continuation of this prompt ('': no sample).
   config.sample_prompt = ""
   config.sample_tokens = 48

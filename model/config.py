@@ -223,16 +223,40 @@ def param_count(config: ModelConfig) -> int:
   return c.num_layers * per_layer + embeddings + norm_params
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward), as in PaLM (Chowdhery et al. 2022, app. B).
+def non_embedding_param_count(config: ModelConfig) -> int:
+  """Parameters less the token embedding and the output projection (Kaplan et al. 2020's N); norms stay in."""
+  c = config
+  return param_count(c) - c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
 
-  6 * (parameters in matmuls: everything but the embedding lookup and the norms, the output
-  projection included) + 12 * L * N * H * T for attention scores and values, counted over the
-  full T x T square (the causal half is not subtracted, as in PaLM's MFU).
-  """
+
+def matmul_param_count(config: ModelConfig) -> int:
+  """Parameters a token multiplies through: all but the embedding lookup and the norms (the output
+  projection included, also when it is the tied embedding)."""
   c = config
   norm_params = c.embed_dim * (2 if c.norm == "layer" else 1)
   norms = (c.num_layers * (4 if c.post_norms else 2) + 1) * norm_params
   embedding_lookup = c.vocab_size * c.embed_dim if not c.tie_embeddings else 0
-  matmul_params = param_count(c) - norms - embedding_lookup
-  return 6.0 * matmul_params + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
+  return param_count(c) - norms - embedding_lookup
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward), as in PaLM (Chowdhery et al. 2022, app. B).
+
+  6 * matmul_param_count + 12 * L * N * H * T for attention scores and values, counted over the
+  full T x T square (the causal half is not subtracted, as in PaLM's MFU).
+  """
+  c = config
+  return 6.0 * matmul_param_count(c) + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
+
+
+def forward_flops(config: ModelConfig, num_tokens):
+  """Inference FLOPs of one sequence of `num_tokens` tokens (an int, or an array of them) read left
+  to right with a KV cache: per token 2 * matmul_param_count, plus 4 * L * N * H * t for token t's
+  attention scores and values over its t keys (the causal triangle: summed, 2 * L * N * H * n (n + 1)).
+
+  A third of flops_per_token's matmul term (forward only); its attention term is the forward over the
+  keys each token actually reads. A sliding window is not subtracted (nor is it in flops_per_token).
+  """
+  c = config
+  return 2.0 * matmul_param_count(c) * num_tokens + 2.0 * c.num_layers * c.num_heads * c.head_dim * num_tokens * (
+      num_tokens + 1)

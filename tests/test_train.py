@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import common, validation
-from tests import xla_env
+from tests import synthetic_corpus, xla_env
 from train import trainer
 
 STEPS = 10
@@ -19,12 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """A few hundred small synthetic documents in text files, and a tokenizer trained once on them."""
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  words = "the cat sat on a mat while dogs ran far away from home and birds sang in trees".split()
-  for f in range(4):
-    docs = [" ".join(rng.choice(words, size=rng.integers(5, 60))) + "." for _ in range(120)]
-    (root / f"part{f}.txt").write_text("\n\n".join(docs))
+  root = synthetic_corpus.write_corpus(tmp_path_factory.mktemp("corpus"))
   tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
   config = _config(root, "")
   from rundir import tokenizer as tokenizer_lib
@@ -73,6 +68,33 @@ def test_loss_falls_and_metrics_are_logged(baseline):
   assert result["tokens_per_second"] > 0 and result["grad_norm"] > 0 and "learning_rate" in result
 
 
+def _records(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cost_is_logged_and_summarised(baseline):
+  """Cumulative tokens, FLOPs, wall time and the energy estimate in every record, and summary.json,
+  against their closed forms (tokens = steps x batch x seq_len; FLOPs = tokens x flops_per_token;
+  energy = W x devices x seconds)."""
+  import model as model_lib
+  from train import metrics as metrics_lib
+  run = baseline[1]["run"]
+  per_token = model_lib.flops_per_token(run.model_config, 32)
+  train_records = [r for r in _records(run.workdir) if "loss" in r]
+  walls = [r["wall_seconds"] for r in train_records]
+  assert all(b > a for a, b in zip(walls, walls[1:]))
+  for r in train_records:
+    assert r["tokens_seen"] == r["step"] * 8 * 32
+    assert r["flops_seen"] == pytest.approx(r["tokens_seen"] * per_token, rel=1e-12)
+    assert r["energy_kwh"] == pytest.approx(metrics_lib.CPU_WATTS_PER_CORE * 8 * r["wall_seconds"] / 3.6e6)
+  summary = json.loads((run.workdir / trainer.SUMMARY_FILE).read_text())
+  assert summary["completed"] and summary["step"] == STEPS and summary["tokens"] == STEPS * 8 * 32
+  assert summary["flops"] == pytest.approx(STEPS * 8 * 32 * per_token)
+  assert summary["params"] == model_lib.param_count(run.model_config)
+  assert summary["wall_seconds"] == walls[-1] and summary["energy_kwh"] == train_records[-1]["energy_kwh"]
+  assert "estimate" in summary["energy_note"] and summary["train_loss"] == train_records[-1]["loss"]
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -102,8 +124,13 @@ def test_resume_is_exact(corpus, tmp_path):
   a, b = _losses(straight), _losses(split)
   assert sorted(a) == sorted(b) == list(range(1, 21))
   assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]  # bitwise on CPU
+  # Wall time carries on from the checkpoint's step, and a configured power replaces the default.
+  walls = {r["step"]: r["wall_seconds"] for r in _records(split) if "loss" in r}
+  assert walls[11] > walls[10] and json.loads((split / trainer.SUMMARY_FILE).read_text())["completed"]
   # A finished run with a larger total_steps carries on from its last checkpoint.
-  assert trainer.train(_config(root, tokenizer, total_steps=22), straight)["step"] == 22
+  assert trainer.train(_config(root, tokenizer, total_steps=22, device_power_watts=100.0), straight)["step"] == 22
+  last = _records(straight)[-1]
+  assert last["energy_kwh"] == pytest.approx(100.0 * 8 * last["wall_seconds"] / 3.6e6)
   assert sorted(_losses(straight))[-1] == 22
 
 

@@ -27,6 +27,56 @@ PEAK_FLOPS = {
 }
 
 
+# Stated board power (TDP) per device in watts, for the energy estimate: NVIDIA's data sheets (SXM
+# parts), Google's TPU v4 paper (Jouppi et al. 2023, 192 W peak). A kind not listed needs
+# config.device_power_watts; a CPU device (one core, train/host_devices.py) is counted at
+# CPU_WATTS_PER_CORE, a server CPU's stated TDP over its cores (e.g. 280 W / 32 cores), a rough figure.
+POWER_WATTS = {
+    "H100": 700.0,
+    "H200": 700.0,
+    "A100": 400.0,
+    "L4": 72.0,
+    "TPU v4": 192.0,
+}
+CPU_WATTS_PER_CORE = 9.0
+ENERGY_NOTE = ("an estimate: device_power_watts x devices x wall time, at the stated power (TDP) of the device, "
+               "not a measurement")
+
+
+def device_power_watts(configured: float = 0.0, device: jax.Device | None = None) -> float | None:
+  """config.device_power_watts when > 0, else the stated power of this device kind; None when unknown."""
+  if configured > 0:
+    return float(configured)
+  device = device or jax.devices()[0]
+  if device.platform == "cpu":
+    return CPU_WATTS_PER_CORE
+  for name, watts in POWER_WATTS.items():
+    if name.lower() in device.device_kind.lower():
+      return watts
+  return None
+
+
+def energy_kwh(watts_per_device: float | None, devices: int, seconds: float) -> float | None:
+  return None if watts_per_device is None else watts_per_device * devices * seconds / 3.6e6
+
+
+def last_value(workdir: str | os.PathLike, key: str, *, up_to_step: int) -> float:
+  """The last value of `key` in workdir/metrics.jsonl at or before `up_to_step` (0 when none): a
+  resumed run carries its cumulative counters (wall time) on from where its checkpoint was."""
+  path = Path(workdir) / "metrics.jsonl"
+  value = 0.0
+  if not path.is_file():
+    return value
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a crash
+      continue
+    if record.get("step", 0) <= up_to_step and isinstance(record.get(key), (int, float)):
+      value = float(record[key])
+  return value
+
+
 def device_peak_flops(device: jax.Device | None = None) -> float | None:
   kind = (device or jax.devices()[0]).device_kind
   for name, flops in PEAK_FLOPS.items():

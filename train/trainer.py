@@ -41,6 +41,7 @@ from train import distributed, losses, metrics as metrics_lib, optimizer as opti
 from train import step as step_lib
 
 BATCH_AXES = ("activation_batch", "activation_length")
+SUMMARY_FILE = "summary.json"  # written when the loop ends: steps, tokens, FLOPs, losses, time, energy
 RESTART = "restart"  # a batch key: restart from the starting parameters before this step (see `restart`)
 # What the optimizer updates: every parameter except those of a module kept under an attribute
 # named `frozen` (PPO's reference policy, a distillation teacher), which ride in `Run.rest`; with
@@ -120,7 +121,7 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
   for key in ("total_steps", "batch_size", "seq_len", "log_every", "keep_checkpoints", "grad_accum_steps"):
     if config[key] < 1:
       raise validation.ConfigError(f"config.{key}={config[key]} must be >= 1")
-  for key in ("eval_every", "checkpoint_every", "eval_steps", "max_nonfinite_in_row"):
+  for key in ("eval_every", "checkpoint_every", "eval_steps", "max_nonfinite_in_row", "device_power_watts"):
     if config[key] < 0:
       raise validation.ConfigError(f"config.{key}={config[key]} must be >= 0 (0 turns it off)")
   if config.batch_size % config.grad_accum_steps:
@@ -404,13 +405,15 @@ def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
   schedule still that of total_steps; a later `train` on the workdir carries on exactly.
   """
   c = run.config
-  step = int(run.state["step"])
+  step = first_step = int(run.state["step"])
   writer = metrics_lib.MetricsWriter(run.workdir, total_steps=c.total_steps, initial_step=step)
   flops_per_token = model_lib.flops_per_token(run.model_config, c.seq_len)
   peak = metrics_lib.device_peak_flops()
+  watts = metrics_lib.device_power_watts(c.device_power_watts)
   result: dict[str, Any] = {"step": step}
   pending: list[dict[str, jax.Array]] = []
   last_time, last_step = time.perf_counter(), step
+  wall = metrics_lib.last_value(run.workdir, "wall_seconds", up_to_step=step)  # training time, evaluation excluded
   try:
     with _StopRequest() as stop, sharding.axis_rules(run.mesh, run.rules):
       while step < c.total_steps:
@@ -439,13 +442,15 @@ def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
           )
           if peak:
             logged["mfu"] = flops_per_token * tokens_per_second / (peak * jax.device_count())
+          wall += now - last_time
+          logged.update(_cumulative(c, step, flops_per_token, wall, watts))
           writer.write(step, logged)
           result.update(logged, step=step)
           pending, last_time, last_step = [], time.perf_counter(), step
         if c.eval_every and (step % c.eval_every == 0 or step == c.total_steps):
           eval_metrics = evaluate(run)
           writer.write(step, eval_metrics, prefix="eval_")
-          result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+          result.update({f"eval_{k}": v for k, v in eval_metrics.items()}, eval_step=step)
           last_time = time.perf_counter()  # evaluation time is not training throughput
         if stop_at is not None and step >= stop_at:
           stop.requested = True
@@ -457,7 +462,35 @@ def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
   finally:
     run.checkpointer.close()
     writer.close()
+  if jax.process_index() == 0 and (int(run.state["step"]) > first_step or not (run.workdir / SUMMARY_FILE).exists()):
+    loading.write_json_atomic(run.workdir / SUMMARY_FILE, _summary(run, result, flops_per_token, wall, watts))
   return result
+
+
+def _cumulative(c, step: int, flops_per_token: float, wall: float, watts: float | None) -> dict[str, float]:
+  """What the run has spent up to `step`: tokens processed (padding included: it is computed on),
+  FLOPs (model.flops_per_token of them), training wall time and its energy estimate."""
+  tokens = float(step * c.batch_size * c.seq_len)
+  out = {"tokens_seen": tokens, "flops_seen": tokens * flops_per_token, "wall_seconds": wall}
+  energy = metrics_lib.energy_kwh(watts, jax.device_count(), wall)
+  if energy is not None:
+    out["energy_kwh"] = energy
+  return out
+
+
+def _summary(run: Run, result: dict[str, Any], flops_per_token: float, wall: float, watts: float | None) -> dict:
+  """workdir/summary.json: where the run ended and what it cost (the sweep's record of a finished point)."""
+  c, step = run.config, int(run.state["step"])
+  spent = _cumulative(c, step, flops_per_token, wall, watts)
+  return {
+      "step": step, "total_steps": c.total_steps, "completed": step >= c.total_steps,
+      "tokens": spent["tokens_seen"], "flops": spent["flops_seen"], "flops_per_token": flops_per_token,
+      "params": model_lib.param_count(run.model_config),
+      "non_embedding_params": model_lib.non_embedding_param_count(run.model_config),
+      "train_loss": result.get("loss"), "eval_loss": result.get("eval_loss"), "eval_step": result.get("eval_step"),
+      "wall_seconds": wall, "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+      "device_power_watts": watts, "energy_kwh": spent.get("energy_kwh"), "energy_note": metrics_lib.ENERGY_NOTE,
+  }
 
 
 def train(
