@@ -17,8 +17,14 @@
   group_size    QA-LoRA's groups: the base is group-wise int4 with this group size
   quant_head    qlora / qa_lora: quantize the untied output head too (QLoRA keeps it in 16 bits; at
                 Llama 3's 128k vocabulary it is an eighth of an 8B model)
-The adapter modules are in model/adapters.py. Only adapter weights (ADAPTER_NAMES) train; the
-base is frozen, and `without_adapters(module)` is the base alone, the frozen reference.
+  modules_to_save  base parameters trained in full beside the adapters, comma-separated, of
+                SAVABLE_MODULES: LongLoRA (Chen et al. 2023) trains 'embedding,norms' for long
+                context, as Hugging Face PEFT's modules_to_save does; '' (default): none. They
+                live in the run's checkpoints; `save_adapter` writes the adapters only, so export
+                such a run merged (`merge`, then `model.hf.save_pretrained`)
+The adapter modules are in model/adapters.py. Only adapter weights (ADAPTER_NAMES) and
+modules_to_save train; the rest of the base is frozen, and `without_adapters(module)` is the base
+alone, the frozen reference.
 """
 
 import dataclasses
@@ -36,9 +42,11 @@ from model.adapters import QALoRA, VeRA, LoRA
 METHODS = ("none", "lora", "dora", "vera", "qlora", "qa_lora")
 QUANT_TYPES = {"nf4": 4, "int4": 4, "int8": 8}  # quant_type -> its bits
 ADAPTER_NAMES = ("lora_a", "lora_b", "lora_magnitude", "vera_d", "vera_b")
+# modules_to_save values: the token embedding, the untied output head, every norm's scale (and bias).
+SAVABLE_MODULES = ("embedding", "lm_head", "norms")
 DEFAULTS = dict(method="none", rank=8, alpha=16.0, dropout=0.0, targets="q_proj,v_proj", use_rslora=False,
                 vera_d_init=0.1, vera_seed=0, quant_bits=4, quant_type="nf4", block_size=64, double_quant=True, group_size=32,
-                quant_head=False)
+                quant_head=False, modules_to_save="")
 
 
 def config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -67,6 +75,7 @@ class Settings:
   double_quant: bool
   group_size: int
   quant_head: bool
+  modules_to_save: tuple[str, ...] = ()
 
   @property
   def scale(self) -> float:
@@ -115,11 +124,15 @@ def settings(peft_config) -> Settings:
                      f"{c['quant_type']!r} ({QUANT_TYPES[c['quant_type']]}-bit); for an 8-bit base set quant_type=int8")
   if c["method"] == "qa_lora" and c["quant_bits"] != 4:
     raise ValueError(f"config.peft.quant_bits={c['quant_bits']}: QA-LoRA's base here is group-wise int4 (quant_bits=4)")
+  modules = tuple(m.strip() for m in str(c["modules_to_save"]).split(",") if m.strip())
+  unknown = [m for m in modules if m not in SAVABLE_MODULES]
+  if unknown:
+    raise ValueError(f"config.peft.modules_to_save={c['modules_to_save']!r}: {unknown} not among {SAVABLE_MODULES}")
   return Settings(method=c["method"], rank=int(c["rank"]), alpha=float(c["alpha"]), dropout=float(c["dropout"]),
                   targets=_targets(c["targets"]), use_rslora=bool(c["use_rslora"]),
                   vera_d_init=float(c["vera_d_init"]), vera_seed=int(c["vera_seed"]), quant_bits=int(c["quant_bits"]), quant_type=c["quant_type"],
                   block_size=int(c["block_size"]), double_quant=bool(c["double_quant"]),
-                  group_size=int(c["group_size"]), quant_head=bool(c["quant_head"]))
+                  group_size=int(c["group_size"]), quant_head=bool(c["quant_head"]), modules_to_save=modules)
 
 
 def adapter_modules(module: nnx.Module) -> list[adapters.Adapter]:
@@ -133,6 +146,13 @@ def has_adapters(module: nnx.Module) -> bool:
 def is_adapter_param(path, value) -> bool:
   """nnx filter: the adapter weights, the only parameters a PEFT run trains."""
   return isinstance(value, nnx.Param) and bool(path) and str(path[-1]) in ADAPTER_NAMES
+
+
+def is_saved_module_param(path, modules: tuple[str, ...]) -> bool:
+  """Whether the parameter at `path` belongs to one of `modules` (config.peft.modules_to_save)."""
+  names = [str(p) for p in path]
+  return (("embedding" in modules and "embedding" in names) or ("lm_head" in modules and "lm_head" in names)
+          or ("norms" in modules and any(n == "norm" or n.endswith("_norm") for n in names)))
 
 
 def _fan(slot: projections.Slot) -> tuple[int, int]:

@@ -37,17 +37,19 @@ DECODER_ATTR = "decoder"
 FROZEN_ATTR = "frozen"
 
 
-def trainable(peft_on: bool, decoder_path: str = ""):
+def trainable(peft_on: bool, decoder_path: str = "", modules_to_save: tuple[str, ...] = ()):
   """The nnx filter of the parameters a run trains (and its checkpoints hold): every parameter
-  outside `frozen`; with PEFT, only the adapters (model.peft.ADAPTER_NAMES) and what a method adds
-  outside the decoder at `decoder_path` (a reward or value head)."""
+  outside `frozen`; with PEFT, only the adapters (model.peft.ADAPTER_NAMES), the base parameters
+  of config.peft.modules_to_save, and what a method adds outside the decoder at `decoder_path` (a
+  reward or value head)."""
   unfrozen = nnx.All(nnx.Param, nnx.Not(nnx.PathContains(FROZEN_ATTR)))
   if not peft_on:
     return unfrozen
 
   def adapter_or_head(path, value):
     outside_decoder = bool(decoder_path) and (not path or str(path[0]) != decoder_path)
-    return peft.is_adapter_param(path, value) or outside_decoder
+    saved = bool(modules_to_save) and peft.is_saved_module_param(path, modules_to_save)
+    return peft.is_adapter_param(path, value) or outside_decoder or saved
 
   return nnx.All(unfrozen, adapter_or_head)
 
@@ -56,6 +58,14 @@ def peft_on(saved_or_config) -> bool:
   """Whether a run's (saved) config trains adapters."""
   block = saved_or_config.get("peft") or {}
   return (block.get("method") or "none") != "none"
+
+
+def run_trainable(saved_or_config, decoder_path: str = ""):
+  """`trainable` for a run's (saved) config: its PEFT method and modules_to_save."""
+  block = saved_or_config.get("peft") or {}
+  if not peft_on(saved_or_config):
+    return trainable(False, decoder_path)
+  return trainable(True, decoder_path, peft.settings(block).modules_to_save)
 
 
 def is_run(path: str | os.PathLike) -> bool:
@@ -168,7 +178,7 @@ def _restore_adapted(path, source, step, saved, build, config, *, mesh, rules, o
     module = nnx.eval_shape(lambda: build(config))
     setattr(module, decoder_path, decoder)
     prefix, filter_path = "", decoder_path
-  graphdef, params, rest = nnx.split(module, trainable(True, filter_path), ...)
+  graphdef, params, rest = nnx.split(module, run_trainable(saved, filter_path), ...)
   params = source.restore_params(step, _target(params, mesh, rules), prefix=prefix)
   return nnx.merge(graphdef, params, rest), f"checkpoint {path} step {step} (adapters on {saved['init_from']})"
 

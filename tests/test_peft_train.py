@@ -70,16 +70,22 @@ def test_only_the_adapters_train(lora_run, base_run):
   moments = [x for x in jax.tree.leaves(run.state["opt_state"]) if x.ndim]
   assert sum(x.size for x in moments) == 2 * trained
   assert all(np.any(np.asarray(b) != 0) for path, b in nnx.to_flat_state(run.state["params"]) if path[-1] == "lora_b")
-  # The base inside the trained module is bitwise the init_from checkpoint's.
+  _assert_base_unchanged(run.policy(), base_run)
+
+
+def _assert_base_unchanged(policy, base_run, *, trained=()):
+  """The base inside the trained module is bitwise the init_from checkpoint's (but for `trained`)."""
   base, _ = rundir.load_decoder(base_run)
-  policy = run.policy()
   for path, value in nnx.to_flat_state(nnx.state(base, nnx.Param)):
     here = policy
     for key in path:
       here = here[key] if isinstance(key, int) else getattr(here, key)
     if not isinstance(here, nnx.Variable):
       here = here.base  # an adapted projection keeps the parameter under `base`
-    np.testing.assert_array_equal(np.asarray(here[...]), np.asarray(value[...]), err_msg=str(path))
+    if peft.is_saved_module_param(path, trained):
+      assert np.abs(np.asarray(here[...]) - np.asarray(value[...])).max() > 0, path
+    else:
+      np.testing.assert_array_equal(np.asarray(here[...]), np.asarray(value[...]), err_msg=str(path))
 
 
 def _checkpointed_arrays(workdir: Path, step: int) -> list[str]:
@@ -125,6 +131,22 @@ def test_a_peft_run_resumes_exactly(lora_run, tokenizer_path, base_run, tmp_path
   trainer.train_loop(resumed)
   for a, b in zip(jax.tree.leaves(resumed.state["params"]), jax.tree.leaves(run.state["params"]), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_longlora_trains_the_embedding_and_norms_beside_the_adapters(tokenizer_path, base_run, tmp_path):
+  """config.peft.modules_to_save='embedding,norms' (LongLoRA): those base parameters train in full
+  and are checkpointed with the adapters; the projections stay the base's bitwise; the run loads
+  back as trained."""
+  config = _config("sft", tokenizer_path, base_run, **LORA, **{"peft.modules_to_save": "embedding,norms"})
+  run = align_run.run(config, tmp_path)["run"]
+  assert _names(run.state["params"]) == {"lora_a", "lora_b", "embedding", "scale"}
+  policy = run.policy()
+  _assert_base_unchanged(policy, base_run, trained=("embedding", "norms"))
+  module, _ = rundir.load(tmp_path)
+  tokens = jax.numpy.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 9)))
+  np.testing.assert_allclose(np.asarray(module(tokens)), np.asarray(policy(tokens)), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"modules_to_save='embeddings'"):
+    peft.settings({"method": "lora", "modules_to_save": "embeddings"})
 
 
 def test_dpo_with_lora_holds_one_copy_of_the_base(tokenizer_path, base_run, tmp_path):

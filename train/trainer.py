@@ -261,7 +261,7 @@ def setup(
           f"the model's vocab_size={model_config.vocab_size} ({init_note}) is smaller than the tokenizer's "
           f"{tokenizer.vocab_size} ({tokenizer.path}); give config.tokenizer.path the model's own tokenizer"
       )
-    graphdef, params, rest = nnx.split(module, loading.trainable(loading.peft_on(config), decoder_path), ...)
+    graphdef, params, rest = nnx.split(module, loading.run_trainable(config, decoder_path), ...)
 
     # ---------------------------------------------------------------- optimizer and state
     optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
@@ -308,7 +308,7 @@ def _starting_params(config, tokenizer, mesh, rules, wrap_model, decoder_path) -
   with sharding.axis_rules(mesh, rules):
     decoder, _ = _starting_module(config, tokenizer, {}, mesh, rules)
     module, _ = _wrapped(decoder, wrap_model, config, mesh, rules)
-    _, params, _ = nnx.split(module, loading.trainable(loading.peft_on(config), decoder_path), ...)
+    _, params, _ = nnx.split(module, loading.run_trainable(config, decoder_path), ...)
   return params
 
 

@@ -78,7 +78,7 @@ def build(config: ml_collections.ConfigDict, devices, *, make_module=None, decod
   mesh, rules = trainer.mesh_and_rules(config, devices)
   model_config, make_decoder = decoder_factory(config)
   module = abstract_module(make_module or make_decoder, mesh, rules)
-  graphdef, params, rest = nnx.split(module, loading.trainable(loading.peft_on(config), decoder_path), ...)
+  graphdef, params, rest = nnx.split(module, loading.run_trainable(config, decoder_path), ...)
   optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
   run = AbstractRun(config=config, mesh=mesh, rules=rules, model_config=model_config, graphdef=graphdef,
                     params=params, rest=rest, optimizer=optimizer, schedule=schedule)
