@@ -1,6 +1,8 @@
 """The scaling sweep: its plan against closed forms, and a killed sweep that resumes where it was."""
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,10 +106,13 @@ def test_a_killed_sweep_resumes_and_never_reruns_a_finished_point(corpus, tmp_pa
   assert not summary["completed"] and 100 <= summary["step"] < 400, summary
   finished = (first / "summary.json").read_text(), (first / "summary.json").stat().st_mtime_ns
 
-  done = subprocess.run(_sweep_command(corpus, tmp_path, budget), cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  # The rest, two points at once, each on its share of the cores (its checkpoint resharded to them).
+  done = subprocess.run(_sweep_command(corpus, tmp_path, budget) + ["--config.parallel=2"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
   assert "1 already done" in done.stdout
+  pinned = re.findall(r"training on cores (\[[0-9, ]*\])", done.stdout)
+  assert len(pinned) == 2 and (len(os.sched_getaffinity(0)) < 2 or pinned[0] != pinned[1]), done.stdout
   assert ((first / "summary.json").read_text(), (first / "summary.json").stat().st_mtime_ns) == finished
   assert f"resumed from step {summary['step']}" in (second / "log.txt").read_text()
   for point in points:
