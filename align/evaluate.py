@@ -13,6 +13,7 @@ import ml_collections
 import rundir
 from align import passkey
 from configs import validation
+from infer import cli as infer_cli
 
 
 def run(config: ml_collections.ConfigDict, out: TextIO = sys.stdout) -> dict:
@@ -39,18 +40,4 @@ def run(config: ml_collections.ConfigDict, out: TextIO = sys.stdout) -> dict:
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # noqa: PLC0415
-  from ml_collections import config_flags  # noqa: PLC0415
-
-  from configs import cli as configs_cli  # noqa: PLC0415
-
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/infer/passkey.py[:arg]")
-  flags.DEFINE_string("workdir", None, "Unused by evaluation.")
-  flags.mark_flags_as_required(["config"])
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(_CONFIG.value)
-
-  configs_cli.run(main)
+  infer_cli.main(run, config_help="configs/infer/passkey.py[:arg]", workdir_help="Unused by evaluation.")

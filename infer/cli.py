@@ -4,20 +4,26 @@
 a Hugging Face directory, quantize its projection weights if `config.quant` asks (model/quant.py),
 stream the continuation of `config.prompt` to `out`, and end with a summary line. `complete` is the
 one-call form (the quickstart's closing sample uses it). A tokenizer here is anything with encode, decode, bos_id and eos_id (rundir.Tokenizer).
+`main` is the command line of the entry points that read one config and write to stdout
+(`python -m infer`, `python -m align.evaluate`).
 """
 
 import dataclasses
 import math
 import os
 import sys
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import jax
 import ml_collections
+from absl import app, flags
 from flax import nnx
+from ml_collections import config_flags
 
 import infer
 from infer.detokenize import continuation, decode
+from configs import cli as configs_cli
 from configs import validation
 from configs.infer import generate as generate_config
 import rundir
@@ -242,3 +248,19 @@ def run(config: ml_collections.ConfigDict, out: TextIO = sys.stdout) -> Completi
   out.write(f"\n[{summary}]\n")
   out.flush()
   return completion
+
+
+def main(work: Callable[[ml_collections.ConfigDict], Any], *, config_help: str, workdir_help: str) -> None:
+  """Parses --config (required) and --workdir, then runs `work(config)` under configs.cli.run (a user's
+  mistake is one line, exit status 2). --workdir is accepted so every entry point takes the same
+  flags; these entry points write nothing but stdout."""
+  config = config_flags.DEFINE_config_file("config", None, config_help)
+  flags.DEFINE_string("workdir", None, workdir_help)
+  flags.mark_flags_as_required(["config"])
+
+  def parsed(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    work(config.value)
+
+  configs_cli.run(parsed)

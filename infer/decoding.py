@@ -196,9 +196,9 @@ def prefill(graphdef, params, tokens, lengths, keys, max_new_tokens, *, buffer, 
   """Runs the prompts [B, T] through the model, fills the cache, and emits each row's first token."""
   with _in_rules(mesh, rules):
     model = nnx.merge(graphdef, params)
-    batch, prompt_len = tokens.shape
+    batch = tokens.shape[0]
     cache = model.init_cache(batch, cache_length)
-    features, cache = model.features(tokens, cache=cache)  # a prefill: positions 0 .. prompt_len - 1
+    features, cache = model.features(tokens, cache=cache)  # a prefill: positions 0 .. T - 1
     last_features = jnp.take_along_axis(features, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     logits = model.logits(last_features)[:, 0]
     state = DecodeState(

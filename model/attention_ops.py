@@ -1,5 +1,6 @@
 """Attention as a function of q, k, v: the plain-jnp reference (`xla`), cuDNN (`cudnn`) and our
-Pallas flash attention (`pallas`) backends.
+Pallas flash attention (`pallas`) backends, and `attention`, the one call of the decoder's layers
+that picks among them, LongLoRA's shifted sparse attention, ring attention and the KV-cache paths.
 
 All backends honour causal masks, sliding windows, segment ids and GQA, and none of them
 repeats K/V heads: queries are viewed as [B, T, K, G, H] so each kv head serves its G queries.
@@ -14,38 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from model import sharding
-
-# Logical axes of the attention activations (model/sharding.py maps them to the mesh).
-BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
-BTKH = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
-
-# Finite, so a fully masked row gives a uniform softmax (then zeroed) rather than NaN.
-_MASKED = -0.7 * float(np.finfo(np.float32).max)
-
-
-def attention_mask(
-    q_positions: jax.Array,  # [B, T] absolute index of each query
-    kv_positions: jax.Array,  # [B, S] absolute index of each key
-    *,
-    q_segment_ids: jax.Array | None = None,  # [B, T]
-    kv_segment_ids: jax.Array | None = None,  # [B, S]
-    causal: bool = True,
-    sliding_window: int | jax.Array = 0,
-) -> jax.Array:
-  """[B, T, S] bool: may query t see key s."""
-  q = q_positions[:, :, None]
-  kv = kv_positions[:, None, :]
-  mask = jnp.ones(jnp.broadcast_shapes(q.shape, kv.shape), bool)
-  if causal:
-    mask &= kv <= q
-  if not (isinstance(sliding_window, int) and sliding_window == 0):
-    # Query i sees key j only when i - w < j (Hugging Face Mistral convention); w == 0 is off.
-    window = jnp.asarray(sliding_window)
-    mask &= (window == 0) | (q - kv < window)
-  if q_segment_ids is not None:
-    mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-  return mask
+from model import kv_cache, ring_attention, sharding
+from model.attention_masks import BTKH, BTNH, MASKED, attention_mask
 
 
 def default_positions(batch: int, q_len: int, kv_len: int) -> tuple[jax.Array, jax.Array]:
@@ -77,7 +48,7 @@ def xla_attention(
   if alibi_bias is not None:
     logits += alibi_bias.reshape(batch, num_kv_heads, group, q_len, -1)
   mask = mask[:, None, None, :, :]  # [B, 1, 1, T, S]
-  probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
+  probs = jax.nn.softmax(jnp.where(mask, logits, MASKED), axis=-1)
   probs = jnp.where(mask, probs, 0.0)  # a fully masked row attends to nothing
   # In the dot's own output order, then transposed: XLA:CPU writes a permuted dot output slowly
   # (B=4, T=512, K=4, G=2, H=64: 47 ms into [B, T, K, G, H], 19 ms plus the transpose).
@@ -239,7 +210,8 @@ def dot_product_attention(
     kv_positions = default_kv if kv_positions is None else kv_positions
   attend = functools.partial(_masked_xla_attention, causal=causal, sliding_window=sliding_window, scale=scale,
                              logit_softcap=logit_softcap, alibi_slopes=alibi_slopes)
-  if not (causal and not custom_positions and q_len == kv_len and q_len >= 2 * _MIN_CAUSAL_BLOCK) or _length_sharded(q):
+  # With the query length sharded (sequence parallelism), slicing it into blocks would move shards between devices.
+  if not (causal and not custom_positions and q_len == kv_len and q_len >= 2 * _MIN_CAUSAL_BLOCK) or length_axes(q):
     return attend(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   # Causal self-attention by index: query block [a, b) sees keys [lo, b) only (lo > 0 with a static
   # window), so the blocks above the diagonal are never computed: (n + 1) / 2n of the work for n blocks.
@@ -302,11 +274,14 @@ _MIN_CAUSAL_BLOCK = 128
 _MAX_CAUSAL_BLOCKS = 8
 
 
-def _length_sharded(q: jax.Array) -> bool:
-  """Whether the mesh in context splits the query length (sequence parallelism): slicing it into
-  blocks would then move shards between devices."""
+def length_axes(q: jax.Array) -> tuple[str, ...]:
+  """The mesh axes that the rules in context put on the length T of q [B, T, N, H] (sequence
+  parallelism); () outside `sharding.axis_rules` or where T stays whole."""
   context = sharding.current_context()
-  return context is not None and sharding.logical_to_spec(BTNH, q.shape, *context)[1] is not None
+  if context is None:
+    return ()
+  spec = sharding.logical_to_spec(BTNH, q.shape, *context)[1]
+  return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
 
 def cache_attention(
@@ -377,3 +352,84 @@ def paged_attention(
     raise ValueError(f"attention impl {impl!r} is not one of ('xla', 'cudnn', 'pallas')")
   return paged_attention_reference(q, k_pages, v_pages, block_tables, seq_ids, positions, alibi_slopes=alibi_slopes,
                                    **kwargs)
+
+
+def attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, T, K, H]: this chunk's keys
+    v: jax.Array,  # [B, T, K, H]
+    *,
+    positions: jax.Array,  # [B, T]
+    segment_ids: jax.Array | None,  # [B, T]
+    impl: str,
+    scale: float,
+    sliding_window: int | jax.Array = 0,
+    logit_softcap: float = 0.0,
+    alibi_slopes: np.ndarray | None = None,  # [N]
+    shifted_sparse_group: int = 0,  # LongLoRA's S^2-Attn group; 0 is off
+    # (k, v [L, B, K, S, H], layer, None) or, paged, (k, v [L, P, bs, K, H], layer, PageTable)
+    cache: tuple | None = None,
+    from_start: bool = False,  # with a dense cache: the chunk is positions and slots 0..T-1 of its rows
+) -> tuple[jax.Array, tuple | None]:
+  """The decoder's causal attention, every path in one call. Returns (out [B, T, N, H], the cache
+  with this chunk's keys and values written, or None without one).
+
+  Without a cache: shifted sparse attention when `shifted_sparse_group` is set (fine-tuning only,
+  never with a cache); else ring attention, whatever `impl` says, when the rules in context shard
+  the sequence and there is no ALiBi; else `dot_product_attention` through `impl`. With a dense
+  cache from the start, the slots past the chunk lie beyond every query: the chunk attends to
+  itself alone through `impl`, as in training, and is written at slots 0..T-1. Otherwise the chunk
+  is written at its positions and attends over its row's cache (or, paged, its sequence's blocks).
+  """
+  kwargs = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
+  if cache is not None and not from_start:
+    return _cached_attention(q, k, v, positions, cache, impl=impl, alibi_slopes=alibi_slopes, **kwargs)
+  if cache is None and shifted_sparse_group:
+    out = shifted_sparse_attention(q, k, v, group=shifted_sparse_group, positions=positions, segment_ids=segment_ids,
+                                   impl=impl, alibi_slopes=alibi_slopes, **kwargs)
+  elif cache is None and alibi_slopes is None and (axis := _ring_axis(q)) is not None:
+    out = ring_attention.ring_attention(q, k, v, mesh_axis=axis, causal=True, q_segment_ids=segment_ids,
+                                        kv_segment_ids=segment_ids, **kwargs)
+  else:
+    out = dot_product_attention(q, k, v, impl=impl, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                causal=True, alibi_slopes=alibi_slopes, **kwargs)
+  if cache is not None:  # from the start
+    all_k, all_v, layer, _ = cache
+    cache = (kv_cache.write_from_start(all_k, layer, k), kv_cache.write_from_start(all_v, layer, v), layer, None)
+  return out, cache
+
+
+def _ring_axis(q: jax.Array) -> str | None:
+  """The mesh axis of q's length when ring attention can run over it (one axis, T divisible by twice
+  its size for the zig-zag layout); else None, and a warning once where the length is sharded but
+  the ring cannot take it: the sequence is then gathered."""
+  axes = length_axes(q)
+  if not axes:
+    return None
+  mesh = sharding.current_context()[0]
+  size = math.prod(mesh.shape[a] for a in axes)
+  if len(axes) != 1 or q.shape[1] % (2 * size):
+    _warn_once(f"the sequence is sharded over {axes} ({size} shards) but ring attention needs one axis "
+               f"and T={q.shape[1]} divisible by {2 * size}: attention gathers the sequence instead")
+    return None
+  return axes[0]
+
+
+def _cached_attention(q, k, v, positions, cache, *, impl, sliding_window, logit_softcap, scale, alibi_slopes):
+  """A decode or chunked-prefill step: write the chunk's keys and values into the cache, then attend
+  over it. Returns (out [B, T, N, H], the cache)."""
+  all_k, all_v, layer, table = cache
+  kwargs = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale, alibi_slopes=alibi_slopes)
+  if table is None:  # dense: the chunk sits at slots positions[:, 0] .. positions[:, 0] + T - 1 of its row
+    all_k = kv_cache.write(all_k, layer, k, positions[:, 0])
+    all_v = kv_cache.write(all_v, layer, v, positions[:, 0])
+    return cache_attention(q, all_k[layer], all_v[layer], positions, **kwargs), (all_k, all_v, layer, None)
+  # Paged: one flattened row [1, T] of a serving step, each token attending over its own sequence's blocks.
+  if q.shape[0] != 1:
+    raise ValueError(f"a paged step runs its tokens as one flattened row [1, T], got batch {q.shape[0]}")
+  position = positions[0]  # [T]
+  all_k = kv_cache.write_paged(all_k, layer, k[0], table, position)
+  all_v = kv_cache.write_paged(all_v, layer, v[0], table, position)
+  out = paged_attention(q[0], all_k[layer], all_v[layer], table.block_tables, table.seq_ids, position, impl=impl,
+                        max_q_len=table.max_q_len, **kwargs)
+  return out[None], (all_k, all_v, layer, table)

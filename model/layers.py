@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import attention_ops, kv_cache, positional, ring_attention
+from model import attention_ops, positional
+from model.attention_masks import BTKH, BTNH
 from model.projections import project
 from model.config import ModelConfig
 from model.sharding import shard
 
 BTD = ("activation_batch", "activation_length", "activation_embed")
-BTNH, BTKH = attention_ops.BTNH, attention_ops.BTKH
 BTF = ("activation_batch", "activation_length", "activation_mlp")
 
 
@@ -86,9 +86,8 @@ class Attention(nnx.Module):
     """[B, T, D] -> [B, T, D]; with a cache, also the cache with this chunk's keys and values written.
 
     With a cache the T tokens sit at slots positions[:, 0] .. positions[:, 0] + T - 1 of their row
-    (consecutive positions) in this layer, and attend to every earlier slot the mask allows. From
-    the start, the slots past the chunk lie beyond every query: the chunk attends to itself alone,
-    as in training, through config.attention_impl.
+    (consecutive positions) in this layer, and attend to every earlier slot the mask allows.
+    attention_ops.attention picks the path (S^2-Attn, the ring, a backend, the cache's).
     """
     c = self.config
     dtype = c.compute_dtype
@@ -105,55 +104,13 @@ class Attention(nnx.Module):
     q, k, v = shard(q, BTNH), shard(k, BTKH), shard(v, BTKH)
     scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
     alibi = positional.alibi_slopes(c.num_heads) if c.position == "alibi" else None
-    if cache is None and c.shifted_sparse_group:  # LongLoRA's S^2-Attn: fine-tuning only, never with a cache
-      out = attention_ops.shifted_sparse_attention(
-          q, k, v, group=c.shifted_sparse_group, positions=positions, segment_ids=segment_ids, impl=c.attention_impl,
-          sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,
-      )
-    elif cache is None and alibi is None and (axis := ring_attention.ring_axis(q)) is not None:
-      # The sequence is sharded: ring attention (context parallelism) whatever attention_impl says.
-      out = ring_attention.ring_attention(
-          q, k, v, mesh_axis=axis, causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-          sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale,
-      )
-    elif cache is None or from_start:
-      out = attention_ops.dot_product_attention(
-          q, k, v, impl=c.attention_impl, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
-          sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,
-      )
-      if from_start:
-        all_k, all_v, layer, _ = cache
-        cache = (kv_cache.write_from_start(all_k, layer, k), kv_cache.write_from_start(all_v, layer, v), layer, None)
-    else:
-      all_k, all_v, layer, table = cache
-      if table is not None:
-        out, cache = self._paged(q, k, v, positions, sliding_window, scale, alibi, cache)
-        return project("BTNH,NHD->BTD", shard(out, BTNH), self.wo, dtype), cache
-      all_k = kv_cache.write(all_k, layer, k, positions[:, 0])
-      all_v = kv_cache.write(all_v, layer, v, positions[:, 0])
-      out = attention_ops.cache_attention(q, all_k[layer], all_v[layer], positions, sliding_window=sliding_window,
-                                          logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi)
-      cache = (all_k, all_v, layer, None)
-    out = shard(out, BTNH)
-    out = project("BTNH,NHD->BTD", out, self.wo, dtype)
-    return out if cache is None else (out, cache)
-
-  def _paged(self, q, k, v, positions, sliding_window, scale, alibi, cache):
-    """One flattened row [1, T] of a serving step: write its keys and values into their blocks, then
-    attend each token over its own sequence's blocks."""
-    c = self.config
-    all_k, all_v, layer, table = cache
-    if q.shape[0] != 1:
-      raise ValueError(f"a paged step runs its tokens as one flattened row [1, T], got batch {q.shape[0]}")
-    position = positions[0]  # [T]
-    all_k = kv_cache.write_paged(all_k, layer, k[0], table, position)
-    all_v = kv_cache.write_paged(all_v, layer, v[0], table, position)
-    out = attention_ops.paged_attention(
-        q[0], all_k[layer], all_v[layer], table.block_tables, table.seq_ids, position, impl=c.attention_impl,
-        sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, scale=scale, alibi_slopes=alibi,
-        max_q_len=table.max_q_len,
+    out, cache = attention_ops.attention(
+        q, k, v, positions=positions, segment_ids=segment_ids, impl=c.attention_impl, scale=scale,
+        sliding_window=sliding_window, logit_softcap=c.attn_logit_softcap, alibi_slopes=alibi,
+        shifted_sparse_group=c.shifted_sparse_group, cache=cache, from_start=from_start,
     )
-    return out[None], (all_k, all_v, layer, table)
+    out = project("BTNH,NHD->BTD", shard(out, BTNH), self.wo, dtype)
+    return out if cache is None else (out, cache)
 
 
 _ACTIVATIONS = {

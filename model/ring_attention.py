@@ -15,11 +15,14 @@ chunks, and a (query chunk, key chunk) pair whose mask is all False is skipped w
 (its matmuls are not run): that skips the chunk pairs above the causal diagonal, outside a sliding
 window, or across packed segments. Masks come from absolute positions and segment ids carried with
 each key/value block, so causal, window and segment masking are those of
-`attention_ops.attention_mask`.
+`attention_masks.attention_mask`.
 
 Every block runs in plain jnp in float32. The Pallas flash kernel is not used per block: its public
 `flash_attention` returns no log-sum-exp, and it masks causally by index within one (q, kv) call,
 which does not hold for zig-zag chunks of a ring step.
+
+The decoder's one attention call, `attention_ops.attention`, runs the ring when the rules in
+context shard the sequence.
 """
 
 import dataclasses
@@ -31,11 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from model import sharding
-from model import attention_ops
-from model.attention_ops import BTKH, BTNH, attention_mask
-
-# Finite (as in attention_ops), so the running max of a row that has seen only masked keys stays finite.
-_MASKED = -0.7 * float(np.finfo(np.float32).max)
+from model.attention_masks import BTKH, BTNH, MASKED, attention_mask
 
 
 def zigzag_indices(seq_len: int, num_shards: int) -> np.ndarray:
@@ -131,26 +130,6 @@ def ring_attention(
   return out[:, np.argsort(order)] if load_balance else out
 
 
-def ring_axis(q: jax.Array) -> str | None:
-  """The mesh axis that the rules in context put on the query length, when the ring can run over
-  it (one axis, size > 1, T divisible by twice its size for the zig-zag); else None (and a warning
-  once where the length is sharded but the ring cannot take it: the sequence is then gathered)."""
-  context = sharding.current_context()
-  if context is None:
-    return None
-  mesh, rules = context
-  spec = sharding.logical_to_spec(BTNH, q.shape, mesh, rules)[1]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-  size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-  if size == 1:
-    return None
-  if len(axes) != 1 or q.shape[1] % (2 * size):
-    attention_ops._warn_once(f"the sequence is sharded over {axes} ({size} shards) but ring attention needs one axis "
-                             f"and T={q.shape[1]} divisible by {2 * size}: attention gathers the sequence instead")
-    return None
-  return axes[0]
-
-
 # The custom_vjp over the sharded program: forward and backward each one shard_map of a ring.
 
 
@@ -225,14 +204,14 @@ def _forward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, wind
   q_pos, q_seg = _split(positions, ring.chunks, 1), _split(q_segment_ids, ring.chunks, 1)
   tc = q_len // ring.chunks
   stats = tuple((jnp.zeros((batch, num_kv_heads, group, tc, head_dim), jnp.float32),  # o, [B, K, G, Tc, H]
-                 jnp.full((batch, num_kv_heads, group, tc), _MASKED, jnp.float32),  # running max m
+                 jnp.full((batch, num_kv_heads, group, tc), MASKED, jnp.float32),  # running max m
                  jnp.zeros((batch, num_kv_heads, group, tc), jnp.float32))  # running sum l
                 for _ in qs)
 
   def attend(stat, q, k, v, mask):
     o, m, l = stat
     s, _ = _logits(ring, q, k)
-    s = jnp.where(mask, s, _MASKED)
+    s = jnp.where(mask, s, MASKED)
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
     correction = jnp.exp(m - m_new)

@@ -100,6 +100,11 @@ METHOD_CASES = {
     # each grow kept, configs/align/rest.py's default, do not (0.227 -> 0.402 in 30 steps; 0.199 ->
     # 0.387 in 16, the suite's quick-compile numerics).
     "star": ("rest", 16, {"rest.mode": "star", "rest.improve_epochs": 2.0}),
+    # Self-consistency labels by majority vote and reads no reward: the task's rewards all raise
+    # (raising_arithmetic, below), and the reward is measured with the real ones.
+    "self_consistency": ("rest", 16, {"task.name": "tests.test_align_rl:raising_arithmetic",
+                                      "rest.mode": "self_consistency", "rl.samples_per_prompt": 8,
+                                      "rest.improve_epochs": 2.0}),
 }
 
 
@@ -110,9 +115,11 @@ def test_method_raises_the_reward_on_a_fixed_prompt_set(start, tmp_path, case):
   config = _config(method, tokenizer_path, init_from=str(sft_dir), total_steps=steps,
                    **{"task.train_size": 16, **overrides})
   run = _train(method, config, tmp_path)
-  before = _fixed_prompt_reward(run.policy(), run.tokenizer, config)
+  measured = config.copy_and_resolve_references()
+  measured.task.name = "arithmetic"  # the real rewards (self_consistency trains on a task whose rewards raise)
+  before = _fixed_prompt_reward(run.policy(), run.tokenizer, measured)
   result = trainer.train_loop(run)
-  after = _fixed_prompt_reward(run.policy(), run.tokenizer, config)
+  after = _fixed_prompt_reward(run.policy(), run.tokenizer, measured)
   assert np.isfinite(result["loss"])
   assert after >= before + 0.05, f"{case}: mean reward {before:.3f} -> {after:.3f}"
 
@@ -125,21 +132,6 @@ def raising_arithmetic(config):
   """The arithmetic task with every reward raising (config.task.name='tests.test_align_rl:raising_arithmetic')."""
   task = arithmetic.make_task(config)
   return dataclasses.replace(task, rewards={name: _no_reward for name in task.rewards})
-
-
-def test_self_consistency_raises_the_reward_without_reading_one(start, tmp_path):
-  tokenizer_path, sft_dir, _ = start
-  config = _config("rest", tokenizer_path, init_from=str(sft_dir), total_steps=16,
-                   **{"task.train_size": 16, "task.name": "tests.test_align_rl:raising_arithmetic",
-                      "rest.mode": "self_consistency", "rl.samples_per_prompt": 8, "rest.improve_epochs": 2.0})
-  run = _train("rest", config, tmp_path)
-  measured = config.copy_and_resolve_references()
-  measured.task.name = "arithmetic"  # the real rewards, for this test's measurement only
-  before = _fixed_prompt_reward(run.policy(), run.tokenizer, measured)
-  result = trainer.train_loop(run)
-  after = _fixed_prompt_reward(run.policy(), run.tokenizer, measured)
-  assert np.isfinite(result["loss"])
-  assert after >= before + 0.05, f"self_consistency: mean reward {before:.3f} -> {after:.3f}"
 
 
 def test_star_restarts_from_the_starting_state_and_resumes_exactly(start, tmp_path):
