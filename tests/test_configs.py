@@ -100,7 +100,11 @@ def test_every_experiment_config_loads_and_validates(path):
   from train import trainer
 
   config = importlib.import_module(path[:-3].replace("/", ".")).get_config()
-  if "method" in config:
+  if path == "configs/align/compute_curves.py":  # an evaluation of runs (align/compute_curves.py), not a training run
+    from align import compute_curves
+
+    compute_curves.validate(config)
+  elif "method" in config:
     if not config.task.name:  # a generic file: the task and the starting point come from the command line
       config.task.name, config.init_from = "arithmetic", "runs/sft"
       if config.method == "distill":
