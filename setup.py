@@ -44,7 +44,11 @@ setuptools.setup(
         # bodies that client will not send; portpicker: a free port for each live test server.
         # libtpu: the Pallas TPU kernels are compiled ahead of time for real TPU topologies on this
         # CPU (0.0.52 is the one measured to work beside jax 0.10.2; jax[tpu] pins an older one).
+        # nbclient, nbformat, ipykernel: tests/test_notebooks.py executes examples/*.ipynb in a real
+        # kernel (the notebook runner nbmake uses, without its pytest plugin: we set each kernel's
+        # environment and check what each notebook writes).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.30", "httpx>=0.27", "portpicker>=1.6",
+                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
                  "libtpu==0.0.52; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         "tpu": ["libtpu==0.0.52"],
     },
