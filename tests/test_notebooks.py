@@ -4,8 +4,9 @@ Each is executed by nbclient in a fresh python3 kernel with INGREDIENTS_NOTEBOOK
 tiny settings), in one working directory shared by the whole file: the notebooks after 01 start from
 01's `runs/quickstart` when it is there (they train a tiny one themselves when run alone). The kernel
 imports this checkout (PYTHONPATH), compiles with the suite's quick XLA flags on one device per core (as
-the notebooks ask), and shares the session's persistent compilation cache. Then a file each notebook
-writes is checked, and that no cell printed a traceback.
+the notebooks ask), and shares the session's persistent compilation cache. A cell that raises fails
+the test (with the cell and its traceback); then a file each notebook writes at its end is checked.
+About 6 minutes for the five on 2 CPU cores.
 """
 
 import os
