@@ -43,7 +43,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +59,7 @@ from align.tasks import ANSWER_PREFIX, Problem, Task, get_task
 from configs import validation
 from infer import test_time
 from model import sharding
+from train import plot as plot_lib
 
 JSON_FILE, PLOT_FILE, SAMPLES_FILE = "curves.json", "curves.png", "samples.json"
 ANSWER_LINE = f"\n{ANSWER_PREFIX}"  # what ends a worked solution (thinking) and starts its answer
@@ -501,16 +501,7 @@ def plot(result: dict, path: Path) -> Path:
     panel.grid(alpha=0.3)
   handles, labels = total.get_legend_handles_labels()
   figure.legend(handles, labels, loc="outside upper center", ncols=3, fontsize="small")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-  try:  # a temporary file renamed into place: a reader never sees half a figure
-    with os.fdopen(fd, "wb") as f:
-      figure.savefig(f, format=path.suffix[1:], dpi=120)
-    os.replace(temporary, path)
-  except BaseException:
-    Path(temporary).unlink(missing_ok=True)
-    raise
-  return path
+  return plot_lib.save_figure(figure, path)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from rundir import tokenizer as tokenizer_lib
 
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"  # the trainer writes it when its loop ends: steps, tokens, FLOPs, losses, time, energy
 TOKENIZER_FILE = tokenizer_lib.MODEL_FILENAME
 # A method that wraps the decoder (a reward or value head, a frozen teacher) keeps the decoder at
 # this attribute; the saved config records it, so loaders can take the decoder alone.

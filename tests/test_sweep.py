@@ -1,6 +1,7 @@
 """The scaling sweep: its plan against closed forms, and a killed sweep that resumes where it was."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -128,6 +129,59 @@ def test_a_killed_sweep_resumes_and_never_reruns_a_finished_point(corpus, tmp_pa
   other = _sweep_command(corpus, tmp_path, budget * 2)
   refused = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert refused.returncode == 2 and "sweep.json" in refused.stderr
+
+
+def _law(n, d):
+  """A Chinchilla-form law the grid below is written from (N non-embedding, D tokens)."""
+  return 1.8 + 60.0 / n**0.3 + 90.0 / d**0.3
+
+
+def test_the_sweep_predicts_then_trains_its_extrapolation_run(corpus, tmp_path):
+  """With extrapolate=2 the sweep fits its finished grid (written here from a known law, not trained),
+  records the loss the fit predicts for a run at 2x the largest budget in sweep.json before that run
+  starts, trains it at the candidate size nearest the fitted optimum, and a rerun neither re-plans nor
+  retrains it."""
+  from train import scaling
+
+  sizes = "d32l1,d64l1,d96l1"
+  budget = 40 * 8 * 32 * sweep_plan.make_point(_config(corpus), "d96l1", 1.0).flops_per_token
+  budgets = f"{budget:.6g},{2 * budget:.6g},{4 * budget:.6g}"
+  overrides = {**_overrides(corpus, budget), "budgets": budgets, "extrapolate": 2.0, "extrapolation_sizes": sizes}
+  config = _config(corpus)
+  config.update_from_flattened_dict(overrides)
+  for point in sweep_plan.plan(config):  # a finished grid, its losses the law's
+    point_dir = tmp_path / "points" / point.name
+    point_dir.mkdir(parents=True)
+    loss = _law(point.n_params_non_embedding, point.tokens)
+    (point_dir / "summary.json").write_text(json.dumps({
+        "step": point.steps, "total_steps": point.steps, "completed": True, "tokens": point.tokens,
+        "flops_per_token": point.flops_per_token, "eval_loss": loss, "train_loss": loss}))
+  command = [sys.executable, "-m", "train.sweep", "--config=configs/scaling/default.py:quick=True",
+             f"--workdir={tmp_path}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+  env = xla_env.subprocess_env(2)
+  done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+  out = done.stdout
+  assert "9 already done" in out
+  [planned] = [p for p in json.loads((tmp_path / "sweep.json").read_text())["points"] if p["kind"] == "extrapolation"]
+  assert out.index(f"predicted loss {planned['predicted_loss']:.4f}") < out.index(f"point {planned['name']}: training")
+  assert planned["budget"] == pytest.approx(8 * budget, rel=1e-5)
+  assert abs(planned["tokens"] * planned["flops_per_token"] - 8 * budget) <= 0.5 * 8 * 32 * planned["flops_per_token"]
+  # The size nearest the fit's optimum, and the law's own loss there (the fit recovers a noiseless law).
+  optimum = scaling.plan_extrapolation(tmp_path, factor=2.0)
+  candidates = [sweep_plan.make_point(config, size, 8 * budget, kind="extrapolation") for size in sizes.split(",")]
+  nearest = min(candidates, key=lambda p: abs(math.log(p.n_params_non_embedding / optimum["n_params"])))
+  assert planned["size"] == nearest.size
+  truth = _law(planned["n_params_non_embedding"], planned["tokens"])
+  assert planned["predicted_loss"] == pytest.approx(truth, rel=0.01)
+  point_dir = tmp_path / "points" / planned["name"]
+  summary = json.loads((point_dir / "summary.json").read_text())
+  assert summary["completed"] and summary["step"] == planned["steps"] and summary["eval_loss"] > 0
+  before = (tmp_path / "sweep.json").read_text(), (point_dir / "summary.json").stat().st_mtime_ns
+
+  again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and "training" not in again.stdout, (again.stdout + again.stderr)[-3000:]
+  assert ((tmp_path / "sweep.json").read_text(), (point_dir / "summary.json").stat().st_mtime_ns) == before
 
 
 @pytest.mark.parametrize("arg", ["", "quick=True"])

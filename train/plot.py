@@ -239,7 +239,7 @@ def plot_runs(
   figure = _draw(run_curves, labels, metrics, x_label=X_LABELS[x], log_y=log_y, smoothed=smooth > 0)
   if estimated:
     figure.supxlabel(f"{X_LABELS[x]} estimated as {X_ESTIMATES[x]} for {', '.join(estimated)}", fontsize="small")
-  return _save_atomic(figure, out, dpi)
+  return save_figure(figure, out, dpi)
 
 
 def _draw(run_curves: list[dict[str, Curve]], labels: list[str], metrics: list[str], *, x_label: str,
@@ -278,8 +278,10 @@ def _draw(run_curves: list[dict[str, Curve]], labels: list[str], metrics: list[s
   return figure
 
 
-def _save_atomic(figure, out: Path, dpi: int) -> Path:
-  """Saves to a temporary file beside `out` and renames it: a reader never sees half a figure."""
+def save_figure(figure, out: str | os.PathLike, dpi: int = 120) -> Path:
+  """Saves a matplotlib figure to `out` (format from its suffix) through a temporary file beside it, renamed
+  into place: a reader never sees half a figure. Creates the directory; returns the path."""
+  out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
   try:

@@ -30,21 +30,18 @@ import numpy as np
 from absl import flags
 
 from configs import cli, validation
+from rundir.loading import SUMMARY_FILE
 from train import plot as plot_lib
 from train import scaling_fits
 from train.scaling_figures import write_outputs
 from train.scaling_fits import (Runs, bootstrap, compute_optimal, degenerate_reason, fit_all, fit_approach1,
                                 fit_approach2, fit_chinchilla, fit_kaplan, fit_power_law, power_law, predict_loss)
+from train.sweep_plan import COUNTINGS, FLOP_COUNTS, PLAN_FILE, POINTS_DIR
 
 __all__ = ["Runs", "Sweep", "SweepError", "analyze", "bootstrap", "compute_optimal", "fit_all", "fit_approach1",
            "fit_approach2", "fit_chinchilla", "fit_kaplan", "fit_power_law", "plan_extrapolation", "predict_loss",
            "read_sweep", "report", "write_outputs"]
 
-SWEEP_FILE = "sweep.json"
-POINTS_DIR = "points"
-SUMMARY_FILE = "summary.json"
-COUNTINGS = ("non_embedding", "total")
-FLOP_COUNTS = ("6nd", "model")
 N_KEYS = {"total": "n_params", "non_embedding": "n_params_non_embedding"}  # sweep.json's point keys
 C_DEFINITIONS = {"6nd": "C = 6 N D", "model": "C = model.flops_per_token x D (the model's own FLOP count)"}
 POINT_KEYS = ("name", "kind", "budget", "n_params", "n_params_non_embedding", "tokens", "flops_per_token")
@@ -131,7 +128,7 @@ def read_sweep(workdir: str | os.PathLike, counting: str | None = None, flop_cou
   SweepError naming it, and a missing sweep.json FileNotFoundError.
   """
   workdir = Path(workdir)
-  path = workdir / SWEEP_FILE
+  path = workdir / PLAN_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{path} does not exist: --workdir={str(workdir)!r} is not a sweep directory "
                             "(python -m train.sweep writes it)")
@@ -238,7 +235,7 @@ def analyze(sweep: Sweep, *, budgets: Sequence[float] = (), predictions: Sequenc
   Returns what write_outputs writes to fits.json: dicts, lists and numbers (nan where a resample failed)."""
   grid = sweep.grid
   if len(grid) == 0:
-    raise SweepError(f"{sweep.workdir / SWEEP_FILE}: no grid point has finished yet "
+    raise SweepError(f"{sweep.workdir / PLAN_FILE}: no grid point has finished yet "
                      f"({len(sweep.unfinished)} unfinished)")
   fits = fit_all(grid)
   law = fits["approach3"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from rundir import loading
+from train.plot import save_figure
 from train.scaling_fits import compute_optimal, degenerate_reason
 
 
@@ -28,13 +29,6 @@ def _json_ready(value):
   return value
 
 
-def _save_figure(figure, path: Path) -> None:
-  """A temporary file renamed into place: a reader never sees half a figure."""
-  temporary = path.with_name(f".{path.name}.tmp")
-  figure.savefig(temporary, format="png", dpi=120)
-  os.replace(temporary, path)
-
-
 def write_outputs(result: dict, out: str | os.PathLike) -> list[Path]:
   """DIR/fits.json (analyze's result) and the figures isoflop.png, frontier.png, loss_fit.png; returns the paths."""
   out = Path(out)
@@ -43,7 +37,7 @@ def write_outputs(result: dict, out: str | os.PathLike) -> list[Path]:
   paths = [out / "fits.json"]
   for name, draw in (("isoflop.png", _isoflop_figure), ("frontier.png", _frontier_figure),
                      ("loss_fit.png", _loss_fit_figure)):
-    _save_figure(draw(result), out / name)
+    save_figure(draw(result), out / name)
     paths.append(out / name)
   return paths
 

@@ -38,14 +38,14 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import cli, validation  # noqa: E402
+from rundir.loading import SUMMARY_FILE  # noqa: E402
 from train import sweep_plan  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/scaling/...py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory: sweep.json, points/, tokenizer.model.")
 _POINT = flags.DEFINE_string("point", None, "Train one prepared point directory (the sweep's subprocesses).")
 
-PLAN_FILE = "sweep.json"
-POINTS_DIR = "points"
+PLAN_FILE, POINTS_DIR = sweep_plan.PLAN_FILE, sweep_plan.POINTS_DIR
 POINT_CONFIG = "point_config.json"  # the point's training config, as the sweep planned it
 LOG_FILE = "log.txt"
 
@@ -58,7 +58,7 @@ def _write_json(path: Path, value) -> None:
 def completed(point_dir: Path) -> bool:
   """The point's run reached its last step (its summary.json says so)."""
   try:
-    return bool(json.loads((point_dir / "summary.json").read_text())["completed"])
+    return bool(json.loads((point_dir / SUMMARY_FILE).read_text())["completed"])
   except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
     return False
 

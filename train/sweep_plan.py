@@ -16,6 +16,8 @@ import ml_collections
 from configs import validation
 from model import config as model_config_lib
 
+PLAN_FILE = "sweep.json"  # a sweep directory: PLAN_FILE and POINTS_DIR/<point name>/, each an ordinary run dir
+POINTS_DIR = "points"
 COUNTINGS = ("non_embedding", "total")
 FLOP_COUNTS = ("6nd", "model")
 _SIZE = re.compile(r"^d(\d+)l(\d+)$")

@@ -41,7 +41,7 @@ from train import distributed, losses, metrics as metrics_lib, optimizer as opti
 from train import step as step_lib
 
 BATCH_AXES = ("activation_batch", "activation_length")
-SUMMARY_FILE = "summary.json"  # written when the loop ends: steps, tokens, FLOPs, losses, time, energy
+SUMMARY_FILE = loading.SUMMARY_FILE
 RESTART = "restart"  # a batch key: restart from the starting parameters before this step (see `restart`)
 # What the optimizer updates: every parameter except those of a module kept under an attribute
 # named `frozen` (PPO's reference policy, a distillation teacher), which ride in `Run.rest`; with
