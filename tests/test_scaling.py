@@ -133,8 +133,8 @@ def test_approach_2_recovers_the_closed_form_exponents():
   # Stated tolerance: 0.02 (a parabola in log N is the IsoFLOP curve only near its minimum).
   assert fit["a"] == pytest.approx(A_TRUE, abs=0.02)
   assert fit["b"] == pytest.approx(B_TRUE, abs=0.02)
+  assert not fit["skipped"]
   for profile in fit["profiles"]:
-    assert profile["inside"]
     assert profile["n_opt"] == pytest.approx(closed_form_optimum(profile["budget"])[0], rel=0.15)
 
 
@@ -151,6 +151,18 @@ def test_approach_1_recovers_the_frontier_roughly():
   # Stated tolerance: 0.05; N takes only the 24 sizes, so N_opt(C) is a staircase about the true line.
   assert fit["a"] == pytest.approx(A_TRUE, abs=0.05)
   assert fit["b"] == pytest.approx(B_TRUE, abs=0.05)
+
+
+def test_approach_1_refuses_an_envelope_of_one_size():
+  """Where the smallest size is best at every C (a grid that does not bracket the optimum), N_opt(C) is a
+  constant: the fit says so instead of reporting an exponent of 0."""
+  sizes = np.array([1e6, 1e7, 1e8] * 3)  # each trained to each of three budgets, as the sweep does
+  curves = []
+  for i, n in enumerate(sizes):
+    tokens = np.geomspace(1e-2, 1, 20) * 1e15 * 2 ** (i // 3) / (6 * n)
+    curves.append(np.stack([6 * n * tokens, 2.0 + 0.1 * np.log10(n) + 10 / tokens ** 0.3]))
+  with pytest.raises(ValueError, match="one size"):
+    scaling.fit_approach1(curves, sizes, 6 * sizes)
 
 
 def test_kaplan_fits_on_the_pareto_front_recover_a_pure_power_law():

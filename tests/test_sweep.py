@@ -62,7 +62,7 @@ def test_the_plan_spends_each_budget(corpus):
 
 @pytest.mark.parametrize(
     "key, value, message",
-    [("sizes", "d64l1,x3", "d<embed_dim>l<num_layers>"), ("sizes", "d48l1,d64l1,d96l1", "head_dim"),
+    [("sizes", "d64l1,x3", "d<embed_dim>l<num_layers>"), ("sizes", "d40l1,d64l1,d96l1", "head_dim"),
      ("budgets", "1e10,abc", "config.budgets"), ("budgets", "1e20", "at least 3"),
      ("counting", "all", "config.counting"), ("extrapolate", 0.5, "config.extrapolate")],
 )

@@ -346,9 +346,8 @@ def report(result: dict) -> str:
     lines.append(f"  not fitted: {fits['approach2']['error']}")
   else:
     for profile in fits["approach2"]["profiles"]:
-      where = "" if profile["inside"] else " (outside the profile's sizes: extrapolated)"
       lines.append(f"  C = {profile['budget']:.3g}: N_opt = {profile['n_opt']:.3g}, "
-                   f"D_opt = {profile['tokens_opt']:.3g}, L = {profile['loss_opt']:.4f}{where}")
+                   f"D_opt = {profile['tokens_opt']:.3g}, L = {profile['loss_opt']:.4f}")
     lines += [f"  C = {s['budget']:.3g} skipped: {s['reason']}" for s in fits["approach2"]["skipped"]]
     lines += _frontier_lines(result, "approach2")
   lines.append("Chinchilla Approach 3: L(N, D) = E + A / N^alpha + B / D^beta (Huber 1e-3 on log L, L-BFGS)")

@@ -86,7 +86,8 @@ def _frontier_curves(result: dict, budgets: np.ndarray) -> dict[str, tuple[np.nd
     return np.array([[o["n_params"] for o in optima], [o["tokens"] for o in optima]])
 
   def approach1_or_2(law):
-    return np.array([law["k_n"] * budgets ** law["a"], law["k_d"] * budgets ** law["b"]])
+    with np.errstate(over="ignore", invalid="ignore"):  # a resample's wild law: inf or nan, not drawn
+      return np.array([law["k_n"] * budgets ** law["a"], law["k_d"] * budgets ** law["b"]])
 
   out = {}
   for name in ("approach1", "approach2", "approach3"):

@@ -61,9 +61,10 @@ def fit_power_law(x, y) -> dict[str, float]:
   exponent, intercept = np.polyfit(np.log(x), np.log(y), 1)
   residual = np.log(y) - (intercept + exponent * np.log(x))
   alpha = -float(exponent)
-  with np.errstate(over="ignore"):  # a near-flat law has a scale past float64: inf says so
+  with np.errstate(over="ignore"):  # a near-flat law has a scale (or coefficient) past float64: inf says so
     scale = float(np.exp(intercept / alpha)) if alpha != 0 else float("inf")
-  return {"coefficient": float(np.exp(intercept)), "exponent": float(exponent), "alpha": alpha, "scale": scale,
+    coefficient = float(np.exp(intercept))
+  return {"coefficient": coefficient, "exponent": float(exponent), "alpha": alpha, "scale": scale,
           "rmse_log": float(np.sqrt(np.mean(residual**2))), "num_points": len(x)}
 
 
@@ -290,10 +291,10 @@ def fit_approach2(budgets, n_params, losses, flops_per_token) -> dict:
   D_opt = C / (k N_opt) with k the median of flops_per_token / N over the profile's runs (k = 6 when C = 6ND):
   the tokens that put the profile's compute into a model of N_opt parameters.
   Returns "profiles" (per budget: "budget", "n_opt", "tokens_opt", "loss_opt", "parabola" [c2, c1, c0] with
-  L = c2 x^2 + c1 x + c0, x = ln N, "inside" whether N_opt lies within the profile's sizes, "num_points"),
-  "skipped" (budgets without a minimum, with the reason), "n_opt" and "tokens_opt" (fit_power_law against C),
+  L = c2 x^2 + c1 x + c0, x = ln N, "num_points"), "skipped" (budgets whose profile has no minimum within
+  its sizes, with the reason: a vertex past the sizes is not a measurement), "n_opt" and "tokens_opt" (fit_power_law against C),
   their exponents "a" and "b" and coefficients "k_n" and "k_d". Raises ValueError when fewer than two profiles
-  have a minimum.
+  have a minimum within their sizes.
   """
   c, n = _checked("budgets", budgets), _checked("n_params", n_params)
   l, k = _checked("losses", losses), _checked("flops_per_token", flops_per_token)
@@ -311,13 +312,18 @@ def fit_approach2(budgets, n_params, losses, flops_per_token) -> dict:
       continue
     x_opt = -c1 / (2 * c2)
     n_opt = float(np.exp(x_opt))
+    if not x.min() <= x_opt <= x.max():  # a vertex past the sizes is the parabola's guess, not a measurement
+      skipped.append({"budget": float(budget), "reason": f"its minimum (N = {n_opt:.3g}) lies outside its sizes "
+                      f"[{np.exp(x.min()):.3g}, {np.exp(x.max()):.3g}]: the profile does not bracket it"})
+      continue
     per_param_token = float(np.median(k[here] / n[here]))
     profiles.append({"budget": float(budget), "n_opt": n_opt, "tokens_opt": float(budget / (per_param_token * n_opt)),
                      "loss_opt": float(c0 - c1**2 / (4 * c2)), "parabola": [float(c2), float(c1), float(c0)],
-                     "inside": bool(x.min() <= x_opt <= x.max()), "num_points": int(here.sum())})
+                     "inside": True, "num_points": int(here.sum())})
   if len(profiles) < 2:
-    raise ValueError(f"Approach 2 needs at least 2 IsoFLOP profiles with a minimum, got {len(profiles)} "
-                     f"(skipped: {skipped})")
+    why = "; ".join(f"C = {s['budget']:.3g}: {s['reason']}" for s in skipped)
+    raise ValueError(f"Approach 2 needs at least 2 IsoFLOP profiles with a minimum within their sizes, got "
+                     f"{len(profiles)} (skipped {why})")
   at = np.array([p["budget"] for p in profiles])
   n_law = fit_power_law(at, [p["n_opt"] for p in profiles])
   tokens_law = fit_power_law(at, [p["tokens_opt"] for p in profiles])
@@ -347,7 +353,7 @@ def fit_approach1(curves, n_params, flops_per_token, *, num_flops: int = 40, smo
   trains each size with several schedule lengths, the sweep's budgets give each size several.
   Returns "envelope" ([C, N, D, loss] per FLOP value), "n_opt" and "tokens_opt" (fit_power_law against C),
   "a", "b" (their exponents), "k_n", "k_d" (their coefficients), "num_curves". Raises ValueError with fewer
-  than two curves or FLOP values.
+  than two curves or FLOP values, or when a single size makes the whole envelope.
   """
   n, k = _checked("n_params", n_params), _checked("flops_per_token", flops_per_token)
   if len(curves) != len(n):
@@ -376,6 +382,10 @@ def fit_approach1(curves, n_params, flops_per_token, *, num_flops: int = 40, smo
   envelope = [[float(np.exp(c)), float(n[runs[b][0]]), float(np.exp(c) / k[runs[b][0]]), float(losses[b, j])]
               for j, (c, b) in enumerate(zip(log_c, best)) if np.isfinite(losses[b, j])]
   points = np.array(envelope)
+  sizes = np.unique(points[:, 1])
+  if len(sizes) < 2:  # N_opt(C) would be a constant: an exponent of 0 that says nothing
+    raise ValueError(f"the envelope is one size's curve (N = {sizes[0]:.4g}) at every C: the grid does not bracket "
+                     "the optimum (add sizes on the other side)")
   n_law, tokens_law = fit_power_law(points[:, 0], points[:, 1]), fit_power_law(points[:, 0], points[:, 2])
   return {"envelope": envelope, "n_opt": n_law, "tokens_opt": tokens_law, "a": n_law["exponent"],
           "b": tokens_law["exponent"], "k_n": n_law["coefficient"], "k_d": tokens_law["coefficient"],
