@@ -30,10 +30,11 @@ FLOPs (model.forward_flops, from the model config): a sample costs the forward F
 tokens, prompt and completion, read with a KV cache; each sample reads its own prompt (no prefix
 sharing), and padding and finished rows still in a batch are not counted (an ideal engine's cost).
 A reward model adds its forward over every sample it scores; the verifier and the vote are programs,
-free. Training FLOPs are the trainer's flops_seen (steps * batch_size * seq_len * model.flops_per_token)
-of the run's own steps; the pre-training its init_from had is a cost every curve shares, left out.
-The reward-model curve's training FLOPs are the policy's plus the reward model's own (twice its
-flops_seen: each of its batch rows is a pair of sequences).
+free. Training FLOPs are the trainer's flops_seen at the checkpoint (train.trainer.flops_at: its steps'
+FLOPs, pairs and frozen forwards included, and its rollouts') of the run's own steps; the pre-training
+its init_from had is a cost every curve shares, left out. The reward-model curve's training FLOPs
+are the policy's plus the reward model's own (its flops_seen: each of its batch rows a pair of
+sequences).
 The trade-off panel puts both on one axis, the total cost of answering `serve_problems` problems
 (as Snell et al. 2024 weigh test-time against pre-training compute): training FLOPs +
 serve_problems * inference FLOPs per problem.
@@ -60,6 +61,7 @@ from configs import validation
 from infer import test_time
 from model import sharding
 from train import plot as plot_lib
+from train import trainer
 
 JSON_FILE, PLOT_FILE, SAMPLES_FILE = "curves.json", "curves.png", "samples.json"
 ANSWER_LINE = f"\n{ANSWER_PREFIX}"  # what ends a worked solution (thinking) and starts its answer
@@ -111,15 +113,20 @@ def sequence_flops(config: model_lib.ModelConfig, prompt_lengths, completion_len
   return model_lib.forward_flops(config, np.asarray(prompt_lengths, np.float64) + np.asarray(completion_lengths))
 
 
-def training_flops(run: str | os.PathLike, step: int, config: model_lib.ModelConfig) -> float | None:
-  """The trainer's flops_seen at `step` (steps * batch_size * seq_len * flops_per_token, padding
-  included); None without a run's config.json (a Hugging Face directory)."""
+def training_flops(run: str | os.PathLike, step: int, config: model_lib.ModelConfig, *,
+                   sequences: int = 1) -> float | None:
+  """The trainer's flops_seen at checkpoint `step` (train.trainer.flops_at); for a run from before the
+  trainer kept its count, steps * batch_size * seq_len * flops_per_token * `sequences` per batch row
+  (padding included); None without a run's config.json (a Hugging Face directory)."""
   path = Path(run) / rundir.loading.CONFIG_FILE
   saved = json.loads(path.read_text()) if path.is_file() else {}
   if "batch_size" not in saved or "seq_len" not in saved:
     return None
+  recorded = trainer.flops_at(run, step)
+  if recorded is not None:
+    return recorded
   tokens = step * saved["batch_size"] * saved["seq_len"]
-  return float(tokens * model_lib.flops_per_token(config, saved["seq_len"]))
+  return float(sequences * tokens * model_lib.flops_per_token(config, saved["seq_len"]))
 
 
 # ---------------------------------------------------------------- measuring a model
@@ -400,8 +407,8 @@ def run(config: ml_collections.ConfigDict, out_dir: str | os.PathLike, *, log=sy
       rundir.loading.write_json_atomic(kept, drawn)
     rm_scores, rm_read = (np.asarray(drawn["reward_model"][k]) for k in ("scores", "read_tokens"))
     rm_flops = model_lib.forward_flops(rm.config, rm_read.astype(np.float64))
-    # Its training is a cost of this curve too; each of its batch rows is a pair: two sequences.
-    rm_training = PAIR * (training_flops(config.reward_model, rm_key["step"], rm.config) or 0.0)
+    # Its training is a cost of this curve too (its batch rows are pairs: two sequences each).
+    rm_training = training_flops(config.reward_model, rm_key["step"], rm.config, sequences=PAIR) or 0.0
     n_curve("reward_model", best_of_n(scored.correct, rm_scores, ns), sample_flops + nested_flops(rm_flops, ns),
             training=policy_training + rm_training)
     timed("reward_model")

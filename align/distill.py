@@ -26,6 +26,7 @@ from align import data, distill_losses, online, rollout, sft
 from align.method import Method, check_choice
 from align.tasks import ANSWER_PREFIX as TASK_ANSWER_PREFIX
 from align.tasks import Problem, Task
+from train import flops as flops_lib
 from train import losses as train_losses
 
 KINDS = distill_losses.DISTILLATION_KINDS + ("sequence", "step_by_step")
@@ -96,8 +97,9 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
   c, rl = config.distill, config.rl
   size = rl.prompts_per_iteration
   pool = online.prompts(config, task)
-  student = online.Sampler(lambda: live().decoder, tokenizer, config, rules)
-  teacher = online.Sampler(lambda: live().frozen, tokenizer, config, rules)
+  meter = flops_lib.Meter()
+  student = online.Sampler(lambda: live().decoder, tokenizer, config, rules, meter=meter)
+  teacher = online.Sampler(lambda: live().frozen, tokenizer, config, rules, meter=meter)
   records = None
   if c.kind in distill_losses.DISTILLATION_KINDS and c.on_policy_fraction < 1:
     records = sft.records(config, "train", task)  # the task's or the JSONL's reference completions
@@ -139,7 +141,7 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
                    rollout.sft_rows(prompt_ids, completion_ids, seq_len=config.seq_len).items()})
     return rollout.Experience(rows, schedule(len(answer), iteration)), state
 
-  return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size)
+  return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size, meter=meter)
 
 
 def token_loss_fn(model: Distiller, batch, rng, *, kind: str, temperature: float, beta: float, whole_batch=None):
@@ -173,6 +175,15 @@ def step_by_step_loss_fn(model: Distiller, batch, rng, *, rationale_weight: floa
   }
 
 
+def row_flops(config: ml_collections.ConfigDict, module: Distiller) -> float:
+  """A train step's row: the student trained on its sequence (step_by_step: on two, the answer's and
+  the rationale's), and for the token-level kinds the teacher's forward over it."""
+  c, seq_len = config.distill, config.seq_len
+  if c.kind in distill_losses.DISTILLATION_KINDS:
+    return flops_lib.trained(module.decoder.config, seq_len) + flops_lib.frozen(module.frozen.config, seq_len)
+  return flops_lib.trained(module.decoder.config, seq_len, 2 if c.kind == "step_by_step" else 1)
+
+
 def loss_fn(config: ml_collections.ConfigDict):
   c = config.distill
   if c.kind in distill_losses.DISTILLATION_KINDS:
@@ -183,4 +194,4 @@ def loss_fn(config: ml_collections.ConfigDict):
 
 
 METHOD = Method(name="distill", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, wrap=wrap,
-                eval_prompt=eval_prompt)
+                eval_prompt=eval_prompt, row_flops=row_flops)

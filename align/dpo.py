@@ -27,6 +27,7 @@ from align.method import Method, check_choice
 from align.tasks import Task, split_problems
 from infer.sampling import Sampling
 from model import peft
+from train import flops as flops_lib
 from train import losses as train_losses
 
 LOSS_TYPES = losses.DPO_LOSS_TYPES + ("simpo", "orpo")
@@ -168,10 +169,18 @@ def dpo_loss_fn(model, batch, rng, *, beta: float, label_smoothing: float, loss_
   return loss, metrics
 
 
+def row_flops(config: ml_collections.ConfigDict, module) -> float:
+  """A pair trained on, and the reference's forwards over it (both sides): computed once before
+  training (make_dataset), counted here per row trained on, as a reference beside the policy would run."""
+  return preferences.row_flops(config, module) + flops_lib.frozen(module.config, config.seq_len, 2)
+
+
 def loss_fn(config: ml_collections.ConfigDict):
   c = config.dpo
   return functools.partial(dpo_loss_fn, beta=c.beta, label_smoothing=c.label_smoothing, loss_type=c.loss_type,
                            gamma=c.gamma, sft_coef=c.sft_coef)
 
 
-METHOD = Method(name="dpo", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate)
+METHOD = Method(name="dpo", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, row_flops=row_flops,
+                flops_note=("the reference log-probs of every pair, computed once before training, are counted per row "
+                            "trained on (2 forwards); dpo.pairs='ai_feedback' sampling is not counted"))

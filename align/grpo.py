@@ -26,6 +26,7 @@ from align import online, rl_losses, rollout
 from align.method import Method, check_choice
 from align.tasks import Task
 from model import sharding
+from train import flops as flops_lib
 from train import losses as train_losses
 
 ADVANTAGES = ("grpo", "rloo")
@@ -84,18 +85,22 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
     raise ValueError("GRPO has no held-out loss (set config.eval_every=0); it is measured by generation")
   rl = config.rl
   pool = online.prompts(config, task)
-  reward_fn = online.reward_fn(config, task, tokenizer, mesh=context.mesh, rules=rules)
-  sampler = online.Sampler(lambda: policy_of(live()), tokenizer, config, rules)
+  meter = flops_lib.Meter()
+  reward_fn = online.reward_fn(config, task, tokenizer, mesh=context.mesh, rules=rules, meter=meter)
+  sampler = online.Sampler(lambda: policy_of(live()), tokenizer, config, rules, meter=meter)
   num_rows = rl.prompts_per_iteration * rl.samples_per_prompt
+
+  def score(model, rows):
+    meter.add(flops_lib.frozen(model.config, config.seq_len, len(rows["tokens"])))
+    return rollout.token_logprobs(model, rows["tokens"], rows["targets"], temperature=rl.temperature,
+                                  batch_size=config.batch_size)
 
   def collect(iteration: int, state: dict):
     module = live()
     _, rows, scores = online.scored_rollout(sampler, reward_fn, pool, iteration, config)
-    score = functools.partial(rollout.token_logprobs, tokens=rows["tokens"], targets=rows["targets"],
-                              temperature=rl.temperature, batch_size=config.batch_size)
-    rows["old_logprobs"] = score(policy_of(module))
+    rows["old_logprobs"] = score(policy_of(module), rows)
     if config.grpo.kl_coef > 0:
-      rows["ref_logprobs"] = score(online.reference_policy(module))
+      rows["ref_logprobs"] = score(online.reference_policy(module), rows)
     rows["advantages"] = advantages(scores, config).astype(np.float32)
     rows["score"] = scores.astype(np.float32)
     solved = scores.reshape(-1, rl.samples_per_prompt).std(axis=1) > 0
@@ -105,7 +110,7 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
                                       seed=config.seed * 1_000_003 + iteration)
     return rollout.Experience(rows, schedule), state
 
-  return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size)
+  return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size, meter=meter)
 
 
 def grpo_loss_fn(model, batch, rng, *, temperature: float, clip_low: float, clip_high: float, kl_coef: float,

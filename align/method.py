@@ -10,6 +10,10 @@ trained on from the run's starting parameters and a new run's optimizer state (t
 init_from's weights or the seed's init, rebuilt; the step count and rng go on). An online method asks
 through its experience (align.rollout.Experience(restart=True): its first minibatch carries the key),
 so a resumed run restarts at the same step as a straight one (STaR's restarts: align/rest.py).
+
+What a method computes is counted in FLOPs (train/flops.py): its train step's through `row_flops`,
+and what an online method computes between steps through the train.flops.Meter its
+ExperienceSource stamps each experience with (align/rollout.py).
 """
 
 import dataclasses
@@ -21,6 +25,7 @@ from flax import nnx
 
 from align.tasks import Problem, Task
 from train import step as step_lib
+from train import trainer
 
 
 def _no_checks(config: ml_collections.ConfigDict, task: Task | None) -> None:
@@ -40,7 +45,11 @@ class Method:
     the decoder itself.
   eval_prompt(config, problem) -> how the trained policy is asked at test time (default: the prompt).
   generates: its result is a policy, measured by generating answers to the task's held-out
-    problems (a reward model is not)."""
+    problems (a reward model is not).
+  row_flops(config, module) -> the train step's FLOPs per batch row of the trained module (the
+    wrapper, if any): its trained sequences' forward and backward and its frozen forwards
+    (train/flops.py). Default: one sequence of config.seq_len tokens, trained.
+  flops_note: what the method's FLOP count leaves out or spreads over the steps (summary.json)."""
 
   name: str
   loss_fn: Callable[[ml_collections.ConfigDict], step_lib.LossFn]
@@ -49,6 +58,8 @@ class Method:
   wrap: Callable[..., nnx.Module] | None = None
   eval_prompt: Callable[[ml_collections.ConfigDict, Problem], str] | None = None
   generates: bool = True
+  row_flops: trainer.RowFlopsFn = trainer.one_sequence
+  flops_note: str = ""
 
   def prompt_of(self, config: ml_collections.ConfigDict) -> Callable[[Problem], str]:
     if self.eval_prompt is None:

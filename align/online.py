@@ -16,6 +16,7 @@ from align import data, rewards, rollout
 from model import peft
 from align.method import check_choice
 from align.tasks import Task, split_problems
+from train import flops as flops_lib
 
 
 def reference_policy(module):
@@ -73,15 +74,16 @@ def prompt_batch(pool: list[str], iteration: int, size: int, *, seed: int) -> li
   return out
 
 
-def reward_fn(config: ml_collections.ConfigDict, task: Task | None, tokenizer, *, mesh=None,
-              rules=None) -> rewards.RewardFn:
-  """config.rl.reward: a reward model's score, or the task's verifier of that name for the train
-  problems (asked plainly or with their hint)."""
+def reward_fn(config: ml_collections.ConfigDict, task: Task | None, tokenizer, *, mesh=None, rules=None,
+              meter: flops_lib.Meter | None = None) -> rewards.RewardFn:
+  """config.rl.reward: a reward model's score (its forwards counted on `meter`), or the task's
+  verifier of that name for the train problems (asked plainly or with their hint)."""
   c = config.rl
   if c.reward == "model":
     if not c.reward_model:
       raise ValueError("config.rl.reward='model' needs config.rl.reward_model (a reward-model run's workdir)")
-    return rewards.model_reward(c.reward_model, tokenizer, seq_len=config.seq_len, mesh=mesh, rules=rules)
+    return rewards.model_reward(c.reward_model, tokenizer, seq_len=config.seq_len, mesh=mesh, rules=rules,
+                                meter=meter)
   if task is None:
     raise ValueError(f"config.rl.reward={c.reward!r} is a task's verifier, but config.task.name is ''; "
                      "use reward='model'")
@@ -90,22 +92,27 @@ def reward_fn(config: ml_collections.ConfigDict, task: Task | None, tokenizer, *
 
 @dataclasses.dataclass
 class Sampler:
-  """Samples of iteration i from whatever policy `policy()` returns at that moment."""
+  """Samples of iteration i from whatever policy `policy()` returns at that moment, their generation
+  FLOPs counted on `meter` (train.flops.generated)."""
 
   policy: Callable[[], Any]
   tokenizer: Any
   config: ml_collections.ConfigDict
   rules: Any = None
+  meter: flops_lib.Meter = dataclasses.field(default_factory=flops_lib.Meter)
 
   def __call__(self, prompts: list[str], iteration: int, *, n: int | None = None,
                temperature: float | None = None) -> rollout.Samples:
     c = self.config.rl
     temperature = c.temperature if temperature is None else temperature
-    return rollout.sample(
-        self.policy(), self.tokenizer, prompts, n=c.samples_per_prompt if n is None else n,
+    policy = self.policy()
+    samples = rollout.sample(
+        policy, self.tokenizer, prompts, n=c.samples_per_prompt if n is None else n,
         max_new_tokens=c.max_new_tokens, sampling=infer.Sampling(temperature=temperature),
         seed=self.config.seed * 7919 + iteration, rules=self.rules,
     )
+    self.meter.add(flops_lib.generated(policy.config, samples.prompt_ids, samples.completion_ids))
+    return samples
 
 
 def scored_rollout(sampler: Sampler, reward: rewards.RewardFn, pool: list[str], iteration: int,

@@ -30,6 +30,7 @@ from align import online, reward_model, rl_losses, rollout
 from align.method import Method, check_choice
 from align.tasks import Task
 from model import sharding
+from train import flops as flops_lib
 from train import losses as train_losses
 
 VALUES = ("head", "model")
@@ -96,6 +97,17 @@ def _policy_and_values(graphdef, state, tokens, targets, *, temperature: float):
   return -nll, values
 
 
+def _decoders(module: PolicyValue) -> list[nnx.Module]:
+  """What a forward of `module` runs: the policy, and the value model if separate (the value head's
+  D FLOPs per token are left out of the counts)."""
+  return [module.decoder] + ([module.value_decoder] if module.value_decoder is not None else [])
+
+
+def row_flops(config: ml_collections.ConfigDict, module: PolicyValue) -> float:
+  """A train step's row: one sequence through the policy and the value model, forward and backward."""
+  return sum(flops_lib.trained(m.config, config.seq_len) for m in _decoders(module))
+
+
 def _logprobs_and_values(module: PolicyValue, tokens, targets, *, temperature, batch_size):
   graphdef, state = nnx.split(module)
   fn = functools.partial(_policy_and_values, graphdef, state, temperature=float(temperature))
@@ -120,8 +132,9 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
     raise ValueError("PPO has no held-out loss (set config.eval_every=0); it is measured by generation")
   c, rl = config.ppo, config.rl
   pool = online.prompts(config, task)
-  reward_fn = online.reward_fn(config, task, tokenizer, mesh=context.mesh, rules=rules)
-  sampler = online.Sampler(lambda: live().decoder, tokenizer, config, rules)
+  meter = flops_lib.Meter()
+  reward_fn = online.reward_fn(config, task, tokenizer, mesh=context.mesh, rules=rules, meter=meter)
+  sampler = online.Sampler(lambda: live().decoder, tokenizer, config, rules, meter=meter)
   rows_per_iteration = rl.prompts_per_iteration * rl.samples_per_prompt
 
   def collect(iteration: int, state: dict):
@@ -129,8 +142,11 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
     samples, rows, scores = online.scored_rollout(sampler, reward_fn, pool, iteration, config)
     old_logprobs, values = _logprobs_and_values(module, rows["tokens"], rows["targets"], temperature=rl.temperature,
                                                 batch_size=config.batch_size)
-    ref_logprobs = rollout.token_logprobs(online.reference_policy(module), rows["tokens"], rows["targets"],
+    reference = online.reference_policy(module)
+    ref_logprobs = rollout.token_logprobs(reference, rows["tokens"], rows["targets"],
                                           temperature=rl.temperature, batch_size=config.batch_size)
+    for scored in (*_decoders(module), reference):
+      meter.add(flops_lib.frozen(scored.config, config.seq_len, rows_per_iteration))
     kl_coef = float(state.get("kl_coef", c.kl_coef))
     advantages, returns, kl = _advantages(old_logprobs, ref_logprobs, values, jnp.asarray(scores, jnp.float32),
                                           rows["mask"], kl_coef, estimator=c.kl_estimator, gamma=c.gamma, lam=c.lam)
@@ -148,7 +164,7 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
     return rollout.Experience(rows, schedule), state
 
   return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size,
-                                  initial_state={"kl_coef": float(c.kl_coef)})
+                                  initial_state={"kl_coef": float(c.kl_coef)}, meter=meter)
 
 
 def ppo_loss_fn(model: PolicyValue, batch, rng, *, temperature: float, clip: float, value_clip: float,
@@ -181,4 +197,5 @@ def loss_fn(config: ml_collections.ConfigDict):
                            vf_coef=c.vf_coef)
 
 
-METHOD = Method(name="ppo", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, wrap=wrap)
+METHOD = Method(name="ppo", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, wrap=wrap,
+                row_flops=row_flops)

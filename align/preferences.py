@@ -12,6 +12,12 @@ import numpy as np
 
 from align import chat, data
 from align.tasks import Task, split_problems
+from train import flops as flops_lib
+
+
+def row_flops(config: ml_collections.ConfigDict, module) -> float:
+  """A train step's row of pairs: two sequences (chosen and rejected), forward and backward."""
+  return flops_lib.trained(module.config, config.seq_len, 2)
 
 
 def records(config: ml_collections.ConfigDict, split: str, task: Task | None) -> list[dict]:

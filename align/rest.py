@@ -45,6 +45,7 @@ from align import online, rollout
 from align.method import Method, check_choice
 from align.tasks import Task, answers, split_problems
 from infer import test_time
+from train import flops as flops_lib
 from train import losses as train_losses
 
 MODES = ("rest", "raft", "rejection_sampling", "star", "self_consistency")
@@ -198,12 +199,13 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
   pool = online.prompts(config, task)
   train_problems = split_problems(task, config.task, "train") if task is not None else []
   # Self-consistency reads no reward: none is built (a reward model is never even loaded).
+  meter = flops_lib.Meter()
   reward_fn = (None if c.mode == "self_consistency" else
-               online.reward_fn(config, task, tokenizer, mesh=context.mesh, rules=rules))
+               online.reward_fn(config, task, tokenizer, mesh=context.mesh, rules=rules, meter=meter))
   hints = {p.prompt: p.hint() for p in train_problems} if c.mode == "star" else {}
   extract = task.extract_answer if task is not None else answers.extract
   gold = {p.prompt: p.answer for p in train_problems} if task is not None else None
-  sampler = online.Sampler(live, tokenizer, config, rules)
+  sampler = online.Sampler(live, tokenizer, config, rules, meter=meter)
   if c.star_restart:
     _warn_partial_restart(config)
   accumulated: dict[int, dict[str, np.ndarray]] = {}  # STaR restart: the last experience's rows
@@ -274,7 +276,7 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
     # Iteration 0 already starts from the start: no restart to ask for.
     return rollout.Experience(rows, schedule, restart=iteration > 0), {**state, "grown": grown}
 
-  return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size)
+  return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size, meter=meter)
 
 
 def _warn_partial_restart(config: ml_collections.ConfigDict) -> None:

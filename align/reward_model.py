@@ -116,4 +116,5 @@ def load(path, *, mesh, rules) -> RewardModel:
   return module
 
 
-METHOD = Method(name="reward", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, wrap=wrap, generates=False)
+METHOD = Method(name="reward", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, wrap=wrap, generates=False,
+                row_flops=preferences.row_flops)

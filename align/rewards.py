@@ -13,6 +13,7 @@ import numpy as np
 
 from align import reward_model
 from align.tasks import Problem, Task
+from train import flops as flops_lib
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
@@ -31,11 +32,15 @@ def task_reward(task: Task, name: str, problems: Sequence[Problem]) -> RewardFn:
   return reward_fn
 
 
-def model_reward(path: str, tokenizer, *, seq_len: int, mesh=None, rules=None, batch_size: int = 64) -> RewardFn:
-  """The align.reward_model.RewardModel of a reward-model run's workdir as a reward function."""
+def model_reward(path: str, tokenizer, *, seq_len: int, mesh=None, rules=None, batch_size: int = 64,
+                 meter: flops_lib.Meter | None = None) -> RewardFn:
+  """The align.reward_model.RewardModel of a reward-model run's workdir as a reward function; each
+  (prompt, completion) it scores is a forward over seq_len tokens, counted on `meter`."""
   module = reward_model.load(path, mesh=mesh, rules=rules)
+  meter = meter or flops_lib.Meter()
 
   def reward_fn(prompts, completions):
+    meter.add(flops_lib.frozen(module.config, seq_len, len(prompts)))
     return reward_model.score(module, tokenizer, list(prompts), list(completions), seq_len=seq_len,
                               batch_size=batch_size).astype(np.float64)
 

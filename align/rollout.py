@@ -9,7 +9,9 @@ on the training mesh, no copy), and then serves the experience's schedule of min
 trainer step. Each experience is kept in the workdir (`rollouts/<iteration>.npz`, written
 atomically), so a run resumed mid-iteration trains on the very same samples. An experience may ask
 the trainer to train on it from the run's starting parameters (`Experience.restart`: its first
-minibatch carries train.trainer.RESTART).
+minibatch carries train.trainer.RESTART). What making an experience computed (generation, scoring
+forwards), counted on the source's train.flops.Meter during its collect, is its `flops`, which its
+first minibatch reports to the trainer (train.trainer.FLOPS).
 """
 
 import dataclasses
@@ -29,6 +31,7 @@ from flax import nnx
 import infer
 from align import data
 from model import sharding
+from train import flops as flops_lib
 from train import losses as train_losses
 from train import trainer
 
@@ -144,11 +147,13 @@ def token_logprobs(model, tokens: np.ndarray, targets: np.ndarray, *, temperatur
 class Experience:
   """Rows [R, ...] of training data and the schedule [S, B] of row indices: minibatch s is rows
   schedule[s]. Row arrays of any rank; the trainer places them along the batch axis. restart: the
-  trainer puts the parameters and optimizer state back to the run's start before minibatch 0."""
+  trainer puts the parameters and optimizer state back to the run's start before minibatch 0.
+  flops: what making it computed outside the train step (ExperienceSource adds its meter's count)."""
 
   rows: dict[str, np.ndarray]
   schedule: np.ndarray
   restart: bool = False
+  flops: float = 0.0
 
   def __post_init__(self):
     sizes = {k: len(v) for k, v in self.rows.items()}
@@ -190,7 +195,8 @@ def experience_path(workdir, iteration: int) -> Path:
 def save_experience(path: Path, experience: Experience, state_out: dict[str, Any]) -> None:
   """An iteration's experience and the method state after it, written atomically (npz)."""
   data.save_npz_atomic(path, schedule=experience.schedule, state_out=json.dumps(state_out),
-                       restart=np.asarray(experience.restart), **{f"row/{k}": v for k, v in experience.rows.items()})
+                       restart=np.asarray(experience.restart), flops=np.asarray(experience.flops, np.float64),
+                       **{f"row/{k}": v for k, v in experience.rows.items()})
 
 
 def load_experience(path: Path) -> tuple[Experience, dict[str, Any]]:
@@ -198,7 +204,8 @@ def load_experience(path: Path) -> tuple[Experience, dict[str, Any]]:
   with np.load(path) as saved:
     rows = {k[len("row/"):]: saved[k] for k in saved.files if k.startswith("row/")}
     restart = bool(saved["restart"]) if "restart" in saved.files else False
-    return Experience(rows, saved["schedule"], restart), json.loads(str(saved["state_out"]))
+    flops = float(saved["flops"]) if "flops" in saved.files else 0.0
+    return Experience(rows, saved["schedule"], restart, flops), json.loads(str(saved["state_out"]))
 
 
 Collect = Callable[[int, dict[str, Any]], tuple[Experience, dict[str, Any]]]
@@ -208,22 +215,26 @@ class ExperienceSource(grain.IterDataset):
   """The trainer's data for an online method: `collect` is called for iteration 0, 1, ... whenever
   the current experience's schedule is used up; each step yields this process's rows of one
   minibatch. `state` is the method's own JSON state (an adaptive KL coefficient, say), carried
-  from one collect to the next and saved with the iterator."""
+  from one collect to the next and saved with the iterator. `meter`: where the method counts what a
+  collect computes (its online.Sampler, reward function and scoring forwards count on it)."""
 
-  def __init__(self, collect: Collect, *, workdir, batch_size: int, initial_state: dict[str, Any] | None = None):
+  def __init__(self, collect: Collect, *, workdir, batch_size: int, initial_state: dict[str, Any] | None = None,
+               meter: flops_lib.Meter | None = None):
     super().__init__()
     self._collect, self._workdir, self._batch_size = collect, Path(workdir), batch_size
     self._initial_state = dict(initial_state or {})
+    self._meter = meter or flops_lib.Meter()
 
   def __iter__(self):
-    return _ExperienceIterator(self._collect, self._workdir, self._batch_size, self._initial_state)
+    return _ExperienceIterator(self._collect, self._workdir, self._batch_size, self._initial_state, self._meter)
 
 
 class _ExperienceIterator(grain.DatasetIterator):
 
-  def __init__(self, collect: Collect, workdir: Path, batch_size: int, initial_state: dict[str, Any]):
+  def __init__(self, collect: Collect, workdir: Path, batch_size: int, initial_state: dict[str, Any],
+               meter: flops_lib.Meter):
     super().__init__()
-    self._collect, self._workdir, self._batch_size = collect, workdir, batch_size
+    self._collect, self._workdir, self._batch_size, self._meter = collect, workdir, batch_size, meter
     self._dir = workdir / ROLLOUT_DIR
     self._iteration, self._position = -1, 0
     # The method's state going into the current iteration's collect, and coming out of it.
@@ -235,7 +246,9 @@ class _ExperienceIterator(grain.DatasetIterator):
     return experience_path(self._workdir, iteration)
 
   def _collect_current(self) -> None:
+    self._meter.take()  # what was counted before this collect is not its cost
     experience, self._state_out = self._collect(self._iteration, dict(self._state_in))
+    experience = dataclasses.replace(experience, flops=experience.flops + self._meter.take())
     if experience.schedule.shape[1] != self._batch_size:
       raise ValueError(f"the schedule's minibatches have {experience.schedule.shape[1]} rows, the batch "
                        f"size is {self._batch_size}")
@@ -249,7 +262,8 @@ class _ExperienceIterator(grain.DatasetIterator):
 
   def _reload(self) -> None:
     """After set_state: the saved experience of the current iteration, or, when it was deleted, the
-    same iteration collected again from the restored parameters (then no longer exact)."""
+    same iteration collected again from the restored parameters (then no longer exact, and its
+    FLOPs, counted when its first minibatch was trained on, not counted again)."""
     path = self._path(self._iteration)
     if not path.exists():
       logging.warning("%s is missing: collecting iteration %d again from the restored parameters", path,
@@ -273,6 +287,8 @@ class _ExperienceIterator(grain.DatasetIterator):
     batch = {k: v[mine] for k, v in self._experience.rows.items()}
     if first and self._experience.restart:
       batch[trainer.RESTART] = np.asarray(True)
+    if first:
+      batch[trainer.FLOPS] = np.asarray(self._experience.flops, np.float64)
     return batch
 
   def get_state(self) -> dict[str, Any]:

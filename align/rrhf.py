@@ -28,6 +28,7 @@ import numpy as np
 from align import data, losses, preferences, rollout
 from align.method import Method, check_choice
 from align.tasks import Task, split_problems
+from train import flops as flops_lib
 from infer.sampling import Sampling
 from train import losses as train_losses
 
@@ -163,4 +164,10 @@ def loss_fn(config: ml_collections.ConfigDict):
   return functools.partial(rrhf_loss_fn, sft_weight=config.rrhf.sft_weight)
 
 
-METHOD = Method(name="rrhf", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate)
+def row_flops(config: ml_collections.ConfigDict, module) -> float:
+  """A train step's row: rrhf.responses sequences (padding responses included: computed on), trained."""
+  return flops_lib.trained(module.config, config.seq_len, config.rrhf.responses)
+
+
+METHOD = Method(name="rrhf", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, row_flops=row_flops,
+                flops_note="rrhf.source='policy' sampling (once, before training) is not counted")

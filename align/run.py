@@ -52,7 +52,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.Run,
   method, task = validate(config)
   run = trainer.setup(config, workdir, loss_fn=method.loss_fn(config),
                       make_dataset=functools.partial(method.make_dataset, task=task),
-                      reference=_reference(config), wrap_model=method.wrap)
+                      reference=_reference(config), wrap_model=method.wrap, row_flops=method.row_flops,
+                      flops_note=method.flops_note)
   return run, method, task
 
 

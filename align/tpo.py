@@ -28,9 +28,10 @@ import logging
 import ml_collections
 import numpy as np
 
-from align import dpo, losses, online, rollout
+from align import dpo, losses, online, preferences, rollout
 from align.method import Method, check_choice
 from align.tasks import Problem, Task
+from train import flops as flops_lib
 
 _MAX_EMPTY_ITERATIONS = 8
 
@@ -105,8 +106,9 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
     raise ValueError("TPO has no held-out loss (set config.eval_every=0); it is measured by generation")
   c, rl = config.tpo, config.rl
   pool = online.prompts(config, task)
-  reward_fn = online.reward_fn(config, task, tokenizer, mesh=context.mesh, rules=context.rules)
-  sampler = online.Sampler(context.live, tokenizer, config, context.rules)
+  meter = flops_lib.Meter()
+  reward_fn = online.reward_fn(config, task, tokenizer, mesh=context.mesh, rules=context.rules, meter=meter)
+  sampler = online.Sampler(context.live, tokenizer, config, context.rules, meter=meter)
   k = rl.samples_per_prompt
 
   def pairs_of(iteration: int):
@@ -135,13 +137,15 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
       raise RuntimeError(f"TPO: {_MAX_EMPTY_ITERATIONS} samplings in a row gave no pair: the judge scored every "
                          f"prompt's samples alike (is config.tpo.marker={c.marker!r} ever written?)")
     rows = pair_rows(samples, pairs, k, seq_len=config.seq_len)
-    rows.update(reference_logps(context.live(), rows, batch_size=config.batch_size))  # M_t, the sampling policy
+    reference = context.live()  # M_t, the sampling policy
+    rows.update(reference_logps(reference, rows, batch_size=config.batch_size))
+    meter.add(flops_lib.frozen(reference.config, config.seq_len, 2 * len(pairs)))
     steps = max(1, int(np.ceil(rl.epochs * len(pairs) / config.batch_size)))
     schedule = rollout.cycle_schedule(np.arange(len(pairs)), config.batch_size, steps=steps,
                                       seed=config.seed * 1_000_003 + sampled)
     return rollout.Experience(rows, schedule), {**state, "sampled": sampled}
 
-  return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size)
+  return rollout.ExperienceSource(collect, workdir=context.workdir, batch_size=config.batch_size, meter=meter)
 
 
 def eval_prompt(config: ml_collections.ConfigDict, problem: Problem) -> str:
@@ -153,4 +157,5 @@ def loss_fn(config: ml_collections.ConfigDict):
                            loss_type=config.tpo.loss_type, gamma=0.0)
 
 
-METHOD = Method(name="tpo", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, eval_prompt=eval_prompt)
+METHOD = Method(name="tpo", loss_fn=loss_fn, make_dataset=make_dataset, validate=validate, eval_prompt=eval_prompt,
+                row_flops=preferences.row_flops)

@@ -72,6 +72,10 @@ class Checkpointer:
   def restore_config(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+  def restore_data(self, step: int) -> dict:
+    """The data state alone (the iterator's position and what the trainer keeps beside it)."""
+    return self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -2,13 +2,16 @@
 loss ln 2 at the start (policy = reference), the loss falls on a fixed batch, resume reads the
 reference back."""
 
+import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import model as model_lib
 from align import dpo, preferences, tasks, run as align_run
 from align.tasks import arithmetic
 from configs import common
@@ -48,6 +51,15 @@ def _config(tokenizer_path, method="dpo", **overrides):
   config.mesh.data = 8
   config.update_from_flattened_dict(overrides)  # dotted keys: {"optimizer.learning_rate": 1e-3}
   return config
+
+
+def assert_flops_per_step(workdir, per_step: float) -> None:
+  """Every logged flops_seen is its step x per_step (no rollout: nothing made between steps)."""
+  records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  logged = [r for r in records if "flops_seen" in r]
+  assert logged
+  for r in logged:
+    assert r["flops_seen"] == pytest.approx(r["step"] * per_step, rel=1e-12), r["step"]
 
 
 def _context(run):
@@ -94,6 +106,11 @@ def test_dpo_through_align_run_and_resume(tokenizer_path, tmp_path):
   resumed = align_run.run(_config(tokenizer_path, total_steps=4), tmp_path)  # resumes; must not recompute
   assert resumed["step"] == 4
   assert (tmp_path / "reference_logps_train.npz").stat().st_mtime_ns == written
+  # FLOPs: per pair, chosen and rejected trained (forward + backward) and read once by the reference (forward:
+  # a third), over 96-token rows; the resumed steps counted on.
+  per_token = model_lib.flops_per_token(result["run"].model_config, 96)
+  assert_flops_per_step(tmp_path, 8 * (2 * 96 * per_token + 2 * 96 * per_token / 3))
+  assert "reference" in json.loads((tmp_path / trainer.SUMMARY_FILE).read_text())["flops_note"]
 
 
 def test_ai_feedback_pairs_come_from_the_starting_policy(tokenizer_path, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import infer
+import model as model_lib
 from align import online, rewards, rollout, tasks
 from align import run as align_run
 from align.tasks import arithmetic
@@ -232,14 +233,36 @@ def test_distilling_into_the_teacher_itself_costs_nothing(start, tmp_path):
   assert abs(float(loss)) < 1e-5 and float(metrics["distill/teacher_student_agreement"]) == 1.0
 
 
+def _expected_flops(workdir, config, model_config, *, forwards: int) -> dict[int, float]:
+  """flops_seen at each step of an online run on one sequence per row, from its saved experience:
+  the steps' (batch x seq_len x flops_per_token), and at each iteration's first step its rollout's:
+  every sample generated with a KV cache (prompt and completion read once: model.forward_flops of
+  their length, read off the row's completion mask) and `forwards` scoring passes over its rows."""
+  t = config.seq_len
+  per_token = model_lib.flops_per_token(model_config, t)
+  made, step, k = {}, 1, 0
+  while rollout.experience_path(workdir, k).exists():
+    experience, _ = rollout.load_experience(rollout.experience_path(workdir, k))
+    mask = experience.rows["mask"] > 0
+    last = t - 1 - np.argmax(mask[:, ::-1], axis=1)  # the last completion target: token j + 1 is target j
+    assert np.all(last < t - 1), "a sample was cut by seq_len: its generated length is not in the rows"
+    generated = sum(model_lib.forward_flops(model_config, int(n) + 2) for n in last)
+    made[step] = generated + forwards * len(mask) * t * per_token / 3
+    step, k = step + len(experience.schedule), k + 1
+  return {s: s * config.batch_size * t * per_token + sum(f for first, f in made.items() if first <= s)
+          for s in range(1, step)}
+
+
 def test_ppo_resumes_mid_iteration_on_the_same_samples(start, tmp_path):
   """Stopped after 3 of an iteration's 4 steps, then resumed: the same losses as one straight run,
-  and the adaptive KL coefficient carried through the data iterator's state."""
+  and the adaptive KL coefficient carried through the data iterator's state; flops_seen, rollouts
+  included, the closed form's in both."""
   tokenizer_path, sft_dir, _ = start
   def config(total):
+    # 28 new tokens after a 19-token prompt fit a 48-token row: every sample's length is in its row.
     return _config("ppo", tokenizer_path, init_from=str(sft_dir), total_steps=total, log_every=1,
-                   **{"rl.prompts_per_iteration": 32, "ppo.adaptive_kl": True, "ppo.target_kl": 0.01,
-                      "ppo.kl_horizon": 100})
+                   **{"rl.prompts_per_iteration": 32, "rl.max_new_tokens": 28, "ppo.adaptive_kl": True,
+                      "ppo.target_kl": 0.01, "ppo.kl_horizon": 100})
   straight = _train("ppo", config(6), tmp_path / "straight")
   trainer.train_loop(straight)
   stopped = _train("ppo", config(6), tmp_path / "resumed")
@@ -256,6 +279,13 @@ def test_ppo_resumes_mid_iteration_on_the_same_samples(start, tmp_path):
   for step in (4, 5, 6):
     np.testing.assert_allclose(b[step], a[step], rtol=1e-5)
   assert a[6][1] != a[1][1]  # the coefficient moved (iteration 1 uses the adapted one)
+  for workdir in ("straight", "resumed"):  # scoring: the policy with its value head, and the reference
+    expected = _expected_flops(tmp_path / workdir, config(6), straight.model_config, forwards=2)
+    logged = {m["step"]: m["flops_seen"] for m in map(json.loads, (tmp_path / workdir / "metrics.jsonl").read_text()
+                                                          .splitlines()) if "loss" in m}
+    assert sorted(logged) == list(range(1, 7)) and len(expected) == 6
+    for step, flops in logged.items():
+      assert flops == pytest.approx(expected[step], rel=1e-9), (workdir, step)
 
 
 def test_bad_online_configs_name_the_key(start, tmp_path):

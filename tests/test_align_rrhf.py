@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import model as model_lib
 from align import data, losses, rrhf
 from align import run as align_run
 from configs import validation
@@ -144,6 +145,9 @@ def test_rrhf_on_the_policy_s_samples_keeps_them_for_a_resumed_run(tokenizer_pat
   written = (tmp_path / rrhf.RESPONSES_FILE).stat().st_mtime_ns
   resumed = align_run.run(_config(tokenizer_path, "rrhf", total_steps=3, **overrides), tmp_path)
   assert resumed["step"] == 3 and (tmp_path / rrhf.RESPONSES_FILE).stat().st_mtime_ns == written
+  # FLOPs: the 3 responses of each row (padding ones included) trained over 96 tokens.
+  per_token = model_lib.flops_per_token(result["run"].model_config, 96)
+  test_align_dpo.assert_flops_per_step(tmp_path, 8 * 3 * 96 * per_token)
 
 
 @pytest.mark.parametrize("overrides, message", [

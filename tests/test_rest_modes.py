@@ -64,8 +64,8 @@ def _scripted_sampler(script):
   its completion ids are [a, b, iteration, i], so a test can tell the rows apart."""
 
   class Sampler:
-    def __init__(self, policy, tokenizer, config, rules=None):
-      del policy, tokenizer, rules
+    def __init__(self, policy, tokenizer, config, rules=None, meter=None):
+      del policy, tokenizer, rules, meter
       self.config = config
 
     def __call__(self, prompts, iteration, *, n=None, temperature=None):

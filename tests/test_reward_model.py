@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import model as model_lib
 from align import reward_model, run as align_run
 from align.tasks import arithmetic
 from configs import common
 from configs.align.common import align_config
 from model import Transformer, get_preset
 from rundir import tokenizer as tokenizer_lib
+from tests import test_align_dpo
 from train import trainer
 
 VOCAB = 320
@@ -67,6 +69,8 @@ def test_reward_model_trains_through_the_shared_trainer(tokenizer_path, tmp_path
   result = align_run.run(config, tmp_path)
   assert result["step"] == 2 and "accuracy" in result
   run = result["run"]
+  # FLOPs: a row is a pair, chosen and rejected trained over 96 tokens (the head's 2 D per token aside).
+  test_align_dpo.assert_flops_per_step(tmp_path, 8 * 2 * 96 * model_lib.flops_per_token(run.model_config, 96))
   assert isinstance(run.model(), reward_model.RewardModel)
   # Fresh head: rewards 0, loss ln 2; on a fixed batch the loss falls and chosen pulls ahead.
   params = jax.tree_util.tree_map_with_path(

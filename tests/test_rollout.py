@@ -9,6 +9,8 @@ import pytest
 
 from align import distill, online, ppo, rest, rewards, rollout, tasks
 from align.tasks import arithmetic
+from train import flops as flops_lib
+from train import trainer
 
 
 def test_token_rows_mask_only_the_completion_targets():
@@ -70,6 +72,26 @@ def test_experience_source_resumes_on_the_same_samples(tmp_path):
   assert [next(again)["x"].tolist() for _ in range(10)] == rest_of_run
   assert resumed_calls == [2]  # iteration 1 came back from the workdir, not from a new collect
   assert again.get_state()["method_state"] == {"total": 0 + 1}  # the state going into iteration 2's collect
+
+
+def test_experience_source_reports_each_collect_s_metered_flops_once(tmp_path):
+  """What a collect counts on the source's meter is its experience's FLOPs, reported on its first
+  minibatch only (train.trainer.FLOPS), kept in its file, and not reported again by a resumed source."""
+  meter = flops_lib.Meter()
+  inner = _counting_collect([])
+
+  def collect(iteration, state):
+    meter.add(1000.0 * (iteration + 1))
+    return inner(iteration, state)
+
+  meter.add(5.0)  # counted before any collect: no experience's cost
+  it = iter(rollout.ExperienceSource(collect, workdir=tmp_path, batch_size=2, meter=meter))
+  reported = [next(it).get(trainer.FLOPS) for _ in range(8)]  # 6 minibatches per iteration
+  assert reported == [1000.0, None, None, None, None, None, 2000.0, None]
+  assert rollout.load_experience(rollout.experience_path(tmp_path, 1))[0].flops == 2000.0
+  again = iter(rollout.ExperienceSource(collect, workdir=tmp_path, batch_size=2, meter=meter))
+  again.set_state(json.loads(json.dumps(it.get_state())))
+  assert [next(again).get(trainer.FLOPS) for _ in range(5)] == [None, None, None, None, 3000.0]
 
 
 def test_prompt_batches_walk_shuffled_passes():

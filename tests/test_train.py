@@ -1,5 +1,6 @@
 """The real trainer on a tiny model over 8 fake CPU devices: meshes, accumulation, resume, errors."""
 
+import functools
 import json
 import signal
 import subprocess
@@ -90,6 +91,8 @@ def test_cost_is_logged_and_summarised(baseline):
   summary = json.loads((run.workdir / trainer.SUMMARY_FILE).read_text())
   assert summary["completed"] and summary["step"] == STEPS and summary["tokens"] == STEPS * 8 * 32
   assert summary["flops"] == pytest.approx(STEPS * 8 * 32 * per_token)
+  assert summary["flops_per_step"] == pytest.approx(8 * 32 * per_token, rel=1e-12)
+  assert summary["flops_note"] == trainer.FLOPS_NOTE  # pre-training: the steps alone
   assert summary["params"] == model_lib.param_count(run.model_config)
   assert summary["wall_seconds"] == walls[-1] and summary["energy_kwh"] == train_records[-1]["energy_kwh"]
   assert "estimate" in summary["energy_note"] and summary["train_loss"] == train_records[-1]["loss"]
@@ -113,22 +116,48 @@ def test_losses_equal_across_meshes_and_accumulation(overrides, corpus, baseline
   np.testing.assert_allclose([losses[s] for s in sorted(expected)], [expected[s] for s in sorted(expected)], rtol=1e-5)
 
 
+def _made_flops(batch) -> float:
+  """What a batch of _reporting_data says making it cost: its first token id x 1e9 (any number that varies)."""
+  return 1e9 * float(batch["tokens"][0, 0])
+
+
+def _reporting_data(config, tokenizer, *, split, context):
+  """The pre-training data, each batch reporting FLOPs computed to make it (as an online method's
+  rollout does, train.trainer.FLOPS)."""
+  dataset = trainer.pretraining_dataset(config, tokenizer, split=split, context=context)
+  return dataset.map(lambda batch: {**batch, trainer.FLOPS: np.asarray(_made_flops(batch))})
+
+
 def test_resume_is_exact(corpus, tmp_path):
+  """Losses bitwise, and flops_seen (the steps' and what each batch reported, carried in the checkpoint)
+  exactly, against a straight run and the closed form steps x batch x seq_len x flops_per_token + the
+  reports of the batches trained on."""
+  import model as model_lib
   root, tokenizer = corpus
   straight, split = tmp_path / "straight", tmp_path / "split"
-  trainer.train(_config(root, tokenizer, total_steps=20, checkpoint_every=10), straight)
-  stopped = trainer.train_loop(trainer.setup(_config(root, tokenizer, total_steps=20), split), stop_at=10)
+  train = functools.partial(trainer.train, make_dataset=_reporting_data)
+  run = train(_config(root, tokenizer, total_steps=20, checkpoint_every=10), straight)["run"]
+  stopped = trainer.train_loop(trainer.setup(_config(root, tokenizer, total_steps=20), split,
+                                             make_dataset=_reporting_data), stop_at=10)
   assert stopped["stopped_early"] and stopped["step"] == 10
-  result = trainer.train(_config(root, tokenizer, total_steps=20, checkpoint_every=10), split)
+  result = train(_config(root, tokenizer, total_steps=20, checkpoint_every=10), split)
   assert result["step"] == 20
   a, b = _losses(straight), _losses(split)
   assert sorted(a) == sorted(b) == list(range(1, 21))
   assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]  # bitwise on CPU
+  flops = [{r["step"]: r["flops_seen"] for r in _records(w) if "loss" in r} for w in (straight, split)]
+  assert flops[0] == flops[1]
+  batches = iter(trainer.pretraining_dataset(run.config, run.tokenizer, split="train", context=None))
+  made = np.cumsum([_made_flops(next(batches)) for _ in range(20)])
+  per_step = 8 * 32 * model_lib.flops_per_token(run.model_config, 32)
+  for step in range(1, 21):
+    assert flops[1][step] == pytest.approx(step * per_step + made[step - 1], rel=1e-12)
+  assert trainer.flops_at(split, 10) == flops[0][10] and trainer.flops_at(split, 20) == flops[0][20]
   # Wall time carries on from the checkpoint's step, and a configured power replaces the default.
   walls = {r["step"]: r["wall_seconds"] for r in _records(split) if "loss" in r}
   assert walls[11] > walls[10] and json.loads((split / trainer.SUMMARY_FILE).read_text())["completed"]
   # A finished run with a larger total_steps carries on from its last checkpoint.
-  assert trainer.train(_config(root, tokenizer, total_steps=22, device_power_watts=100.0), straight)["step"] == 22
+  assert train(_config(root, tokenizer, total_steps=22, device_power_watts=100.0), straight)["step"] == 22
   last = _records(straight)[-1]
   assert last["energy_kwh"] == pytest.approx(100.0 * 8 * last["wall_seconds"] / 3.6e6)
   assert sorted(_losses(straight))[-1] == 22

@@ -9,10 +9,16 @@ A method's data may ask for a restart: a batch that carries the key RESTART (its
 trained on from the run's starting parameters and a new run's optimizer state (`restart`), as
 when fine-tuning starts over from the base model (STaR). The request travels with the data, so a
 resumed run meets it at the very step a straight run did.
+
+What a run computes is counted in FLOPs (train/flops.py): each step batch_size x the method's FLOPs
+per batch row (`row_flops`), plus what was computed to make its batches, which a batch reports under
+the key FLOPS (an online method's rollout, on the first minibatch it made); the running total of
+the latter is saved with the data iterator's state, so a resumed run counts on exactly.
 """
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -38,11 +44,17 @@ from rundir import loading
 from rundir import tokenizer as tokenizer_lib
 from train import data as data_lib
 from train import distributed, losses, metrics as metrics_lib, optimizer as optimizer_lib
+from train import flops as flops_lib
 from train import step as step_lib
 
 BATCH_AXES = ("activation_batch", "activation_length")
 SUMMARY_FILE = loading.SUMMARY_FILE
 RESTART = "restart"  # a batch key: restart from the starting parameters before this step (see `restart`)
+FLOPS = "flops"  # a batch key: FLOPs computed outside the train step to make it (all processes' rows)
+_MADE_FLOPS = "flops_outside_steps"  # the checkpoint's data state: FLOPS summed over the batches trained on
+FLOPS_NOTE = ("model FLOPs (model.flops_per_token's count: matmuls and full-square attention) of every train "
+              "step and of what made its batches (generation, frozen and reward-model forwards; train/flops.py); "
+              "evaluation is not counted")
 # What the optimizer updates: every parameter except those of a module kept under an attribute
 # named `frozen` (PPO's reference policy, a distillation teacher), which ride in `Run.rest`; with
 # config.peft, only the adapters and a method's heads (rundir.loading.trainable).
@@ -64,6 +76,14 @@ class DataContext:
 # make_dataset(config, tokenizer, *, split, context: DataContext) -> a grain IterDataset of this
 # process's batches (dicts of [B, ...] arrays).
 DatasetFn = Callable[..., Any]
+# row_flops(config, module) -> the train step's FLOPs per batch row of the trained module (the
+# decoder or a method's wrapper): its trained and frozen passes (train/flops.py).
+RowFlopsFn = Callable[[ml_collections.ConfigDict, nnx.Module], float]
+
+
+def one_sequence(config: ml_collections.ConfigDict, module: nnx.Module) -> float:
+  """The default row: one sequence of config.seq_len tokens through the model, forward and backward."""
+  return flops_lib.trained(module.config, config.seq_len)
 
 
 def pretraining_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, context: DataContext):
@@ -103,6 +123,9 @@ class Run:
   starting_params: Callable[[], nnx.State]  # the trainable parameters a new run starts from, built again
   decoder_path: str = ""  # DECODER_ATTR when a method wrapped the decoder, else ''
   train_iter: Any = None  # the checkpointable iterator of the train split (set once the Run exists)
+  flops_per_step: float = 0.0  # the train step's: batch_size x row_flops
+  made_flops: float = 0.0  # FLOPS of the batches trained on so far (rollouts)
+  flops_note: str = FLOPS_NOTE
 
   def model(self) -> nnx.Module:
     """The current model (parameters of the current state)."""
@@ -226,6 +249,8 @@ def setup(
     make_dataset: DatasetFn | None = None,
     reference: ml_collections.ConfigDict | None = None,
     wrap_model: Callable[..., nnx.Module] | None = None,
+    row_flops: RowFlopsFn = one_sequence,
+    flops_note: str = "",
 ) -> Run:
   """Builds a Run; a method (align/) brings its own loss_fn and make_dataset, the loop stays this one.
 
@@ -233,6 +258,8 @@ def setup(
   wrap_model(decoder, *, mesh, rules, seed, config, load) -> the module to train (a reward model's head
     on the decoder; a policy with a value head and a frozen reference), which keeps the decoder at
     `.decoder`; `load(path)` gives a fresh decoder from a Hugging Face directory or a run's workdir.
+  row_flops(config, module) -> the train step's FLOPs per batch row (default: one sequence);
+    flops_note: what the method's count approximates, appended to summary.json's flops_note.
   """
   # ------------------------------------------------------------------ set up the processes and mesh
   validate(config, reference)
@@ -269,9 +296,10 @@ def setup(
     init_state = jax.jit(functools.partial(step_lib.init_state, optimizer=optimizer, seed=config.seed),
                          out_shardings=state_shardings)
     state = init_state(params)
-    data_state = None
+    data_state, made_flops = None, 0.0
     if latest is not None:
       state, data_state = checkpointer.restore(latest, checkpoint_lib.abstract_with_shardings(state))
+      made_flops = float(data_state.pop(_MADE_FLOPS, 0.0))
       init_note = f"resumed from step {latest}"
   logging.info("model: %s (%s), %d parameters", model_config, init_note, model_lib.param_count(model_config))
 
@@ -286,6 +314,8 @@ def setup(
       train_step=functools.partial(_with_rest, train_step, rest), eval_step=functools.partial(_with_rest, eval_step, rest),
       init_state=init_state, decoder_path=decoder_path,
       starting_params=functools.partial(_starting_params, config, tokenizer, mesh, rules, wrap_model, decoder_path),
+      flops_per_step=config.batch_size * row_flops(config, module), made_flops=made_flops,
+      flops_note=f"{FLOPS_NOTE}; {flops_note}" if flops_note else FLOPS_NOTE,
   )
 
   # ------------------------------------------------------------------ data
@@ -336,7 +366,25 @@ def _with_rest(step, rest, first, batch):
 
 
 def _saved_config(run: Run) -> dict[str, Any]:
-  return loading.saved_config(run.config.to_dict(), run.model_config, run.decoder_path)
+  """The run's saved config, with its train step's FLOPs (for flops_at)."""
+  return {**loading.saved_config(run.config.to_dict(), run.model_config, run.decoder_path),
+          "flops_per_step": run.flops_per_step}
+
+
+def flops_at(workdir: str | os.PathLike, step: int) -> float | None:
+  """The flops_seen of the run in `workdir` at its checkpoint `step`, as its train loop counted it
+  (0 at step 0); None for a run that did not save its count (from before the count was kept)."""
+  saved = json.loads((Path(workdir) / loading.CONFIG_FILE).read_text())
+  if "flops_per_step" not in saved:
+    return None
+  if step == 0:
+    return 0.0
+  checkpointer = checkpoint_lib.Checkpointer(Path(workdir) / loading.CHECKPOINTS, keep=1, read_only=True)
+  try:
+    made = float(checkpointer.restore_data(step).get(_MADE_FLOPS, 0.0))
+  finally:
+    checkpointer.close()
+  return step * saved["flops_per_step"] + made
 
 
 def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -395,7 +443,8 @@ class _StopRequest:
 
 
 def _save(run: Run, step: int) -> None:
-  run.checkpointer.save(step, run.state, run.train_iter.get_state(), _saved_config(run))
+  data_state = {**run.train_iter.get_state(), _MADE_FLOPS: run.made_flops}
+  run.checkpointer.save(step, run.state, data_state, _saved_config(run))
 
 
 def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
@@ -420,6 +469,7 @@ def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
         local = next(run.train_iter)
         if local.pop(RESTART, None) is not None:
           restart(run)
+        run.made_flops += float(local.pop(FLOPS, 0.0))
         batch = global_batch(run, local)
         run.state, metrics = run.train_step(run.state, batch)
         step += 1
@@ -443,7 +493,7 @@ def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
           if peak:
             logged["mfu"] = flops_per_token * tokens_per_second / (peak * jax.device_count())
           wall += now - last_time
-          logged.update(_cumulative(c, step, flops_per_token, wall, watts))
+          logged.update(_cumulative(run, step, wall, watts))
           writer.write(step, logged)
           result.update(logged, step=step)
           pending, last_time, last_step = [], time.perf_counter(), step
@@ -467,11 +517,13 @@ def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
   return result
 
 
-def _cumulative(c, step: int, flops_per_token: float, wall: float, watts: float | None) -> dict[str, float]:
-  """What the run has spent up to `step`: tokens processed (padding included: it is computed on),
-  FLOPs (model.flops_per_token of them), training wall time and its energy estimate."""
-  tokens = float(step * c.batch_size * c.seq_len)
-  out = {"tokens_seen": tokens, "flops_seen": tokens * flops_per_token, "wall_seconds": wall}
+def _cumulative(run: Run, step: int, wall: float, watts: float | None) -> dict[str, float]:
+  """What the run has spent up to `step`: tokens trained on (batch rows x seq_len, padding included:
+  it is computed on), FLOPs (the steps' and their batches' making: run.flops_note), training wall
+  time and its energy estimate."""
+  c = run.config
+  out = {"tokens_seen": float(step * c.batch_size * c.seq_len), "flops_seen": step * run.flops_per_step + run.made_flops,
+         "wall_seconds": wall}
   energy = metrics_lib.energy_kwh(watts, jax.device_count(), wall)
   if energy is not None:
     out["energy_kwh"] = energy
@@ -481,10 +533,11 @@ def _cumulative(c, step: int, flops_per_token: float, wall: float, watts: float 
 def _summary(run: Run, result: dict[str, Any], flops_per_token: float, wall: float, watts: float | None) -> dict:
   """workdir/summary.json: where the run ended and what it cost (the sweep's record of a finished point)."""
   c, step = run.config, int(run.state["step"])
-  spent = _cumulative(c, step, flops_per_token, wall, watts)
+  spent = _cumulative(run, step, wall, watts)
   return {
       "step": step, "total_steps": c.total_steps, "completed": step >= c.total_steps,
       "tokens": spent["tokens_seen"], "flops": spent["flops_seen"], "flops_per_token": flops_per_token,
+      "flops_per_step": run.flops_per_step, "flops_note": run.flops_note,
       "params": model_lib.param_count(run.model_config),
       "non_embedding_params": model_lib.non_embedding_param_count(run.model_config),
       "train_loss": result.get("loss"), "eval_loss": result.get("eval_loss"), "eval_step": result.get("eval_step"),
