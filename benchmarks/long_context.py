@@ -15,7 +15,9 @@ Each column ends with its growth exponent: the least-squares slope of log(value)
 over the three longest lengths measured (2 for memory or time quadratic in T, 1 for linear; at
 short T the parameters' constant bytes flatten it).
   ring    the same step with T sharded over --ring fake CPU devices (the mesh's `sequence` axis):
-          each layer runs ring attention; bytes per device, compiled for this CPU (float32).
+          each layer runs ring attention; bytes per device, compiled for this CPU (float32), with
+          each chunk pair in jnp (`xla`, attention_impl='xla') and through the flash kernel
+          (`flash`, attention_impl='pallas': Pallas interpret mode on CPU), as --ring_blocks says.
 """
 
 import argparse
@@ -35,7 +37,8 @@ def parse_args(argv=None):
   p.add_argument("--time_max", type=int, default=4096, help="time the CPU step up to this T")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--tpu", type=int, default=1, choices=(0, 1), help="compile for a TPU v5e chip (needs libtpu)")
-  p.add_argument("--ring", type=int, default=8, help="fake CPU devices on the sequence axis for the ring column")
+  p.add_argument("--ring", type=int, default=8, help="fake CPU devices on the sequence axis for the ring columns")
+  p.add_argument("--ring_blocks", default="xla,flash", help="ring columns: pairs in jnp (xla), in the kernel (flash)")
   return p.parse_args(argv)
 
 
@@ -143,9 +146,12 @@ def main(argv=None):
 
   ring_mesh = sharding.make_mesh({"sequence": args.ring}, jax.devices("cpu")[:args.ring])
   # T + 1 tokens in, T positions attended: the ring needs T divisible by 2P (the zig-zag).
-  columns[f"cpu ring P={args.ring} MiB"] = [
-      footprint(compiled_ring_step(config, t, ring_mesh)) / 2**20 for t in lengths]
-  print("compiled the ring", flush=True)
+  for blocks in args.ring_blocks.split(","):
+    impl = {"xla": "xla", "flash": "pallas"}[blocks]
+    name = f"cpu ring P={args.ring} MiB" if blocks == "xla" else f"ring+{blocks} P={args.ring} MiB"
+    columns[name] = [footprint(compiled_ring_step(config.replace(attention_impl=impl), t, ring_mesh)) / 2**20
+                     for t in lengths]
+    print(f"compiled the ring ({blocks} blocks)", flush=True)
   grad, _ = step_fn(config)
   from flax import nnx  # noqa: PLC0415
 

@@ -375,11 +375,12 @@ def attention(
   with this chunk's keys and values written, or None without one).
 
   Without a cache: shifted sparse attention when `shifted_sparse_group` is set (fine-tuning only,
-  never with a cache); else ring attention, whatever `impl` says, when the rules in context shard
-  the sequence and there is no ALiBi; else `dot_product_attention` through `impl`. With a dense
-  cache from the start, the slots past the chunk lie beyond every query: the chunk attends to
-  itself alone through `impl`, as in training, and is written at slots 0..T-1. Otherwise the chunk
-  is written at its positions and attends over its row's cache (or, paged, its sequence's blocks).
+  never with a cache); else ring attention when the rules in context shard the sequence and there is
+  no ALiBi (its chunk pairs through the flash kernel when `impl` is 'pallas', else in jnp); else
+  `dot_product_attention` through `impl`. With a dense cache from the start, the slots past the
+  chunk lie beyond every query: the chunk attends to itself alone through `impl`, as in training,
+  and is written at slots 0..T-1. Otherwise the chunk is written at its positions and attends over
+  its row's cache (or, paged, its sequence's blocks).
   """
   kwargs = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
   if cache is not None and not from_start:
@@ -389,7 +390,8 @@ def attention(
                                    impl=impl, alibi_slopes=alibi_slopes, **kwargs)
   elif cache is None and alibi_slopes is None and (axis := _ring_axis(q)) is not None:
     out = ring_attention.ring_attention(q, k, v, mesh_axis=axis, causal=True, q_segment_ids=segment_ids,
-                                        kv_segment_ids=segment_ids, **kwargs)
+                                        kv_segment_ids=segment_ids, block_impl=_ring_block_impl(impl, sliding_window),
+                                        **kwargs)
   else:
     out = dot_product_attention(q, k, v, impl=impl, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                                 causal=True, alibi_slopes=alibi_slopes, **kwargs)
@@ -397,6 +399,17 @@ def attention(
     all_k, all_v, layer, _ = cache
     cache = (kv_cache.write_from_start(all_k, layer, k), kv_cache.write_from_start(all_v, layer, v), layer, None)
   return out, cache
+
+
+def _ring_block_impl(impl: str, sliding_window) -> str:
+  """The ring's chunk pairs through the flash kernel when impl is 'pallas' (its [T/2P, T/2P] scores
+  never stored), else in jnp; the kernel takes static windows only."""
+  if impl != "pallas":
+    return "xla"
+  if not isinstance(sliding_window, int):
+    _warn_once("attention_impl='pallas': ring attention runs its blocks in jnp for a traced sliding window.")
+    return "xla"
+  return "pallas"
 
 
 def _ring_axis(q: jax.Array) -> str | None:

@@ -17,9 +17,14 @@ window, or across packed segments. Masks come from absolute positions and segmen
 each key/value block, so causal, window and segment masking are those of
 `attention_masks.attention_mask`.
 
-Every block runs in plain jnp in float32. The Pallas flash kernel is not used per block: its public
-`flash_attention` returns no log-sum-exp, and it masks causally by index within one (q, kv) call,
-which does not hold for zig-zag chunks of a ring step.
+Each (query chunk, key chunk) pair runs in plain jnp in float32 (`block_impl='xla'`), which holds
+its [T/2P, T/2P] scores, or through the Pallas flash kernel (`block_impl='pallas'`), which holds
+none: `pallas_kernels.flash_attention_block` returns the pair's output and log-sum-exp, merged
+into the row's as partial softmaxes merge, and `flash_attention_block_backward` takes the row's
+merged output and log-sum-exp. Chunks are contiguous, so a pair is a kernel call with a static
+offset between its query and key positions: the diagonal (causal), a pair whose queries all follow
+its keys (no mask), one cut by the window's edge (the window at its offset), or none (skipped).
+`_flash_kinds` lists the calls a ring can need, and each pair picks its call with `lax.switch`.
 
 The decoder's one attention call, `attention_ops.attention`, runs the ring when the rules in
 context shard the sequence.
@@ -60,10 +65,50 @@ class _Ring:
   logit_softcap: float
   scale: float
   chunks: int  # chunks per device block: 2 with zig-zag, else 1
+  flash: "_Flash | None" = None  # each pair through the flash kernel; None: in jnp
 
   @property
   def size(self) -> int:
     return self.mesh.shape[self.axis]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flash:
+  """Static settings of the flash kernel's calls: `kinds[i]` is branch i + 1's (causal, window, offset),
+  `table[d + C - 1]` the branch of a pair whose query chunk is d chunks after its key chunk (0: skip)."""
+
+  window: int
+  segments: bool  # segment ids given (else the kernel skips masks inside the visible region)
+  block_sizes: object  # pallas_kernels.BlockSizes, or None: the kernel's defaults
+  kinds: tuple
+  table: tuple
+
+
+def _flash_kinds(causal: bool, window: int, chunk: int, num_chunks: int) -> tuple[tuple, tuple]:
+  """(kinds, table) of _Flash for chunks of `chunk` positions, `num_chunks` in the sequence.
+
+  Query chunk qc against key chunk kc: t + d - s over t, s in [0, chunk) with d = (qc - kc) * chunk,
+  between d - chunk + 1 and d + chunk - 1. Causal: d < 0 sees nothing, d = 0 is the diagonal (the
+  window binds there only below chunk), and d > 0 sees every key causally, so it is causal=False,
+  as the kernel wants a block whose queries all follow its keys. Then the window: nothing where
+  d - chunk + 1 >= window, everything where d + chunk - 1 < window, else the window at offset d."""
+  kinds, table = [], []
+  for d in range(-(num_chunks - 1), num_chunks):
+    offset = d * chunk
+    if causal and offset < 0:
+      kind = None
+    elif causal and offset == 0:
+      kind = (True, window if window < chunk else 0, 0)
+    elif window and offset - chunk + 1 >= window:
+      kind = None
+    elif not window or offset + chunk - 1 < window:
+      kind = (False, 0, 0)
+    else:
+      kind = (False, window, offset)
+    if kind is not None and kind not in kinds:
+      kinds.append(kind)
+    table.append(0 if kind is None else 1 + kinds.index(kind))
+  return tuple(kinds), tuple(table)
 
 
 def ring_attention(
@@ -80,13 +125,16 @@ def ring_attention(
     logit_softcap: float = 0.0,
     scale: float | None = None,
     load_balance: bool | None = None,  # zig-zag layout; default: when causal
+    block_impl: str = "xla",  # each chunk pair in jnp ('xla') or the Pallas flash kernel ('pallas')
+    block_sizes=None,  # pallas_kernels.BlockSizes of the flash kernel; None: its defaults
 ) -> jax.Array:
   """Self-attention with T split over `mesh_axis` and key/value blocks passed around a ring.
 
   Takes and returns tokens in sequence order; with load balancing it permutes them into the
   zig-zag layout and back (a gather along the sharded T, i.e. an all-to-all: a data pipeline that
   feeds zig-zagged rows could skip both). Positions are 0..T-1. Batch and head axes stay sharded as
-  the context's rules shard BTNH and BTKH. Returns [B, T, N, H] in q's dtype."""
+  the context's rules shard BTNH and BTKH. block_impl='pallas' needs a static (int) sliding_window,
+  as the kernel does. Returns [B, T, N, H] in q's dtype."""
   batch, seq_len, num_heads, head_dim = q.shape
   if k.shape != v.shape or k.shape[:2] != (batch, seq_len) or k.shape[3] != head_dim:
     raise ValueError(f"ring attention is self-attention: q {q.shape}, k {k.shape} and v {v.shape} must share B, T, H")
@@ -106,6 +154,15 @@ def ring_attention(
   chunks = 2 if load_balance else 1
   if seq_len % (chunks * size):
     raise ValueError(f"seq_len={seq_len} is not divisible by {chunks} * {mesh_axis} size {size}")
+  flash = None
+  if block_impl == "pallas":
+    if not isinstance(sliding_window, int):
+      raise ValueError("block_impl='pallas' needs a static (int) sliding_window; use block_impl='xla' for a traced one")
+    chunk = seq_len // (chunks * size)
+    flash = _Flash(sliding_window, q_segment_ids is not None, block_sizes,
+                   *_flash_kinds(causal, sliding_window, chunk, chunks * size))
+  elif block_impl != "xla":
+    raise ValueError(f"block_impl={block_impl!r} is not one of ('xla', 'pallas')")
 
   batch_spec = heads_spec = None
   if context is not None and context[0] == mesh:
@@ -116,7 +173,7 @@ def ring_attention(
     # Heads stay split only where query and kv heads split alike (else each shard would need other kv heads).
     heads_spec = q_spec[2] if q_spec[2] == kv_spec[2] and not uses_axis(q_spec[2]) else None
   ring = _Ring(mesh, mesh_axis, batch_spec, heads_spec, causal, float(logit_softcap),
-               float(head_dim**-0.5 if scale is None else scale), chunks)
+               float(head_dim**-0.5 if scale is None else scale), chunks, flash)
 
   positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
   if q_segment_ids is None:
@@ -146,8 +203,8 @@ def _ring_attention(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, win
 def _ring_fwd(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window):
   x, bt, lse_spec = _specs(ring)
   out, lse = jax.shard_map(
-      functools.partial(_forward_shard, ring), mesh=ring.mesh, in_specs=(x, x, x, bt, bt, bt, PartitionSpec()),
-      out_specs=(x, lse_spec), check_vma=False,
+      functools.partial(_flash_forward_shard if ring.flash else _forward_shard, ring), mesh=ring.mesh,
+      in_specs=(x, x, x, bt, bt, bt, PartitionSpec()), out_specs=(x, lse_spec), check_vma=False,
   )(q, k, v, positions, q_segment_ids, kv_segment_ids, window)
   return out, (q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse)
 
@@ -156,7 +213,7 @@ def _ring_bwd(ring, residuals, dout):
   q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse = residuals
   x, bt, lse_spec = _specs(ring)
   dq, dk, dv = jax.shard_map(
-      functools.partial(_backward_shard, ring), mesh=ring.mesh,
+      functools.partial(_flash_backward_shard if ring.flash else _backward_shard, ring), mesh=ring.mesh,
       in_specs=(x, x, x, bt, bt, bt, PartitionSpec(), x, lse_spec, x), out_specs=(x, x, x), check_vma=False,
   )(q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse, dout)
   return dq, dk, dv, None, None, None, None
@@ -286,3 +343,108 @@ def _backward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, win
   dk, dv = jnp.concatenate(block[4], axis=1), jnp.concatenate(block[5], axis=1)
   dq = jnp.concatenate(dqs, axis=1).reshape(q.shape)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+# The same ring with each chunk pair through the flash kernel. The chunks are stacked, [c, B, Tc, ...],
+# and the c * c pairs of a step walked in a fori_loop, so each kind of kernel call is traced once.
+
+
+def _stack(x, chunks):
+  return jnp.stack(_split(x, chunks, 1))  # [c, B, Tc, ...]
+
+
+def _branch(ring, q_pos, kv_pos, q_seg, kv_seg):
+  """The lax.switch branch of a pair (_Flash.table; 0 skips it) from its chunks' first positions,
+  [B, Tc] each (0..T-1 in every row); and 0 where no row's query and key segment ids can match (their
+  [min, max] intervals are apart: exact for packed rows), without building the pair's mask."""
+  chunk = q_pos.shape[1]
+  d = (q_pos[0, 0] - kv_pos[0, 0]) // chunk
+  branch = jnp.asarray(ring.flash.table, jnp.int32)[d + ring.chunks * ring.size - 1]
+  if not ring.flash.segments:
+    return branch
+  overlap = (q_seg.min(1) <= kv_seg.max(1)) & (kv_seg.min(1) <= q_seg.max(1))  # [B]
+  return jnp.where(overlap.any(), branch, 0)
+
+
+def _kernel_args(ring, kind, q_seg, kv_seg):
+  causal, window, offset = kind
+  return dict(segment_ids=(q_seg, kv_seg) if ring.flash.segments else None, offset=offset, causal=causal,
+              sliding_window=window, logit_softcap=ring.logit_softcap, scale=ring.scale,
+              block_sizes=ring.flash.block_sizes)
+
+
+def _flash_forward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window):
+  from pallas_kernels import flash_attention_block  # noqa: PLC0415 (optional backend, as in attention_ops)
+
+  del window  # static: ring.flash.window, in its kinds
+  batch, q_len, num_heads, head_dim = q.shape
+  c = ring.chunks
+  qs, q_pos, q_seg = (_stack(x, c) for x in (q, positions, q_segment_ids))
+  # The kernel's blocks come in q's dtype; the row's output and log-sum-exp merge in float32.
+  init = (jnp.zeros(qs.shape, jnp.float32), jnp.full((c, batch, num_heads, q_len // c), -jnp.inf, jnp.float32))
+
+  def attend(kind, o, lse, q, k, v, q_seg, kv_seg):  # o [B, Tc, N, H], lse [B, N, Tc]
+    o_block, lse_block = flash_attention_block(q, k, v, **_kernel_args(ring, kind, q_seg, kv_seg))
+    lse_block = jnp.where(lse_block == jnp.inf, -jnp.inf, lse_block)  # the kernel's +inf: saw no key
+    merged = jnp.logaddexp(lse, lse_block)  # -inf where neither block saw a key
+    safe = jnp.where(jnp.isfinite(merged), merged, 0.0)
+    weight = lambda x: jnp.swapaxes(jnp.exp(x - safe), 1, 2)[..., None]  # noqa: E731  [B, Tc, N, 1]
+    return o * weight(lse) + o_block.astype(jnp.float32) * weight(lse_block), merged
+
+  branches = [lambda o, lse, *_: (o, lse)] + [functools.partial(attend, kind) for kind in ring.flash.kinds]
+
+  def pair(p, carry):
+    (o, lse), block = carry
+    a, b = p // c, p % c
+    k, v, kv_pos, kv_seg = (x[b] for x in block)
+    o_a, lse_a = jax.lax.switch(_branch(ring, q_pos[a], kv_pos, q_seg[a], kv_seg), branches, o[a], lse[a], qs[a], k,
+                                v, q_seg[a], kv_seg)
+    return (o.at[a].set(o_a), lse.at[a].set(lse_a)), block
+
+  def step(_, carry):
+    stats, block = carry
+    stats, _ = jax.lax.fori_loop(0, c * c, pair, (stats, block))
+    return stats, _pass_on(ring, block)
+
+  block = tuple(_stack(x, c) for x in (k, v, positions, kv_segment_ids))
+  (o, lse), _ = jax.lax.fori_loop(0, ring.size, step, (init, block))
+  out = jnp.moveaxis(o, 0, 1).reshape(q.shape)  # [c, B, Tc, N, H] -> [B, Tl, N, H]
+  lse = jnp.moveaxis(lse, 0, 2).reshape(batch, num_heads, q_len)  # [B, N, Tl]
+  lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # a row that saw no key: exp(s - inf) = 0 backward
+  return out.astype(q.dtype), lse.reshape(batch, k.shape[2], -1, q_len)  # lse as _specs' [B, K, G, Tl]
+
+
+def _flash_backward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse, dout):
+  from pallas_kernels import flash_attention_block_backward  # noqa: PLC0415 (optional backend)
+
+  del window
+  batch, q_len, num_heads, _ = q.shape
+  c = ring.chunks
+  qs, outs, dos, q_pos, q_seg = (_stack(x, c) for x in (q, out, dout, positions, q_segment_ids))
+  lses = jnp.moveaxis(lse.reshape(batch, num_heads, c, q_len // c), 2, 0)  # [c, B, N, Tc]
+
+  def grads(kind, dq, dk, dv, q, o, lse, do, k, v, q_seg, kv_seg):
+    g = flash_attention_block_backward(q, k, v, o, lse, do, **_kernel_args(ring, kind, q_seg, kv_seg))
+    return tuple(acc + x.astype(jnp.float32) for acc, x in zip((dq, dk, dv), g))
+
+  branches = [lambda dq, dk, dv, *_: (dq, dk, dv)] + [functools.partial(grads, kind) for kind in ring.flash.kinds]
+
+  def pair(p, carry):
+    dq, (k, v, kv_pos, kv_seg, dk, dv) = carry
+    a, b = p // c, p % c
+    dq_a, dk_b, dv_b = jax.lax.switch(
+        _branch(ring, q_pos[a], kv_pos[b], q_seg[a], kv_seg[b]), branches, dq[a], dk[b], dv[b], qs[a], outs[a],
+        lses[a], dos[a], k[b], v[b], q_seg[a], kv_seg[b])
+    return dq.at[a].set(dq_a), (k, v, kv_pos, kv_seg, dk.at[b].set(dk_b), dv.at[b].set(dv_b))
+
+  def step(_, carry):
+    # dk and dv accumulate in float32 and travel with their block, home after the P-th pass.
+    dq, block = jax.lax.fori_loop(0, c * c, pair, carry)
+    return dq, _pass_on(ring, block)
+
+  ks = _stack(k, c)
+  block = (ks, _stack(v, c), _stack(positions, c), _stack(kv_segment_ids, c), jnp.zeros(ks.shape, jnp.float32),
+           jnp.zeros(ks.shape, jnp.float32))
+  dq, block = jax.lax.fori_loop(0, ring.size, step, (jnp.zeros(qs.shape, jnp.float32), block))
+  unstack = lambda x, like: jnp.moveaxis(x, 0, 1).reshape(like.shape).astype(like.dtype)  # noqa: E731
+  return unstack(dq, q), unstack(block[4], k), unstack(block[5], v)

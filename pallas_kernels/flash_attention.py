@@ -13,6 +13,11 @@ not from the default backend at trace time, so lowering or exporting for another
 its kernels. What both layouts share (block ranges, masks) is in flash_geometry.py; an
 independent plain-jnp `reference_attention` is in reference.py.
 
+`flash_attention_block` and `flash_attention_block_backward` run the same kernels on one block of
+a longer sequence, its queries at a given offset from its keys, with no custom_vjp: the forward
+returns the block's log-sum-exp beside its output, and the backward takes the whole row's merged
+output and log-sum-exp. Ring attention (model/ring_attention.py) composes them.
+
 GPU lowering: Pallas's Triton backend, named by passing `pltriton.CompilerParams`, because since
 jax 0.10 a GPU pallas_call without compiler params lowers with Mosaic GPU, which rejects these
 kernels (Mosaic GPU cannot lay out their iotas). Triton is chosen because (1) it is present and
@@ -145,9 +150,10 @@ def _pad(x, axis, multiple, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("causal", "sliding_window", "logit_softcap", "scale", "block_sizes", "interpret")
-)
+_STATIC = ("causal", "sliding_window", "logit_softcap", "scale", "block_sizes", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def flash_attention(
     q: jax.Array,  # [B, T, N, H]
     k: jax.Array,  # [B, S, K, H]
@@ -170,14 +176,24 @@ def flash_attention(
   True: Pallas interpret mode on any platform. `pltpu.InterpretParams()`, or a call inside
   `pltpu.force_tpu_interpret_mode()`: the TPU layout in TPU interpret mode (Mosaic semantics
   simulated on CPU)."""
+  q_seg, kv_seg = _segments(q, k, v, segment_ids)
+  q_len, kv_len = q.shape[1], k.shape[1]
+  if causal and q_len > kv_len:
+    raise ValueError(f"causal attention needs T <= S; got {q_len=} > {kv_len=}")
+  run = functools.partial(_attend, **_settings(q, k, segment_ids, causal=causal, offset=kv_len - q_len,
+                                               sliding_window=sliding_window, logit_softcap=logit_softcap,
+                                               scale=scale, block_sizes=block_sizes))
+  return _on_platform(run, (q, k, v, q_seg, kv_seg), interpret)
+
+
+def _segments(q, k, v, segment_ids):
+  """Validated (q_seg [B, T], kv_seg [B, S]) int32 of q [B, T, N, H], k and v [B, S, K, H]."""
   batch, q_len, heads, head_dim = q.shape
   if k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
     raise ValueError(f"k and v must be [B, S, K, H] matching q [B, T, N, H]; got {q.shape=}, {k.shape=}, {v.shape=}")
   kv_len, kv_heads = k.shape[1], k.shape[2]
   if heads % kv_heads:
     raise ValueError(f"query heads {heads=} must be a multiple of kv heads {kv_heads=}")
-  if causal and q_len > kv_len:
-    raise ValueError(f"causal attention needs T <= S; got {q_len=} > {kv_len=}")
   if segment_ids is None:
     q_seg, kv_seg = jnp.ones((batch, q_len), jnp.int32), jnp.ones((batch, kv_len), jnp.int32)
   elif isinstance(segment_ids, (tuple, list)):
@@ -188,12 +204,11 @@ def flash_attention(
     q_seg = kv_seg = segment_ids
   if q_seg.shape != (batch, q_len) or kv_seg.shape != (batch, kv_len):
     raise ValueError(f"segment ids must be [B, T] and [B, S]; got {q_seg.shape} and {kv_seg.shape}")
-  run = functools.partial(
-      _attend, causal=causal, window=int(sliding_window or 0), softcap=float(logit_softcap or 0.0),
-      scale=float(head_dim**-0.5 if scale is None else scale), block_sizes=block_sizes,
-      segments=segment_ids is not None,
-  )
-  args = (q, k, v, q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+  return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+
+def _on_platform(run, args, interpret):
+  """run(*args, mode=..., interpret=...) on the kernels `interpret` asks for (see flash_attention)."""
   if isinstance(interpret, pltpu.InterpretParams):
     return run(*args, mode="tpu", interpret=interpret)
   if _tpu_interpret_forced():  # every pallas_call runs in TPU interpret mode: the TPU layout
@@ -211,13 +226,19 @@ def flash_attention(
   return jax.lax.platform_dependent(*args, **branches)
 
 
-def _attend(q, k, v, q_seg, kv_seg, *, mode, interpret, causal, window, softcap, scale, block_sizes, segments):
-  """One platform's attention: pad to its blocks, run its kernels, slice back.
+def _settings(q, k, segment_ids, *, causal, offset, sliding_window, logit_softcap, scale, block_sizes):
+  """The keyword arguments of _static shared by every call (all but the platform's mode and interpret)."""
+  return dict(causal=causal, offset=offset, window=int(sliding_window or 0), softcap=float(logit_softcap or 0.0),
+              scale=float(q.shape[3]**-0.5 if scale is None else scale), block_sizes=block_sizes,
+              segments=segment_ids is not None, q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[3])
+
+
+def _static(*, mode, interpret, causal, offset, window, softcap, scale, block_sizes, segments, q_len, kv_len,
+            head_dim) -> tuple[FlashStatic, int]:
+  """(the kernels' static arguments, the padded head dimension) on one platform.
 
   mode: "interpret" (flash_attention_gpu.py's layout in Pallas interpret mode), "triton" (that layout
   compiled for GPU) or "tpu" (flash_attention_tpu.py's layout, compiled or in TPU interpret mode)."""
-  batch, q_len, heads, head_dim = q.shape
-  kv_len = k.shape[1]
   triton = mode == "triton"
   # On GPU the head dimension is padded to a power of two (Triton's arrays): zero columns of q and k
   # leave the logits unchanged, zero columns of v give output columns that are sliced away.
@@ -228,21 +249,125 @@ def _attend(q, k, v, q_seg, kv_seg, *, mode, interpret, causal, window, softcap,
   smallest = 16 if triton else 8
   fit_q = lambda block: max(smallest, min(block, pl.next_power_of_2(q_len)))  # noqa: E731
   fit_kv = lambda block: max(smallest, min(block, pl.next_power_of_2(kv_len)))  # noqa: E731
-  block_q, block_kv = fit_q(blocks.block_q), fit_kv(blocks.block_kv)
-  block_q_bwd, block_kv_bwd = fit_q(blocks.backward[0]), fit_kv(blocks.backward[1])
   st = FlashStatic(
-      causal=causal, window=window, softcap=softcap, scale=scale, block_q=block_q, block_kv=block_kv,
-      block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd, offset=kv_len - q_len, q_len=q_len, kv_len=kv_len,
-      segments=segments, interpret=interpret, kv_grid=mode == "tpu",
+      causal=causal, window=window, softcap=softcap, scale=scale, block_q=fit_q(blocks.block_q),
+      block_kv=fit_kv(blocks.block_kv), block_q_bwd=fit_q(blocks.backward[0]), block_kv_bwd=fit_kv(blocks.backward[1]),
+      offset=offset, q_len=q_len, kv_len=kv_len, segments=segments, interpret=interpret, kv_grid=mode == "tpu",
       gpu_params=_triton_params(blocks) if triton else None,
   )
-  # Padding: padded keys get segment -1 (seen by no query); padded queries are sliced away.
-  # Lengths are padded to the larger of the forward and backward blocks (powers of two: a multiple of both).
-  q_multiple, kv_multiple = max(block_q, block_q_bwd), max(block_kv, block_kv_bwd)
-  qt = _pad(_pad(jnp.swapaxes(q, 1, 2), 2, q_multiple), 3, padded_head_dim)  # [B, N, Tp, Hp]
-  kt = _pad(_pad(jnp.swapaxes(k, 1, 2), 2, kv_multiple), 3, padded_head_dim)  # [B, K, Sp, Hp]
-  vt = _pad(_pad(jnp.swapaxes(v, 1, 2), 2, kv_multiple), 3, padded_head_dim)
-  q_seg = _pad(q_seg, 1, q_multiple, value=-2)
-  kv_seg = _pad(kv_seg, 1, kv_multiple, value=-1)
-  out = _flash(qt, kt, vt, q_seg, kv_seg, st)[..., :head_dim]
-  return jnp.swapaxes(out[:, :, :q_len], 1, 2)
+  return st, padded_head_dim
+
+
+def _padded(st: FlashStatic, head_dim: int, q, k, v, q_seg, kv_seg):
+  """[B, T, N, H] q and [B, S, K, H] k, v -> [B, N, Tp, Hp] and [B, K, Sp, Hp] with segment ids [B, Tp], [B, Sp].
+
+  Padded keys get segment -1 (seen by no query); padded queries (-2) are sliced away. Lengths are
+  padded to the larger of the forward and backward blocks (powers of two: a multiple of both)."""
+  q_multiple, kv_multiple = max(st.block_q, st.block_q_bwd), max(st.block_kv, st.block_kv_bwd)
+  qt = _pad(_pad(jnp.swapaxes(q, 1, 2), 2, q_multiple), 3, head_dim)  # [B, N, Tp, Hp]
+  kt = _pad(_pad(jnp.swapaxes(k, 1, 2), 2, kv_multiple), 3, head_dim)  # [B, K, Sp, Hp]
+  vt = _pad(_pad(jnp.swapaxes(v, 1, 2), 2, kv_multiple), 3, head_dim)
+  return qt, kt, vt, _pad(q_seg, 1, q_multiple, value=-2), _pad(kv_seg, 1, kv_multiple, value=-1)
+
+
+def _attend(q, k, v, q_seg, kv_seg, *, mode, interpret, **settings):
+  """One platform's attention: pad to its blocks, run its kernels under the custom_vjp, slice back."""
+  st, head_dim = _static(mode=mode, interpret=interpret, **settings)
+  out = _flash(*_padded(st, head_dim, q, k, v, q_seg, kv_seg), st)
+  return jnp.swapaxes(out[:, :, :q.shape[1], :q.shape[3]], 1, 2)
+
+
+# One block of a longer sequence: what ring attention composes. The forward returns the block's
+# log-sum-exp beside its output so that blocks merge; the backward takes the whole row's merged o
+# and lse, from which each block's dq, dk and dv follow alone (FlashAttention-2, alg. 2: P = exp(S -
+# L) and D = rowsum(dO * O) need the row's L and O, nothing else of its other blocks).
+
+
+def _block_call(body, q, k, v, segment_ids, *, causal, offset, **settings):
+  """(body with its settings bound, to run on a platform; the validated segment ids) of one block."""
+  q_len, kv_len = q.shape[1], k.shape[1]
+  segments = _segments(q, k, v, segment_ids)
+  offset = kv_len - q_len if offset is None else offset
+  if causal and offset > kv_len - q_len:
+    # Padded keys sit past kv_len: a causal query past the last key would see them. Every key
+    # precedes such a block's queries, so it is causal=False (with the window, if any).
+    raise ValueError(f"a causal block needs offset <= S - T, its queries within its keys' span; got {offset=}, "
+                     f"{q_len=}, {kv_len=} (a block whose queries all follow its keys is causal=False)")
+  return functools.partial(body, **_settings(q, k, segment_ids, causal=causal, offset=offset, **settings)), segments
+
+
+@functools.partial(jax.jit, static_argnames=("offset", *_STATIC))
+def flash_attention_block(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, S, K, H]
+    v: jax.Array,  # [B, S, K, H]
+    *,
+    segment_ids=None,  # (q_segment_ids [B, T], kv_segment_ids [B, S]) or, when T == S, [B, T]
+    offset: int | None = None,  # the position of query 0 less that of key 0; None: S - T
+    causal: bool = True,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: "bool | pltpu.InterpretParams | None" = None,
+) -> tuple[jax.Array, jax.Array]:
+  """(o [B, T, N, H] in q's dtype, lse [B, N, T] float32) of one block: query t at position t + offset,
+  key s at s; lse is the log-sum-exp of each row's visible logits, +inf for a row that sees no key
+  (its o is 0). Not differentiable itself: `flash_attention_block_backward` is its backward. The
+  other arguments are flash_attention's."""
+  run, segments = _block_call(_block_forward, q, k, v, segment_ids, causal=causal, offset=offset,
+                              sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale,
+                              block_sizes=block_sizes)
+  return _on_platform(run, (q, k, v, *segments), interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("offset", *_STATIC))
+def flash_attention_block_backward(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, S, K, H]
+    v: jax.Array,  # [B, S, K, H]
+    o: jax.Array,  # [B, T, N, H]: the rows' output over all their blocks
+    lse: jax.Array,  # [B, N, T] float32: the rows' log-sum-exp over all their blocks (+inf: saw no key)
+    do: jax.Array,  # [B, T, N, H]: the cotangent of o
+    *,
+    segment_ids=None,
+    offset: int | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: "bool | pltpu.InterpretParams | None" = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dq, dk, dv) of this block's share of the rows' attention, each in its input's dtype: summed
+  over a row's blocks (and, for dk and dv, over the blocks of queries that see these keys), they are
+  the gradients of the whole attention. Block sizes are the backward's (BlockSizes.backward)."""
+  if o.shape != q.shape or do.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]):
+    raise ValueError(f"o and do must be [B, T, N, H] and lse [B, N, T] for {q.shape=}; got {o.shape=}, {do.shape=}, "
+                     f"{lse.shape=}")
+  run, segments = _block_call(_block_backward, q, k, v, segment_ids, causal=causal, offset=offset,
+                              sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale,
+                              block_sizes=block_sizes)
+  return _on_platform(run, (q, k, v, *segments, o, lse.astype(jnp.float32), do), interpret)
+
+
+def _block_forward(q, k, v, q_seg, kv_seg, *, mode, interpret, **settings):
+  st, head_dim = _static(mode=mode, interpret=interpret, **settings)
+  o, lse = _layout(st).forward(*_padded(st, head_dim, q, k, v, q_seg, kv_seg), st)
+  q_len = q.shape[1]
+  lse = lse.reshape(lse.shape[:3])[:, :, :q_len]  # the TPU layout's [B, N, Tp, 1] too
+  return jnp.swapaxes(o[:, :, :q_len, :q.shape[3]], 1, 2), lse
+
+
+def _block_backward(q, k, v, q_seg, kv_seg, o, lse, do, *, mode, interpret, **settings):
+  st, head_dim = _static(mode=mode, interpret=interpret, **settings)
+  qt, kt, vt, q_seg, kv_seg = _padded(st, head_dim, q, k, v, q_seg, kv_seg)
+  rows = qt.shape[2]
+  ot, dot = (_pad(_pad(jnp.swapaxes(x, 1, 2), 2, rows), 3, head_dim) for x in (o, do))  # [B, N, Tp, Hp]
+  lse = _pad(lse, 2, rows, value=jnp.inf)  # padded rows see no key: P = exp(S - inf) = 0
+  if st.kv_grid:
+    lse = lse[..., None]  # the TPU layout's [B, N, Tp, 1]
+  backward_st = dataclasses.replace(st, block_q=st.block_q_bwd, block_kv=st.block_kv_bwd)
+  dq, dk, dv = _layout(st).backward(qt, kt, vt, q_seg, kv_seg, ot, lse, dot, backward_st)
+  q_len, kv_len, dim = q.shape[1], k.shape[1], q.shape[3]
+  return tuple(jnp.swapaxes(x[:, :, :length, :dim], 1, 2) for x, length in ((dq, q_len), (dk, kv_len), (dv, kv_len)))

@@ -1,7 +1,9 @@
 """What both flash-attention layouts share: which blocks and pairs are visible, and the tile logits.
 
-Positions are absolute: query t of T sits at t + offset with offset = S - T (the queries are the
-last T positions), key s at s. Query t sees key s iff their segment ids match, s <= t + offset when
+Positions are absolute: query t of T sits at t + offset, key s at s; offset = S - T in
+`flash_attention` (the queries are the last T positions), any offset in one block of a longer
+sequence (`flash_attention_block`; causal there only with offset <= S - T, so that padded keys
+still follow every query). Query t sees key s iff their segment ids match, s <= t + offset when
 causal (s < S when not: padded keys are hidden by position), and t + offset - s < window when a
 window is set. Blocks are numbered along the padded lengths: query block i holds queries
 [i * block_q, (i + 1) * block_q), key block j keys [j * block_kv, (j + 1) * block_kv).
@@ -36,7 +38,7 @@ class FlashStatic:
   block_kv: int
   block_q_bwd: int
   block_kv_bwd: int
-  offset: int  # S - T: queries are the last T positions
+  offset: int  # position of query 0 less that of key 0 (S - T: the queries are the last T positions)
   q_len: int  # T and S before padding
   kv_len: int
   segments: bool  # segment ids given: every block is masked

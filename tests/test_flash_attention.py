@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from pallas_kernels import BlockSizes, flash_attention, flash_geometry, reference_attention
+from pallas_kernels import (BlockSizes, flash_attention, flash_attention_block, flash_attention_block_backward,
+                            flash_geometry, reference_attention)
 
 # Small blocks: several per row, and ragged ends (16 on a GPU, the least Triton's dot takes; these
 # tests then run the compiled kernels there: `python -m pytest tests/test_flash_attention.py`).
@@ -94,18 +95,18 @@ def test_backward_blocks_differ_from_the_forward_blocks():
 
 def test_block_ranges_against_brute_force_visibility():
   """The block ranges the kernels walk, against visibility computed pair by pair from the
-  definitions (query t sees key s iff s <= t + S - T when causal and t + S - T - s < window): every
+  definitions (query t sees key s iff s <= t + offset when causal and t + offset - s < window;
+  offset S - T, and bidirectional also 24, queries after their keys as in a ring's blocks): every
   block holding a visible pair is walked (kv_range, q_range), and the mask-free ranges
-  (full_kv_range, full_q_range) hold exactly the blocks where every pair is visible and no row
-  or column is padding, so the unmasked loop is exact and not vacuous."""
+  (full_kv_range, full_q_range) hold exactly the blocks where every pair is visible and no row or
+  column is padding, so the unmasked loop is exact and not vacuous."""
   checked_full = 0
   for block_q, block_kv in [(8, 8), (8, 16), (16, 8)]:
     for q_len, kv_len in [(20, 20), (13, 37), (10, 16), (5, 12), (40, 40), (8, 64), (33, 18)]:
-      for causal in (True, False):
+      for causal, offset in [(True, kv_len - q_len), (False, kv_len - q_len), (False, 24)]:
         if causal and q_len > kv_len:
           continue
         for window in (0, 1, 5, 13, 40):
-          offset = kv_len - q_len
           pad = max(block_q, block_kv)
           num_q, num_kv = -(-q_len // pad) * pad // block_q, -(-kv_len // pad) * pad // block_kv
           t = np.arange(num_q * block_q)[:, None]
@@ -131,6 +132,53 @@ def test_block_ranges_against_brute_force_visibility():
             lo, hi = (int(x) for x in flash_geometry.full_q_range(j, **full))
             assert set(range(lo, hi)) == set(np.flatnonzero(every_pair[:, j])), (j, lo, hi, geometry)
   assert checked_full > 100  # the mask-free path is common, not an edge case
+
+
+@pytest.mark.parametrize("layout", ["interpret", "tpu_interpret"])
+def test_blocks_merged_by_log_sum_exp_match_float64(layout):
+  """flash_attention_block over the visible (query block, key block) pairs of a row, merged by their
+  log-sum-exps, and flash_attention_block_backward given the merged o and lse, summed over the
+  pairs: the row's attention and gradients, against float64 (blocks of 12 positions, which the
+  kernel pads to 16; causal, a window of 9 that cuts the diagonal pairs and the pair below them,
+  soft-cap, segments, GQA 2). The pair above the diagonal sees nothing and is left out, as a ring
+  skips it."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+  size, window = 12, 9
+  q, k, v, cotangent = _inputs(2 * size, 2 * size, 2, 1, jnp.float32, seed=11)
+  q_seg, kv_seg = _segments(2 * size, 2 * size)
+  kwargs = dict(sliding_window=window, logit_softcap=3.0, block_sizes=BLOCKS,
+                interpret=pltpu.InterpretParams() if layout == "tpu_interpret" else None)
+  pairs = [(0, 0, dict(causal=True, offset=0)), (1, 1, dict(causal=True, offset=0)),
+           (1, 0, dict(causal=False, offset=size))]  # (query block, key block, its call)
+  rows = lambda x, i: x[:, i * size:(i + 1) * size]  # noqa: E731
+
+  def blocks(q, k, v, cotangent):
+    parts = [dict(q=rows(q, i), k=rows(k, j), v=rows(v, j), segment_ids=(rows(q_seg, i), rows(kv_seg, j)), **call)
+             for i, j, call in pairs]
+    out, lse = [0.0, 0.0], [-jnp.inf, -jnp.inf]
+    for (i, _, _), part in zip(pairs, parts):
+      o_block, lse_block = flash_attention_block(**part, **kwargs)
+      lse_block = jnp.where(lse_block == jnp.inf, -jnp.inf, lse_block)  # +inf: the row saw no key here
+      merged = jnp.logaddexp(lse[i], lse_block)
+      safe = jnp.where(jnp.isfinite(merged), merged, 0.0)
+      weight = lambda x: jnp.swapaxes(jnp.exp(x - safe), 1, 2)[..., None]  # noqa: E731
+      out[i], lse[i] = out[i] * weight(lse[i]) + o_block * weight(lse_block), merged
+    out, lse = jnp.concatenate(out, axis=1), jnp.concatenate(lse, axis=2)
+    lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+    grads = [jnp.zeros_like(x) for x in (q, k, v)]
+    for (i, j, _), part in zip(pairs, parts):
+      dq, dk, dv = flash_attention_block_backward(**part, o=rows(out, i), lse=lse[:, :, i * size:(i + 1) * size],
+                                                  do=rows(cotangent, i), **kwargs)
+      for n, (grad, block) in enumerate(zip((dq, dk, dv), (i, j, j))):
+        grads[n] = grads[n].at[:, block * size:(block + 1) * size].add(grad)
+    return out, *grads
+
+  got = jax.jit(blocks)(q, k, v, cotangent)
+  expected = _float64_reference(q, k, v, cotangent, dict(causal=True, sliding_window=window, logit_softcap=3.0,
+                                                           segment_ids=(q_seg, kv_seg)))
+  for name, got, want in zip(("out", "dq", "dk", "dv"), got, expected):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize(
@@ -225,6 +273,11 @@ def test_bad_arguments_name_the_values():
   q, k, v, _ = _inputs(16, 8, 4, 2, jnp.float32)
   with pytest.raises(ValueError, match="q_len=16 > kv_len=8"):
     flash_attention(q, k, v)
+  q, k, v, _ = _inputs(16, 16, 4, 2, jnp.float32)
+  with pytest.raises(ValueError, match="offset=16, q_len=16, kv_len=16"):
+    flash_attention_block(q, k, v, offset=16)
+  with pytest.raises(ValueError, match="lse.shape"):
+    flash_attention_block_backward(q, k, v, q, jnp.zeros((2, 16, 4)), q, causal=False)
   with pytest.raises(ValueError, match="block_q=12"):
     BlockSizes(block_q=12)
   with pytest.raises(ValueError, match="block_kv_bwd=48"):
