@@ -246,7 +246,8 @@ def shifted_sparse_attention(
   [B, T, N, H].
 
   The groups are segment ids, so each backend runs it with the block skipping it already has for
-  packed segments (the flash kernel's cost is then linear in T). One difference from LongLoRA's
+  packed segments (the flash kernel's cost is then linear in T), and ring attention runs each half
+  when the rules in context shard the sequence. One difference from LongLoRA's
   code, which rolls the shifted heads' tokens: here the shifted groups do not wrap around the
   row's end, so no token sees a later position (LongLoRA's roll puts the row's last half-group in
   the first group, before its first tokens)."""
@@ -264,8 +265,8 @@ def shifted_sparse_attention(
     kv = slice(i * half_kv, (i + 1) * half_kv) if num_kv_heads > 1 else slice(None)
     heads = slice(i * half, (i + 1) * half)
     slopes = None if alibi_slopes is None else alibi_slopes[heads]
-    outs.append(dot_product_attention(q[:, :, heads], k[:, :, kv], v[:, :, kv], impl=impl, q_segment_ids=ids,
-                                      kv_segment_ids=ids, causal=True, alibi_slopes=slopes, **kwargs))
+    outs.append(_causal_rows(q[:, :, heads], k[:, :, kv], v[:, :, kv], impl=impl, segment_ids=ids,
+                             alibi_slopes=slopes, ring=True, **kwargs))
   return jnp.concatenate(outs, axis=2)
 
 
@@ -375,7 +376,7 @@ def attention(
   with this chunk's keys and values written, or None without one).
 
   Without a cache: shifted sparse attention when `shifted_sparse_group` is set (fine-tuning only,
-  never with a cache); else ring attention when the rules in context shard the sequence and there is
+  never with a cache; each half of the heads as below); else ring attention when the rules in context shard the sequence and there is
   no ALiBi (its chunk pairs through the flash kernel when `impl` is 'pallas', else in jnp); else
   `dot_product_attention` through `impl`. With a dense cache from the start, the slots past the
   chunk lie beyond every query: the chunk attends to itself alone through `impl`, as in training,
@@ -388,17 +389,24 @@ def attention(
   if cache is None and shifted_sparse_group:
     out = shifted_sparse_attention(q, k, v, group=shifted_sparse_group, positions=positions, segment_ids=segment_ids,
                                    impl=impl, alibi_slopes=alibi_slopes, **kwargs)
-  elif cache is None and alibi_slopes is None and (axis := _ring_axis(q)) is not None:
-    out = ring_attention.ring_attention(q, k, v, mesh_axis=axis, causal=True, q_segment_ids=segment_ids,
-                                        kv_segment_ids=segment_ids, block_impl=_ring_block_impl(impl, sliding_window),
-                                        **kwargs)
   else:
-    out = dot_product_attention(q, k, v, impl=impl, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                                causal=True, alibi_slopes=alibi_slopes, **kwargs)
+    out = _causal_rows(q, k, v, impl=impl, segment_ids=segment_ids, alibi_slopes=alibi_slopes, ring=cache is None,
+                       **kwargs)
   if cache is not None:  # from the start
     all_k, all_v, layer, _ = cache
     cache = (kv_cache.write_from_start(all_k, layer, k), kv_cache.write_from_start(all_v, layer, v), layer, None)
   return out, cache
+
+
+def _causal_rows(q, k, v, *, impl, segment_ids, alibi_slopes, ring: bool, **kwargs) -> jax.Array:
+  """Causal attention within each row [B, T, N, H]: ring attention when `ring` and the rules in
+  context shard the sequence and there is no ALiBi, else dot_product_attention through `impl`."""
+  if ring and alibi_slopes is None and (axis := _ring_axis(q)) is not None:
+    return ring_attention.ring_attention(q, k, v, mesh_axis=axis, causal=True, q_segment_ids=segment_ids,
+                                         kv_segment_ids=segment_ids,
+                                         block_impl=_ring_block_impl(impl, kwargs.get("sliding_window", 0)), **kwargs)
+  return dot_product_attention(q, k, v, impl=impl, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
+                               alibi_slopes=alibi_slopes, **kwargs)
 
 
 def _ring_block_impl(impl: str, sliding_window) -> str:

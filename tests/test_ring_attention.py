@@ -173,6 +173,34 @@ def test_decoder_attention_runs_the_ring_with_the_kernel_for_pallas(inputs, impl
   assert any(eqn.primitive.name == "pallas_call" for eqn in eqns) == flash
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_shifted_sparse_attention_runs_each_half_on_the_ring(inputs, impl):
+  """LongLoRA's S^2-Attn on a sequence-sharded mesh: both halves of the heads go round the ring (jnp
+  or flash blocks), forward and gradients equal to S^2-Attn on one device (impl='xla')."""
+  mesh = sharding.make_mesh({"sequence": 4}, jax.devices()[:4])
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+  def s2(q, k, v, seg, impl):
+    return attention_ops.shifted_sparse_attention(q, k, v, group=16, positions=positions, segment_ids=seg, impl=impl,
+                                                  scale=H**-0.5, sliding_window=0, logit_softcap=0.0)
+
+  def ring(q, k, v, seg):
+    with sharding.axis_rules(mesh):
+      q = sharding.shard(q, attention_ops.BTNH)
+      k, v = (sharding.shard(x, attention_ops.BTKH) for x in (k, v))
+      return s2(q, k, v, seg, impl)
+
+  reference = lambda q, k, v, seg: s2(q, k, v, seg, "xla")  # noqa: E731
+  placed = jax.device_put(inputs, NamedSharding(mesh, PartitionSpec()))
+  eqns = list(_equations(jax.make_jaxpr(ring)(*placed).jaxpr))
+  assert sum(eqn.primitive.name == "ppermute" for eqn in eqns) >= 2  # the ring ran, for each half
+  np.testing.assert_allclose(jax.jit(ring)(*placed), jax.jit(reference)(*inputs), atol=1e-5, rtol=1e-5)
+  grads = jax.jit(jax.grad(_loss(ring), argnums=(0, 1, 2)))(*placed)
+  expected = jax.jit(jax.grad(_loss(reference), argnums=(0, 1, 2)))(*inputs)
+  for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
 def test_zigzag_layout_balances_causal_work():
   """Shard d holds chunks d and 2P-1-d, and every shard has the same number of visible causal pairs."""
   seq_len, shards = 32, 4
