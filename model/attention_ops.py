@@ -400,8 +400,12 @@ def attention(
 
 def _causal_rows(q, k, v, *, impl, segment_ids, alibi_slopes, ring: bool, **kwargs) -> jax.Array:
   """Causal attention within each row [B, T, N, H]: ring attention when `ring` and the rules in
-  context shard the sequence and there is no ALiBi, else dot_product_attention through `impl`."""
-  if ring and alibi_slopes is None and (axis := _ring_axis(q)) is not None:
+  context shard the sequence and there is no ALiBi (with ALiBi, a warning once: the sequence is
+  gathered), else dot_product_attention through `impl`."""
+  if ring and alibi_slopes is not None and length_axes(q):
+    _warn_once(f"the sequence is sharded over {length_axes(q)} but ring attention takes no ALiBi bias: "
+               "attention gathers the sequence instead")
+  elif ring and (axis := _ring_axis(q)) is not None:
     return ring_attention.ring_attention(q, k, v, mesh_axis=axis, causal=True, q_segment_ids=segment_ids,
                                          kv_segment_ids=segment_ids,
                                          block_impl=_ring_block_impl(impl, kwargs.get("sliding_window", 0)), **kwargs)

@@ -1,6 +1,8 @@
 """Ring attention over 8 fake CPU devices against single-device attention_ops (impl='xla'), with each
 chunk pair in jnp and through the Pallas flash kernel (interpret mode on CPU)."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,6 +201,25 @@ def test_shifted_sparse_attention_runs_each_half_on_the_ring(inputs, impl):
   expected = jax.jit(jax.grad(_loss(reference), argnums=(0, 1, 2)))(*inputs)
   for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_alibi_on_a_sharded_sequence_gathers_it_and_says_so(inputs, caplog):
+  """The ring takes no ALiBi bias: the decoder's attention runs dense (no ring) and warns once."""
+  q, k, v, seg = inputs
+  mesh = sharding.make_mesh({"sequence": 2}, jax.devices()[:2])
+  attention_ops._warn_once.cache_clear()
+
+  def attend(q, k, v, seg):
+    with sharding.axis_rules(mesh):
+      q = sharding.shard(q, attention_ops.BTNH)
+      out, _ = attention_ops.attention(q, k, v, positions=None, segment_ids=seg, impl="xla", scale=H**-0.5,
+                                       alibi_slopes=np.linspace(0.5, 0.1, N))
+      return out
+
+  with caplog.at_level(logging.WARNING):
+    eqns = list(_equations(jax.make_jaxpr(attend)(q, k, v, seg).jaxpr))
+  assert not any(eqn.primitive.name == "ppermute" for eqn in eqns)
+  assert "takes no ALiBi bias" in caplog.text
 
 
 def test_zigzag_layout_balances_causal_work():
