@@ -60,6 +60,7 @@ from align.tasks import ANSWER_PREFIX, Problem, Task, get_task
 from configs import validation
 from infer import test_time
 from model import sharding
+from train import flops as flops_lib
 from train import plot as plot_lib
 from train import trainer
 
@@ -106,11 +107,6 @@ def self_consistency(answers: Sequence[Sequence[Any]], gold: Sequence[Any], ns: 
 def nested_flops(flops: np.ndarray, ns: Sequence[int]) -> np.ndarray:
   """flops [P, M] per sample -> [len(ns)]: the mean over problems of the first n samples' sum."""
   return np.asarray([flops[:, :n].sum(axis=1).mean() for n in ns])
-
-
-def sequence_flops(config: model_lib.ModelConfig, prompt_lengths, completion_lengths) -> np.ndarray:
-  """Forward FLOPs of each (prompt, completion), all of its tokens read by a model of `config`."""
-  return model_lib.forward_flops(config, np.asarray(prompt_lengths, np.float64) + np.asarray(completion_lengths))
 
 
 def training_flops(run: str | os.PathLike, step: int, config: model_lib.ModelConfig, *,
@@ -163,7 +159,7 @@ def score(drawn: dict[str, list[list]], problems: Sequence[Problem], task: Task,
   correct = np.asarray([[exact(p, t) == 1.0 for t in row] for p, row in zip(problems, texts)])
   lengths = np.asarray(drawn["completion_tokens"])
   return Scored(texts, [[task.extract_answer(t) for t in row] for row in texts], correct,
-                sequence_flops(config, drawn["prompt_tokens"], lengths), lengths)
+                flops_lib.sample_flops(config, drawn["prompt_tokens"], lengths), lengths)
 
 
 def reward_model_scores(rm, tokenizer, problems: Sequence[Problem], texts: list[list[str]], *,
@@ -231,8 +227,8 @@ def forced_answers(policy, tokenizer, problems: Sequence[Problem], task: Task, c
   exact = task.reward("exact")
   thinking = [t.index(end_token) if end_token in t else len(t) for t in tokens]
   return {"accuracy": float(np.mean([exact(p, first_answer_line(t)) for p, t in zip(problems, texts)])),
-          "inference_flops": float(sequence_flops(policy.config, [len(p) for p in prompts],
-                                                  [len(t) for t in tokens]).mean()),
+          "inference_flops": float(flops_lib.sample_flops(policy.config, [len(p) for p in prompts],
+                                                            [len(t) for t in tokens]).mean()),
           "thinking_tokens": float(np.mean(thinking)), "completion_tokens": float(np.mean([len(t) for t in tokens])),
           "examples": texts[:2]}
 

@@ -33,13 +33,17 @@ def frozen(config: model_lib.ModelConfig, seq_len: int, sequences: float = 1.0) 
   return trained(config, seq_len, sequences) / 3.0
 
 
+def sample_flops(config: model_lib.ModelConfig, prompt_lengths, completion_lengths) -> np.ndarray:
+  """Forward FLOPs of each (prompt, completion) [R], all of its tokens read once with a KV cache by a
+  model of `config` (model.forward_flops), the completion's last token included (it is sampled,
+  never read: one token per sample over)."""
+  return model_lib.forward_flops(config, np.asarray(prompt_lengths, np.float64) + np.asarray(completion_lengths))
+
+
 def generated(config: model_lib.ModelConfig, prompt_ids: Sequence[Sequence[int]],
               completion_ids: Sequence[Sequence[int]]) -> float:
-  """Sampling completions [R] after prompts [R] with a KV cache: each row's prompt and completion
-  read once (model.forward_flops), the completion's last token included (it is sampled, never read:
-  one token per sample over, as align/compute_curves.py counts a sample)."""
-  lengths = np.asarray([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], np.float64)
-  return float(np.sum(model_lib.forward_flops(config, lengths)))
+  """Sampling completions [R] after prompts [R] with a KV cache: the sum of their sample_flops."""
+  return float(np.sum(sample_flops(config, [len(p) for p in prompt_ids], [len(c) for c in completion_ids])))
 
 
 @dataclasses.dataclass
