@@ -187,7 +187,7 @@ def _extrapolation_point(config, workdir: Path, grid: list[sweep_plan.Point]) ->
   optimum = scaling.plan_extrapolation(workdir, factor=config.extrapolate)
   candidates = [sweep_plan.make_point(config, size, budget, kind="extrapolation")
                 for size in sweep_plan.parse_list(config.extrapolation_sizes, "extrapolation_sizes", str)]
-  key = "n_params" if config.counting == "total" else "n_params_non_embedding"
+  key = scaling.N_KEYS[config.counting]  # the Point field N is counted by
   point = min(candidates, key=lambda p: abs(math.log(getattr(p, key) / optimum["n_params"])))
   predicted = scaling.predict_loss(optimum["fit"], getattr(point, key), point.tokens)
   return point, {"optimal_n_params": optimum["n_params"], "optimal_tokens": optimum["tokens"],
