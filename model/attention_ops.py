@@ -376,9 +376,9 @@ def attention(
   with this chunk's keys and values written, or None without one).
 
   Without a cache: shifted sparse attention when `shifted_sparse_group` is set (fine-tuning only,
-  never with a cache; each half of the heads as below); else ring attention when the rules in context shard the sequence and there is
-  no ALiBi (its chunk pairs through the flash kernel when `impl` is 'pallas', else in jnp); else
-  `dot_product_attention` through `impl`. With a dense cache from the start, the slots past the
+  never with a cache; each half of the heads as below); else ring attention when the rules in
+  context shard the sequence and there is no ALiBi (its chunk pairs through the flash kernel when
+  `impl` is 'pallas', else in jnp); else `dot_product_attention` through `impl`. With a dense cache from the start, the slots past the
   chunk lie beyond every query: the chunk attends to itself alone through `impl`, as in training,
   and is written at slots 0..T-1. Otherwise the chunk is written at its positions and attends over
   its row's cache (or, paged, its sequence's blocks).
