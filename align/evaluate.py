@@ -27,7 +27,9 @@ def run(config: ml_collections.ConfigDict, out: TextIO = sys.stdout) -> dict:
   model, tokenizer = rundir.load(config.checkpoint, step=None if config.step < 0 else config.step, **config.model)
   accuracy = passkey.passkey_accuracy(passkey.greedy_answers(model, tokenizer, batch_size=config.batch_size),
                                       tokenizer, config.lengths, config.depths, config.trials, seed=config.seed)
-  data = passkey.run_data_config(config.checkpoint) or config.data
+  if config.perplexity_text not in ("run", "config"):
+    raise validation.ConfigError(f"config.perplexity_text={config.perplexity_text!r} is not 'run' or 'config'")
+  data = (passkey.run_data_config(config.checkpoint) if config.perplexity_text == "run" else None) or config.data
   stream = passkey.held_out_stream(data, tokenizer, config.windows * (max(config.lengths) + 1))
   perplexity = passkey.perplexity_by_length(model, stream, config.lengths, windows=config.windows)
   out.write("passkey accuracy (rows: prompt tokens; columns: depth of the key)\n")

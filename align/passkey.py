@@ -50,6 +50,20 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> str:
   return INSTRUCTION + "".join(filler[:at]) + needle + "".join(filler[at:]) + QUESTION
 
 
+def passkey_documents(tokenizer, count: int, min_length: int, max_length: int, seed: int = 0) -> list[str]:
+  """`count` training documents: a passkey prompt of a length drawn uniformly from
+  [min_length, max_length] tokens, the key at a uniform depth, followed by its answer " KEY."."""
+  if not 16 <= min_length <= max_length:
+    raise ValueError(f"need 16 <= min_length ({min_length}) <= max_length ({max_length})")
+  rng = np.random.default_rng(seed)
+  documents = []
+  for _ in range(count):
+    key = str(rng.integers(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
+    length, depth = int(rng.integers(min_length, max_length + 1)), float(rng.uniform())
+    documents.append(passkey_prompt(tokenizer, length, depth, key) + f" {key}.")
+  return documents
+
+
 def is_right(continuation: str, key: str) -> bool:
   """The continuation's first run of digits is the key."""
   found = re.search(r"\d+", continuation)

@@ -377,10 +377,10 @@ def attention(
 
   Without a cache: shifted sparse attention when `shifted_sparse_group` is set (fine-tuning only,
   never with a cache; each half of the heads as below); else ring attention when the rules in
-  context shard the sequence and there is no ALiBi (its chunk pairs through the flash kernel when
-  `impl` is 'pallas', else in jnp); else `dot_product_attention` through `impl`. With a dense cache from the start, the slots past the
-  chunk lie beyond every query: the chunk attends to itself alone through `impl`, as in training,
-  and is written at slots 0..T-1. Otherwise the chunk is written at its positions and attends over
+  context shard the sequence (its chunk pairs through the flash kernel when `impl` is 'pallas' and
+  there is no ALiBi, else in jnp); else `dot_product_attention` through `impl`. With a dense cache
+  from the start, the slots past the chunk lie beyond every query: the chunk attends to itself
+  alone through `impl`, as in training, and is written at slots 0..T-1. Otherwise the chunk is written at its positions and attends over
   its row's cache (or, paged, its sequence's blocks).
   """
   kwargs = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
@@ -400,15 +400,15 @@ def attention(
 
 def _causal_rows(q, k, v, *, impl, segment_ids, alibi_slopes, ring: bool, **kwargs) -> jax.Array:
   """Causal attention within each row [B, T, N, H]: ring attention when `ring` and the rules in
-  context shard the sequence and there is no ALiBi (with ALiBi, a warning once: the sequence is
-  gathered), else dot_product_attention through `impl`."""
-  if ring and alibi_slopes is not None and length_axes(q):
-    _warn_once(f"the sequence is sharded over {length_axes(q)} but ring attention takes no ALiBi bias: "
-               "attention gathers the sequence instead")
-  elif ring and (axis := _ring_axis(q)) is not None:
+  context shard the sequence, else dot_product_attention through `impl`."""
+  if ring and (axis := _ring_axis(q)) is not None:
+    block_impl = _ring_block_impl(impl, kwargs.get("sliding_window", 0))
+    if block_impl == "pallas" and alibi_slopes is not None:
+      _warn_once("ring attention with ALiBi runs its chunk pairs in jnp: the flash kernel takes no ALiBi bias")
+      block_impl = "xla"
     return ring_attention.ring_attention(q, k, v, mesh_axis=axis, causal=True, q_segment_ids=segment_ids,
-                                         kv_segment_ids=segment_ids,
-                                         block_impl=_ring_block_impl(impl, kwargs.get("sliding_window", 0)), **kwargs)
+                                         kv_segment_ids=segment_ids, block_impl=block_impl,
+                                         alibi_slopes=alibi_slopes, **kwargs)
   return dot_product_attention(q, k, v, impl=impl, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
                                alibi_slopes=alibi_slopes, **kwargs)
 

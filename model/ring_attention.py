@@ -65,6 +65,7 @@ class _Ring:
   logit_softcap: float
   scale: float
   chunks: int  # chunks per device block: 2 with zig-zag, else 1
+  alibi: bool  # ALiBi's bias, -slope * |query position - key position|, added to the logits
   flash: "_Flash | None" = None  # each pair through the flash kernel; None: in jnp
 
   @property
@@ -127,6 +128,7 @@ def ring_attention(
     load_balance: bool | None = None,  # zig-zag layout; default: when causal
     block_impl: str = "xla",  # each chunk pair in jnp ('xla') or the Pallas flash kernel ('pallas')
     block_sizes=None,  # pallas_kernels.BlockSizes of the flash kernel; None: its defaults
+    alibi_slopes: np.ndarray | None = None,  # [N]: ALiBi (jnp blocks only)
 ) -> jax.Array:
   """Self-attention with T split over `mesh_axis` and key/value blocks passed around a ring.
 
@@ -134,7 +136,7 @@ def ring_attention(
   zig-zag layout and back (a gather along the sharded T, i.e. an all-to-all: a data pipeline that
   feeds zig-zagged rows could skip both). Positions are 0..T-1. Batch and head axes stay sharded as
   the context's rules shard BTNH and BTKH. block_impl='pallas' needs a static (int) sliding_window,
-  as the kernel does. Returns [B, T, N, H] in q's dtype."""
+  as the kernel does, and no ALiBi. Returns [B, T, N, H] in q's dtype."""
   batch, seq_len, num_heads, head_dim = q.shape
   if k.shape != v.shape or k.shape[:2] != (batch, seq_len) or k.shape[3] != head_dim:
     raise ValueError(f"ring attention is self-attention: q {q.shape}, k {k.shape} and v {v.shape} must share B, T, H")
@@ -154,8 +156,12 @@ def ring_attention(
   chunks = 2 if load_balance else 1
   if seq_len % (chunks * size):
     raise ValueError(f"seq_len={seq_len} is not divisible by {chunks} * {mesh_axis} size {size}")
+  if alibi_slopes is not None and np.shape(alibi_slopes) != (num_heads,):
+    raise ValueError(f"alibi_slopes has shape {np.shape(alibi_slopes)}; expected ({num_heads},), one per query head")
   flash = None
   if block_impl == "pallas":
+    if alibi_slopes is not None:
+      raise ValueError("block_impl='pallas' takes no ALiBi bias (the flash kernel has none); use block_impl='xla'")
     if not isinstance(sliding_window, int):
       raise ValueError("block_impl='pallas' needs a static (int) sliding_window; use block_impl='xla' for a traced one")
     chunk = seq_len // (chunks * size)
@@ -173,17 +179,18 @@ def ring_attention(
     # Heads stay split only where query and kv heads split alike (else each shard would need other kv heads).
     heads_spec = q_spec[2] if q_spec[2] == kv_spec[2] and not uses_axis(q_spec[2]) else None
   ring = _Ring(mesh, mesh_axis, batch_spec, heads_spec, causal, float(logit_softcap),
-               float(head_dim**-0.5 if scale is None else scale), chunks, flash)
+               float(head_dim**-0.5 if scale is None else scale), chunks, alibi_slopes is not None, flash)
 
   positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
   if q_segment_ids is None:
     q_segment_ids = kv_segment_ids = jnp.zeros((batch, seq_len), jnp.int32)
   window = jnp.asarray(sliding_window, jnp.int32)
+  slopes = jnp.zeros((num_heads,), jnp.float32) if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
   arrays = (q, k, v, positions, q_segment_ids, kv_segment_ids)
   if load_balance:
     order = zigzag_indices(seq_len, size)
     arrays = tuple(x[:, order] for x in arrays)
-  out = _ring_attention(ring, *arrays, window)
+  out = _ring_attention(ring, *arrays, window, slopes)
   return out[:, np.argsort(order)] if load_balance else out
 
 
@@ -196,27 +203,29 @@ def _specs(ring: _Ring):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_attention(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window):
-  return _ring_fwd(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window)[0]
+def _ring_attention(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window, slopes):
+  return _ring_fwd(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window, slopes)[0]
 
 
-def _ring_fwd(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window):
+def _ring_fwd(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window, slopes):
   x, bt, lse_spec = _specs(ring)
+  heads = PartitionSpec(ring.heads_spec)  # slopes [N] split as q's heads are
   out, lse = jax.shard_map(
       functools.partial(_flash_forward_shard if ring.flash else _forward_shard, ring), mesh=ring.mesh,
-      in_specs=(x, x, x, bt, bt, bt, PartitionSpec()), out_specs=(x, lse_spec), check_vma=False,
-  )(q, k, v, positions, q_segment_ids, kv_segment_ids, window)
-  return out, (q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse)
+      in_specs=(x, x, x, bt, bt, bt, PartitionSpec(), heads), out_specs=(x, lse_spec), check_vma=False,
+  )(q, k, v, positions, q_segment_ids, kv_segment_ids, window, slopes)
+  return out, (q, k, v, positions, q_segment_ids, kv_segment_ids, window, slopes, out, lse)
 
 
 def _ring_bwd(ring, residuals, dout):
-  q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse = residuals
+  q, k, v, positions, q_segment_ids, kv_segment_ids, window, slopes, out, lse = residuals
   x, bt, lse_spec = _specs(ring)
+  heads = PartitionSpec(ring.heads_spec)
   dq, dk, dv = jax.shard_map(
       functools.partial(_flash_backward_shard if ring.flash else _backward_shard, ring), mesh=ring.mesh,
-      in_specs=(x, x, x, bt, bt, bt, PartitionSpec(), x, lse_spec, x), out_specs=(x, x, x), check_vma=False,
-  )(q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse, dout)
-  return dq, dk, dv, None, None, None, None
+      in_specs=(x, x, x, bt, bt, bt, PartitionSpec(), heads, x, lse_spec, x), out_specs=(x, x, x), check_vma=False,
+  )(q, k, v, positions, q_segment_ids, kv_segment_ids, window, slopes, out, lse, dout)
+  return dq, dk, dv, None, None, None, None, None
 
 
 _ring_attention.defvjp(_ring_fwd, _ring_bwd)
@@ -242,19 +251,28 @@ def _mask(ring, q_pos, kv_pos, q_seg, kv_seg, window):
   return mask[:, None, None]
 
 
-def _logits(ring, q, k):
-  """Scaled (and soft-capped) logits [B, K, G, Tc, Sc] in float32, and tanh of the cap (or None)."""
+def _bias(ring, slopes, q_pos, kv_pos):
+  """ALiBi's [B, K, G, Tc, Sc] bias for one chunk pair (slopes [K, G]); 0.0 without ALiBi."""
+  if not ring.alibi:
+    return 0.0
+  distance = jnp.abs(q_pos[:, :, None] - kv_pos[:, None, :]).astype(jnp.float32)  # [B, Tc, Sc]
+  return -slopes[None, :, :, None, None] * distance[:, None, None]
+
+
+def _logits(ring, q, k, bias):
+  """Scaled (and soft-capped) logits [B, K, G, Tc, Sc] in float32 plus `bias`, and tanh of the cap (or None)."""
   s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * ring.scale
   if not ring.logit_softcap:
-    return s, None
+    return s + bias, None
   t = jnp.tanh(s / ring.logit_softcap)
-  return ring.logit_softcap * t, t
+  return ring.logit_softcap * t + bias, t
 
 
-def _forward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window):
+def _forward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window, slopes):
   batch, q_len, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
   group = num_heads // num_kv_heads
+  slopes = slopes.reshape(num_kv_heads, group)
   dtype = q.dtype
   q = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, group, head_dim)  # [B, Tl, K, G, H]
   qs = _split(q, ring.chunks, 1)
@@ -265,9 +283,9 @@ def _forward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, wind
                  jnp.zeros((batch, num_kv_heads, group, tc), jnp.float32))  # running sum l
                 for _ in qs)
 
-  def attend(stat, q, k, v, mask):
+  def attend(stat, q, k, v, mask, bias):
     o, m, l = stat
-    s, _ = _logits(ring, q, k)
+    s, _ = _logits(ring, q, k, bias)
     s = jnp.where(mask, s, MASKED)
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -282,7 +300,8 @@ def _forward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, wind
     for a in range(ring.chunks):
       for b in range(ring.chunks):
         mask = _mask(ring, q_pos[a], kv_pos[b], q_seg[a], kv_seg[b], window)
-        stats[a] = jax.lax.cond(mask.any(), attend, lambda stat, *_: stat, stats[a], qs[a], k[b], v[b], mask)
+        bias = _bias(ring, slopes, q_pos[a], kv_pos[b])
+        stats[a] = jax.lax.cond(mask.any(), attend, lambda stat, *_: stat, stats[a], qs[a], k[b], v[b], mask, bias)
     # The last step's pass only brings each block home: one block's transfer, overlapped with compute.
     return tuple(stats), _pass_on(ring, block)
 
@@ -299,10 +318,11 @@ def _forward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, wind
   return out.reshape(batch, q_len, num_heads, head_dim).astype(dtype), jnp.concatenate(lses, axis=3)
 
 
-def _backward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse, dout):
+def _backward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window, slopes, out, lse, dout):
   batch, q_len, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
   group = num_heads // num_kv_heads
+  slopes = slopes.reshape(num_kv_heads, group)
   as5 = lambda x: x.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, group, head_dim)  # noqa: E731
   q5, do5 = as5(q), as5(dout)
   delta = jnp.einsum("BTKGH,BTKGH->BKGT", do5, as5(out))  # D_i = rowsum(dO * O), FA-2 alg. 2 line 4
@@ -311,10 +331,10 @@ def _backward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, win
   q_pos, q_seg = _split(positions, ring.chunks, 1), _split(q_segment_ids, ring.chunks, 1)
   dqs = tuple(jnp.zeros_like(x) for x in qs)
 
-  def grads(acc, q, do, delta, lse, k, v, mask):
+  def grads(acc, q, do, delta, lse, k, v, mask, bias):
     dq, dk, dv = acc
     k, v = k.astype(jnp.float32), v.astype(jnp.float32)
-    s, t = _logits(ring, q, k)
+    s, t = _logits(ring, q, k, bias)
     p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)  # [B, K, G, Tc, Sc]
     dv = dv + jnp.einsum("BKGTS,BTKGH->BSKH", p, do)
     ds = p * (jnp.einsum("BTKGH,BSKH->BKGTS", do, v) - delta[..., None])
@@ -332,7 +352,7 @@ def _backward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, win
         mask = _mask(ring, q_pos[a], kv_pos[b], q_seg[a], kv_seg[b], window)
         dqs[a], dk[b], dv[b] = jax.lax.cond(
             mask.any(), grads, lambda acc, *_: acc, (dqs[a], dk[b], dv[b]), qs[a], dos[a], deltas[a], lses[a],
-            k[b], v[b], mask)
+            k[b], v[b], mask, _bias(ring, slopes, q_pos[a], kv_pos[b]))
     # dk and dv travel with their block; the P-th pass brings them home to the block's owner.
     return tuple(dqs), _pass_on(ring, (k, v, kv_pos, kv_seg, tuple(dk), tuple(dv)))
 
@@ -373,10 +393,10 @@ def _kernel_args(ring, kind, q_seg, kv_seg):
               block_sizes=ring.flash.block_sizes)
 
 
-def _flash_forward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window):
+def _flash_forward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window, slopes):
   from pallas_kernels import flash_attention_block  # noqa: PLC0415 (optional backend, as in attention_ops)
 
-  del window  # static: ring.flash.window, in its kinds
+  del window, slopes  # the window is static (ring.flash.window, in its kinds); no ALiBi with the kernel
   batch, q_len, num_heads, head_dim = q.shape
   c = ring.chunks
   qs, q_pos, q_seg = (_stack(x, c) for x in (q, positions, q_segment_ids))
@@ -414,10 +434,10 @@ def _flash_forward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids
   return out.astype(q.dtype), lse.reshape(batch, k.shape[2], -1, q_len)  # lse as _specs' [B, K, G, Tl]
 
 
-def _flash_backward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window, out, lse, dout):
+def _flash_backward_shard(ring, q, k, v, positions, q_segment_ids, kv_segment_ids, window, slopes, out, lse, dout):
   from pallas_kernels import flash_attention_block_backward  # noqa: PLC0415 (optional backend)
 
-  del window
+  del window, slopes
   batch, q_len, num_heads, _ = q.shape
   c = ring.chunks
   qs, outs, dos, q_pos, q_seg = (_stack(x, c) for x in (q, out, dout, positions, q_segment_ids))

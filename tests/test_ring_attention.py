@@ -1,8 +1,6 @@
 """Ring attention over 8 fake CPU devices against single-device attention_ops (impl='xla'), with each
 chunk pair in jnp and through the Pallas flash kernel (interpret mode on CPU)."""
 
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,23 +201,37 @@ def test_shifted_sparse_attention_runs_each_half_on_the_ring(inputs, impl):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=name)
 
 
-def test_alibi_on_a_sharded_sequence_gathers_it_and_says_so(inputs, caplog):
-  """The ring takes no ALiBi bias: the decoder's attention runs dense (no ring) and warns once."""
-  q, k, v, seg = inputs
-  mesh = sharding.make_mesh({"sequence": 2}, jax.devices()[:2])
-  attention_ops._warn_once.cache_clear()
+@pytest.mark.parametrize("mesh_sizes,window", [({"sequence": 4, "tensor": 2}, 0), ({"sequence": 8}, 10)])
+def test_alibi_matches_single_device_attention(inputs, mesh_sizes, window):
+  """ALiBi's bias on the ring (jnp blocks; heads split over 'tensor' take their own slopes)
+  against single-device attention, forward and gradients, with segments."""
+  slopes = np.linspace(0.5, 0.1, N)
+  mesh = sharding.make_mesh(mesh_sizes)
 
-  def attend(q, k, v, seg):
+  def reference(q, k, v, seg):
+    return attention_ops.dot_product_attention(q, k, v, impl="xla", q_segment_ids=seg, kv_segment_ids=seg,
+                                               sliding_window=window, alibi_slopes=slopes)
+
+  def ring(q, k, v, seg):  # through the decoder's dispatcher: impl='pallas' must fall back to jnp blocks
     with sharding.axis_rules(mesh):
       q = sharding.shard(q, attention_ops.BTNH)
-      out, _ = attention_ops.attention(q, k, v, positions=None, segment_ids=seg, impl="xla", scale=H**-0.5,
-                                       alibi_slopes=np.linspace(0.5, 0.1, N))
+      k, v = (sharding.shard(x, attention_ops.BTKH) for x in (k, v))
+      out, _ = attention_ops.attention(q, k, v, positions=None, segment_ids=seg, impl="pallas", scale=H**-0.5,
+                                       sliding_window=window, alibi_slopes=slopes)
       return out
 
-  with caplog.at_level(logging.WARNING):
-    eqns = list(_equations(jax.make_jaxpr(attend)(q, k, v, seg).jaxpr))
-  assert not any(eqn.primitive.name == "ppermute" for eqn in eqns)
-  assert "takes no ALiBi bias" in caplog.text
+  placed = jax.device_put(inputs, NamedSharding(mesh, PartitionSpec()))
+  eqns = list(_equations(jax.make_jaxpr(ring)(*placed).jaxpr))
+  assert any(eqn.primitive.name == "ppermute" for eqn in eqns)  # the ring ran
+  np.testing.assert_allclose(jax.jit(ring)(*placed), jax.jit(reference)(*inputs), atol=1e-5, rtol=1e-5)
+  grads = jax.jit(jax.grad(_loss(ring), argnums=(0, 1, 2)))(*placed)
+  expected = jax.jit(jax.grad(_loss(reference), argnums=(0, 1, 2)))(*inputs)
+  for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=name)
+  with pytest.raises(ValueError, match="takes no ALiBi"):
+    ring_attention.ring_attention(*inputs[:3], mesh=mesh, block_impl="pallas", alibi_slopes=slopes)
+  with pytest.raises(ValueError, match=r"alibi_slopes has shape \(3,\)"):
+    ring_attention.ring_attention(*inputs[:3], mesh=mesh, alibi_slopes=slopes[:3])
 
 
 def test_zigzag_layout_balances_causal_work():

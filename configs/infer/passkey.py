@@ -6,8 +6,8 @@
 
 `model` holds ModelConfig fields to change when loading (a RoPE extension to try, or
 shifted_sparse_group=0: a LongLoRA run scored with full attention, as the paper evaluates).
-Held-out text: the run's own held-out documents (its config.data), or the embedded corpus's for a
-Hugging Face directory. Greedy answers; perplexity over `windows` windows per length.
+Held-out text: the run's own held-out documents (its config.data), or config.data's for a Hugging
+Face directory or with perplexity_text='config'. Greedy answers; perplexity over `windows` windows per length.
 """
 
 import ml_collections
@@ -27,5 +27,9 @@ def get_config(arg: str | None = None):
   config.batch_size = 8
   config.seed = 0
   config.model = ml_collections.ConfigDict({"shifted_sparse_group": 0})  # ModelConfig overrides when loading
-  config.data = common.data_config()  # held-out text for a Hugging Face checkpoint (a run uses its own)
+  # Perplexity's held-out text: 'run', the run's own held-out documents (config.data for a Hugging
+  # Face directory); 'config', config.data's (the embedded corpus unless changed), e.g. for a run
+  # fine-tuned on passkey documents.
+  config.perplexity_text = "run"
+  config.data = common.data_config()
   return config

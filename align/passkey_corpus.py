@@ -1,0 +1,47 @@
+"""python -m align.passkey_corpus --run=DIR --out=passkey.jsonl --count=4000 --min_length=64 --max_length=128
+
+Writes passkey-retrieval training documents (align/passkey.py: `passkey_documents`) as JSONL,
+{"text": ...} per line, lengths counted in the tokens of DIR's tokenizer (a run's workdir or a
+Hugging Face directory). Train on them with `--config.data.source=jsonl --config.data.paths=FILE`;
+the long-context extension experiment in README's "Long context" does.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from absl import app, flags
+
+import rundir
+from align import passkey
+
+flags.DEFINE_string("run", None, "A run's workdir or a Hugging Face directory: its tokenizer counts lengths.")
+flags.DEFINE_string("out", None, "The JSONL file to write (atomically).")
+flags.DEFINE_integer("count", 4000, "Documents to write.", lower_bound=1)
+flags.DEFINE_integer("min_length", 64, "Shortest prompt, in tokens.", lower_bound=16)
+flags.DEFINE_integer("max_length", 128, "Longest prompt, in tokens.", lower_bound=16)
+flags.DEFINE_integer("seed", 0, "Keys, lengths and depths.")
+FLAGS = flags.FLAGS
+
+
+def write_corpus(tokenizer, out: str | os.PathLike, count: int, min_length: int, max_length: int, seed: int) -> int:
+  """`count` passkey documents as JSONL at `out`, written to a temp file and renamed; returns the count."""
+  documents = passkey.passkey_documents(tokenizer, count, min_length, max_length, seed=seed)
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f".{out.name}.tmp")
+  tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
+  os.replace(tmp, out)
+  return len(documents)
+
+
+def main(argv):
+  del argv
+  count = write_corpus(rundir.load_tokenizer(FLAGS.run), FLAGS.out, FLAGS.count, FLAGS.min_length,
+                       FLAGS.max_length, FLAGS.seed)
+  print(f"wrote {count} passkey documents of {FLAGS.min_length}-{FLAGS.max_length} tokens to {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["run", "out"])
+  app.run(main)
