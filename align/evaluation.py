@@ -16,10 +16,15 @@ def _prompt(problem: Problem) -> str:
   return problem.prompt
 
 
+def _whole(text: str) -> str:
+  return text
+
+
 def task_scores(model, tokenizer, problems: Sequence[Problem], task: Task, *, max_new_tokens: int = 64,
-                batch_size: int = 64, rules=None, prompt_of: Callable[[Problem], str] = _prompt) -> dict[str, float]:
-  """Greedy completions of prompt_of(problem), scored by each of the task's rewards (the mean over
-  problems; 'exact' is the share whose answer is right)."""
+                batch_size: int = 64, rules=None, prompt_of: Callable[[Problem], str] = _prompt,
+                response_of: Callable[[str], str] = _whole) -> dict[str, float]:
+  """Greedy completions of prompt_of(problem), response_of(completion) scored by each of the task's
+  rewards (the mean over problems; 'exact' is the share whose answer is right)."""
   if not problems:
     raise ValueError("task_scores needs at least one problem")
   totals = dict.fromkeys(task.rewards, 0.0)
@@ -28,7 +33,7 @@ def task_scores(model, tokenizer, problems: Sequence[Problem], task: Task, *, ma
     prompts = [rollout.encode_prompt(tokenizer, prompt_of(p)) for p in chunk]
     out = infer.generate(model, prompts, max_new_tokens=max_new_tokens, stop_tokens=[tokenizer.eos_id], rules=rules)
     for problem, prompt, tokens in zip(chunk, prompts, out.tokens):
-      text = rollout.completion_text(tokenizer, prompt, tokens)
+      text = response_of(rollout.completion_text(tokenizer, prompt, tokens))
       for name, reward in task.rewards.items():
         totals[name] += reward(problem, text)
   return {name: total / len(problems) for name, total in totals.items()}
@@ -36,9 +41,10 @@ def task_scores(model, tokenizer, problems: Sequence[Problem], task: Task, *, ma
 
 def sampled_scores(model, tokenizer, problems: Sequence[Problem], task: Task, *, samples: int, temperature: float = 1.0,
                    max_new_tokens: int = 64, seed: int = 0, rules=None,
-                   prompt_of: Callable[[Problem], str] = _prompt) -> dict[str, float]:
+                   prompt_of: Callable[[Problem], str] = _prompt,
+                   response_of: Callable[[str], str] = _whole) -> dict[str, float]:
   """What the online methods optimize, measured on held-out problems: `samples` completions per
-  problem at `temperature`, scored by each of the task's rewards (the mean over all samples: the
+  problem at `temperature`, their response_of(completion) scored by each of the task's rewards (the mean over all samples: the
   expected reward of one sample, 'mean@k'), plus 'pass@k' (the share of problems with at least one
   exactly right answer among its samples), 'best_of_n' (the share whose sample ranked first by the
   task's first reward is exactly right) and 'self_consistency' (the share whose most common
@@ -48,7 +54,8 @@ def sampled_scores(model, tokenizer, problems: Sequence[Problem], task: Task, *,
     raise ValueError("sampled_scores needs at least one problem")
   out = rollout.sample(model, tokenizer, [prompt_of(p) for p in problems], n=samples, max_new_tokens=max_new_tokens,
                        sampling=infer.Sampling(temperature=temperature), seed=seed, rules=rules)
-  texts = [out.texts[i * samples: (i + 1) * samples] for i in range(len(problems))]  # [problem][sample]
+  texts = [[response_of(t) for t in out.texts[i * samples: (i + 1) * samples]]
+           for i in range(len(problems))]  # [problem][sample]
   scores = {name: np.asarray([[reward(p, t) for t in row] for p, row in zip(problems, texts)])
             for name, reward in task.rewards.items()}  # [problems, samples]
   result = {name: float(s.mean()) for name, s in scores.items()}

@@ -44,6 +44,8 @@ class Method:
     reward or value head, a frozen reference or teacher), keeping the decoder at `.decoder`; None:
     the decoder itself.
   eval_prompt(config, problem) -> how the trained policy is asked at test time (default: the prompt).
+  eval_response(config, completion) -> the part of a held-out completion the task's rewards score
+    (default: all of it; TPO: the response after its thought).
   generates: its result is a policy, measured by generating answers to the task's held-out
     problems (a reward model is not).
   row_flops(config, module) -> the train step's FLOPs per batch row of the trained module (the
@@ -57,6 +59,7 @@ class Method:
   validate: Callable[[ml_collections.ConfigDict, Task | None], None] = _no_checks
   wrap: Callable[..., nnx.Module] | None = None
   eval_prompt: Callable[[ml_collections.ConfigDict, Problem], str] | None = None
+  eval_response: Callable[[ml_collections.ConfigDict, str], str] | None = None
   generates: bool = True
   row_flops: trainer.RowFlopsFn = trainer.one_sequence
   flops_note: str = ""
@@ -65,6 +68,11 @@ class Method:
     if self.eval_prompt is None:
       return lambda problem: problem.prompt
     return lambda problem: self.eval_prompt(config, problem)
+
+  def response_of(self, config: ml_collections.ConfigDict) -> Callable[[str], str]:
+    if self.eval_response is None:
+      return lambda text: text
+    return lambda text: self.eval_response(config, text)
 
 
 def check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:

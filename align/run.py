@@ -65,14 +65,15 @@ def _scores(run: trainer.Run, method: Method, task: Task) -> dict[str, float]:
   """Greedy scores (accuracy = exact match, and each other reward of the task) and, with
   task.sampled_samples, the sampled ones (sampled_<reward>, pass_at_k, best_of_n, self_consistency)."""
   c = run.config
-  problems, policy, prompt_of = _problems(c, task), run.policy(), method.prompt_of(c)
+  problems, policy = _problems(c, task), run.policy()
+  asked = dict(prompt_of=method.prompt_of(c), response_of=method.response_of(c))
   scores = evaluation.task_scores(policy, run.tokenizer, problems, task, max_new_tokens=c.task.accuracy_tokens,
-                                  rules=run.rules, prompt_of=prompt_of)
+                                  rules=run.rules, **asked)
   scores["accuracy"] = scores.pop("exact")
   if c.task.sampled_samples > 0:
     sampled = evaluation.sampled_scores(policy, run.tokenizer, problems, task, samples=c.task.sampled_samples,
                                         temperature=c.task.sampled_temperature, max_new_tokens=c.task.accuracy_tokens,
-                                        seed=c.seed + 1, rules=run.rules, prompt_of=prompt_of)
+                                        seed=c.seed + 1, rules=run.rules, **asked)
     pass_at_k, best, consistent = sampled.pop("pass@k"), sampled.pop("best_of_n"), sampled.pop("self_consistency")
     scores.update({f"sampled_{k}": v for k, v in sampled.items()}, pass_at_k=pass_at_k, best_of_n=best,
                   self_consistency=consistent)

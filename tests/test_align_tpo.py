@@ -56,6 +56,58 @@ def test_pairs_are_best_versus_worst_and_ties_give_none():
   assert tpo.select_pairs(np.zeros((3, 2))).shape == (0, 3)
 
 
+def test_length_control_ranks_by_standardised_score_less_rho_standardised_length():
+  scores = np.asarray([[1.0, 1.0, 0.0, -np.inf],  # judged alike, 1 and 1; the length decides between them
+                       [0.5, 0.5, 0.5, 0.5]])  # a tie on score: shortest best, longest worst
+  lengths = np.asarray([[10, 30, 5, 99], [4, 2, 8, 6]])
+  got = tpo.length_controlled(scores, lengths, 0.5)
+  for row in range(2):  # the closed form over the parsed samples (population std), in float64
+    parsed = np.isfinite(scores[row])
+    s, n = scores[row][parsed], lengths[row][parsed].astype(np.float64)
+    z_s = (s - s.mean()) / s.std() if s.std() else np.zeros_like(s)
+    np.testing.assert_allclose(got[row][parsed], z_s - 0.5 * (n - n.mean()) / n.std(), rtol=1e-12)
+  assert got[0, 3] == -np.inf
+  np.testing.assert_array_equal(tpo.select_pairs(got), [[0, 0, 3], [1, 1, 2]])  # the unparsed one stays worst
+  assert tpo.length_controlled(scores, lengths, 0.0) is scores  # off: the judge's scores
+  np.testing.assert_array_equal(tpo.select_pairs(scores), [[0, 0, 3]])  # off, the tie gives no pair
+
+
+def test_held_out_scores_read_the_response_alone(monkeypatch):
+  """align/run.py's scores go through Method.response_of: for TPO the text after the marker, so an
+  answer written only in the thought, or with no marker, is wrong."""
+  import types
+
+  import infer
+  from align import evaluation, registry, tasks
+  from align.tasks import arithmetic
+  from configs.align import tpo as tpo_config
+
+  class Chars:  # one token per character; 1 and 2 are bos and eos
+    bos_id, eos_id, vocab_size = 1, 2, 128
+
+    def encode(self, text):
+      return [ord(ch) for ch in text]
+
+    def decode(self, ids):
+      return "".join(chr(i) for i in ids if i > 2)
+
+  task = tasks.get_task({"name": "arithmetic", "difficulty": 2})
+  problems = [arithmetic._task_problem(p, 0) for p in
+              (arithmetic.Problem(12, 30, "+"), arithmetic.Problem(45, 3, "+"), arithmetic.Problem(9, 1, "-"))]
+  marker = tpo_config.get_config().tpo.marker
+  completions = [f" Here is my thought process: Answer: 42\n{marker} I do not know.",  # right in the thought only
+                 f" Here is my thought process: add.\n{marker}\nAnswer: 48",  # right in the response
+                 " Answer: 8"]  # right, but no marker: no response
+  monkeypatch.setattr(infer, "generate", lambda model, prompts, **kwargs: types.SimpleNamespace(
+      tokens=[[*Chars().encode(c), 2] for c in completions]))
+  assert evaluation.task_scores(None, Chars(), problems, task)["exact"] == pytest.approx(1.0)  # the whole text
+  config = tpo_config.get_config()
+  response_of = registry.get_method("tpo").response_of(config)
+  assert response_of(completions[1]) == "\nAnswer: 48" and response_of(completions[2]) == ""
+  scores = evaluation.task_scores(None, Chars(), problems, task, response_of=response_of)
+  assert scores["exact"] == pytest.approx(1 / 3)
+
+
 def _logps(model, tokens, targets, mask):
   logits = np.asarray(model(tokens), np.float64)
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
@@ -103,6 +155,7 @@ def test_tpo_iterates_with_the_sampling_policy_as_the_reference(tokenizer_path, 
     ({"tpo.template": "no slot"}, "config.tpo.template='no slot'"),
     ({"tpo.marker": ""}, "config.tpo.marker=''"),
     ({"tpo.beta": 0.0}, "config.tpo.beta=0.0"),
+    ({"tpo.length_penalty": -1.0}, "config.tpo.length_penalty=-1.0"),
     ({"tpo.loss_type": "simpo"}, "config.tpo.loss_type='simpo'"),
     ({"rl.samples_per_prompt": 1}, "config.rl.samples_per_prompt=1"),
 ])

@@ -172,6 +172,7 @@ def tpo_config() -> ml_collections.ConfigDict:
   c.marker = "Here is my response:"
   c.loss_type = "sigmoid"  # the DPO loss (align.losses.DPO_LOSS_TYPES)
   c.beta = 0.1
+  c.length_penalty = 0.0  # rho of the paper's length control: rank by z(score) - rho * z(length); 0: off
   return c
 
 
