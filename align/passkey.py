@@ -50,18 +50,20 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> str:
   return INSTRUCTION + "".join(filler[:at]) + needle + "".join(filler[at:]) + QUESTION
 
 
-def passkey_documents(tokenizer, count: int, min_length: int, max_length: int, seed: int = 0) -> list[str]:
-  """`count` training documents: a passkey prompt of a length drawn uniformly from
-  [min_length, max_length] tokens, the key at a uniform depth, followed by its answer " KEY."."""
+def passkey_records(tokenizer, count: int, min_length: int, max_length: int, seed: int = 0) -> list[dict]:
+  """`count` training examples {"prompt", "completion", "text"}: a passkey prompt of a length drawn
+  uniformly from [min_length, max_length] tokens with the key at a uniform depth, its answer " KEY.",
+  and the two as one document (for pre-training-style runs; SFT reads prompt and completion)."""
   if not 16 <= min_length <= max_length:
     raise ValueError(f"need 16 <= min_length ({min_length}) <= max_length ({max_length})")
   rng = np.random.default_rng(seed)
-  documents = []
+  records = []
   for _ in range(count):
     key = str(rng.integers(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
     length, depth = int(rng.integers(min_length, max_length + 1)), float(rng.uniform())
-    documents.append(passkey_prompt(tokenizer, length, depth, key) + f" {key}.")
-  return documents
+    prompt = passkey_prompt(tokenizer, length, depth, key)
+    records.append({"prompt": prompt, "completion": f" {key}.", "text": f"{prompt} {key}."})
+  return records
 
 
 def is_right(continuation: str, key: str) -> bool:

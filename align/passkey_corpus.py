@@ -1,9 +1,11 @@
 """python -m align.passkey_corpus --run=DIR --out=passkey.jsonl --count=4000 --min_length=64 --max_length=128
 
-Writes passkey-retrieval training documents (align/passkey.py: `passkey_documents`) as JSONL,
-{"text": ...} per line, lengths counted in the tokens of DIR's tokenizer (a run's workdir or a
-Hugging Face directory). Train on them with `--config.data.source=jsonl --config.data.paths=FILE`;
-the long-context extension experiment in README's "Long context" does.
+Writes passkey-retrieval training examples (align/passkey.py: `passkey_records`) as JSONL,
+{"prompt", "completion", "text"} per line, lengths counted in the tokens of DIR's tokenizer (a
+run's workdir or a Hugging Face directory). SFT on them (`python -m align` with
+`--config.sft.train_path=FILE`: the loss on the answer alone, each example whole in its row), as the
+long-context extension experiment in README's "Long context" does, or pre-train on the text
+(`--config.data.source=jsonl --config.data.paths=FILE`; rows then cut examples apart).
 """
 
 import json
@@ -25,21 +27,21 @@ FLAGS = flags.FLAGS
 
 
 def write_corpus(tokenizer, out: str | os.PathLike, count: int, min_length: int, max_length: int, seed: int) -> int:
-  """`count` passkey documents as JSONL at `out`, written to a temp file and renamed; returns the count."""
-  documents = passkey.passkey_documents(tokenizer, count, min_length, max_length, seed=seed)
+  """`count` passkey examples as JSONL at `out`, written to a temp file and renamed; returns the count."""
+  records = passkey.passkey_records(tokenizer, count, min_length, max_length, seed=seed)
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f".{out.name}.tmp")
-  tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
   os.replace(tmp, out)
-  return len(documents)
+  return len(records)
 
 
 def main(argv):
   del argv
   count = write_corpus(rundir.load_tokenizer(FLAGS.run), FLAGS.out, FLAGS.count, FLAGS.min_length,
                        FLAGS.max_length, FLAGS.seed)
-  print(f"wrote {count} passkey documents of {FLAGS.min_length}-{FLAGS.max_length} tokens to {FLAGS.out}")
+  print(f"wrote {count} passkey examples of {FLAGS.min_length}-{FLAGS.max_length} tokens to {FLAGS.out}")
 
 
 if __name__ == "__main__":

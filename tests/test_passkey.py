@@ -78,27 +78,29 @@ def test_perplexity_windows_against_a_float64_loop():
     passkey.perplexity_by_length(decoder, stream, [20], windows=3)
 
 
-def test_training_documents_end_with_their_key_within_the_lengths():
+def test_training_examples_answer_their_key_within_the_lengths():
   tokens = Bytes()
-  documents = passkey.passkey_documents(tokens, 40, 300, 600, seed=3)
+  records = passkey.passkey_records(tokens, 40, 300, 600, seed=3)
   sentence = max(len(s) for s in passkey.FILLER.split(". ")) + 2
   lengths, depths = [], []
-  for doc in documents:
-    key = _key_of(doc)
-    assert len(key) == passkey.KEY_DIGITS and doc.endswith(f"{passkey.QUESTION} {key}.")
-    prompt = doc[: -len(f" {key}.")]
+  for record in records:
+    prompt = record["prompt"]
+    key = _key_of(prompt)
+    assert len(key) == passkey.KEY_DIGITS and prompt.endswith(passkey.QUESTION)
+    assert record["completion"] == f" {key}." and record["text"] == prompt + record["completion"]
     lengths.append(len(tokens.encode(prompt)))
     assert 300 - 2 * sentence <= lengths[-1] <= 600 + sentence
     needle = len(f"The pass key is {key}. Remember it. {key} is the pass key. ")
     filler = len(prompt) - len(passkey.INSTRUCTION) - len(passkey.QUESTION) - needle
     depths.append((prompt.index("The pass key is") - len(passkey.INSTRUCTION)) / filler)
   assert max(lengths) - min(lengths) > 200 and min(depths) < 0.2 and max(depths) > 0.8  # drawn, not fixed
-  assert documents == passkey.passkey_documents(tokens, 40, 300, 600, seed=3)
+  assert records == passkey.passkey_records(tokens, 40, 300, 600, seed=3)
   with pytest.raises(ValueError, match="min_length"):
-    passkey.passkey_documents(tokens, 1, 300, 200)
+    passkey.passkey_records(tokens, 1, 300, 200)
 
 
-def test_the_corpus_file_is_jsonl_documents_the_data_pipeline_reads(tmp_path):
+def test_the_corpus_file_is_jsonl_that_sft_and_pretraining_read(tmp_path):
+  from align import data as align_data
   from align import passkey_corpus
   from configs import common
   from train import data as data_lib
@@ -106,8 +108,9 @@ def test_the_corpus_file_is_jsonl_documents_the_data_pipeline_reads(tmp_path):
   out = tmp_path / "corpus" / "passkey.jsonl"
   assert passkey_corpus.write_corpus(Bytes(), out, 30, 200, 300, seed=1) == 30
   assert sorted(p.name for p in out.parent.iterdir()) == ["passkey.jsonl"]  # no temp file left
-  documents = passkey.passkey_documents(Bytes(), 30, 200, 300, seed=1)
+  records = passkey.passkey_records(Bytes(), 30, 200, 300, seed=1)
+  assert align_data.read_jsonl(out, "sft") == records
   config = common.data_config()
   config.source, config.paths = "jsonl", str(out)
   read = list(data_lib.documents(config, "train")) + list(data_lib.documents(config, "eval"))
-  assert sorted(read) == sorted(documents)
+  assert sorted(read) == sorted(r["text"] for r in records)
