@@ -61,11 +61,19 @@ def model_config(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
   """
   if preset not in PRESETS:
     raise ValueError(f"config.model.preset={preset!r} is unknown; known presets: {sorted(PRESETS)}")
+  cfg = ml_collections.ConfigDict({"preset": preset})
+  cfg.update(model_overrides(**overrides))
+  return cfg
+
+
+def model_overrides(**overrides: Any) -> ml_collections.ConfigDict:
+  """Every ModelConfig field as a typed placeholder, `overrides` set: the fields to change in a
+  model loaded from a checkpoint (its non-None values)."""
   types = _field_types()
   unknown = sorted(set(overrides) - set(types))
   if unknown:
     raise ValueError(f"config.model has unknown key(s) {unknown}; ModelConfig fields: {sorted(types)}")
-  cfg = ml_collections.ConfigDict({"preset": preset})
+  cfg = ml_collections.ConfigDict()
   for name, field_type in types.items():
     cfg[name] = config_dict.placeholder(field_type)
     if name in overrides:

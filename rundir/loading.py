@@ -165,10 +165,13 @@ def _target(state: nnx.State, mesh, rules) -> nnx.State:
 
 def _restore_adapted(path, source, step, saved, build, config, *, mesh, rules, overrides, decoder_only):
   """A PEFT run's module: its base loaded again from the run's init_from (the checkpoint holds the
-  adapters and heads only), the run's adapters added, then the trained parameters restored."""
+  adapters and heads only) with the run's own model config (`config`: what it trained, such as a
+  RoPE extension or shifted sparse attention, with `overrides` on top), the run's adapters added,
+  then the trained parameters restored."""
+  del overrides  # already in config
   if not saved.get("init_from"):
     raise ValueError(f"the PEFT run {path} saved no init_from: its base model is unknown")
-  decoder, _ = load_decoder(saved["init_from"], mesh=mesh, rules=rules, overrides=overrides,
+  decoder, _ = load_decoder(saved["init_from"], mesh=mesh, rules=rules, overrides=dataclasses.asdict(config),
                             key=f"the init_from of {path}")
   with sharding.axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
     peft.add_adapters(decoder, saved["peft"], rngs=nnx.Rngs(saved.get("seed", 0)))

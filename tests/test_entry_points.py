@@ -75,6 +75,14 @@ def test_a_missing_checkpoint_is_named_in_the_last_line(tmp_path, module, config
   )
 
 
+def test_passkey_evaluation_takes_any_model_field_to_change(tmp_path):
+  """--config.model.<any ModelConfig field> parses (a RoPE extension to try on a checkpoint): the
+  run gets as far as the missing checkpoint."""
+  proc = _run("align.evaluate", "--config=configs/infer/passkey.py", f"--config.checkpoint={tmp_path / 'nowhere'}",
+              "--config.model.rope_scaling=yarn", "--config.model.rope_scaling_factor=8")
+  assert proc.stderr.splitlines()[-1].startswith("error: config.checkpoint="), proc.stderr[-3000:]
+
+
 def test_unknown_key_messages_name_the_closest_key_or_the_keys_there_are():
   config = common.train_config()
   assert cli.unknown_key_message(config, "optimizer.lr") == (

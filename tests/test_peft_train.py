@@ -41,6 +41,7 @@ def _config(method, tokenizer_path, init_from="", **overrides):
 
 
 LORA = {"peft.method": "lora", "peft.targets": "all", "peft.rank": 4, "peft.dropout": 0.1}
+EXTENDED = {"model.rope_scaling": "linear", "model.rope_scaling_factor": 2.0}
 QLORA = {"peft.method": "qlora", "peft.targets": "q_proj,v_proj,down_proj", "peft.rank": 4}
 
 
@@ -54,7 +55,9 @@ def base_run(tokenizer_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_run(tokenizer_path, base_run, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("lora")
-  return align_run.run(_config("sft", tokenizer_path, base_run, **LORA), workdir)["run"], workdir
+  # A RoPE extension the base never had: loading the run must rebuild its base with it.
+  config = _config("sft", tokenizer_path, base_run, **LORA, **EXTENDED)
+  return align_run.run(config, workdir)["run"], workdir
 
 
 def _names(state) -> set[str]:
@@ -113,6 +116,7 @@ def test_rundir_loads_a_peft_run_as_trained(lora_run, base_run):
   run, workdir = lora_run
   module, tokenizer = rundir.load(workdir)
   assert peft.has_adapters(module) and tokenizer.vocab_size == VOCAB
+  assert (module.config.rope_scaling, module.config.rope_scaling_factor) == ("linear", 2.0)
   tokens = jax.numpy.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 9)))
   np.testing.assert_allclose(np.asarray(module(tokens)), np.asarray(run.policy()(tokens)), rtol=1e-6, atol=1e-6)
   base, _ = rundir.load_decoder(base_run)
@@ -123,7 +127,7 @@ def test_a_peft_run_resumes_exactly(lora_run, tokenizer_path, base_run, tmp_path
   """Stopped after step 2 as a preemption would, then resumed to step 3: the adapters equal the
   uninterrupted run's bitwise (data order, dropout draws and the schedule included)."""
   run, _ = lora_run
-  config = _config("sft", tokenizer_path, base_run, **LORA)
+  config = _config("sft", tokenizer_path, base_run, **LORA, **EXTENDED)
   first, _, _ = align_run.setup(config, tmp_path)
   trainer.train_loop(first, stop_at=2)
   resumed, _, _ = align_run.setup(config, tmp_path)

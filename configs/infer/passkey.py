@@ -26,7 +26,8 @@ def get_config(arg: str | None = None):
   config.windows = 4  # perplexity windows per length
   config.batch_size = 8
   config.seed = 0
-  config.model = ml_collections.ConfigDict({"shifted_sparse_group": 0})  # ModelConfig overrides when loading
+  # ModelConfig fields to change when loading (those not None).
+  config.model = common.model_overrides(shifted_sparse_group=0)
   # Perplexity's held-out text: 'run', the run's own held-out documents (config.data for a Hugging
   # Face directory); 'config', config.data's (the embedded corpus unless changed), e.g. for a run
   # fine-tuned on passkey documents.
