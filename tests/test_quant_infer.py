@@ -181,7 +181,8 @@ def test_quantized_logits_equal_the_float_model_with_reference_weights(models, s
 
   got = logits(quantized, TOKENS)
   reference = logits(reference_module(float_model, scheme, BLOCK, double_quant, quantized), TOKENS)
-  np.testing.assert_allclose(got, reference, atol=1e-5, rtol=0)
+  # float32 roundoff of two orders of the same sums: CI saw 1.2e-5 at a logit of 3.8 (3e-6 relative).
+  np.testing.assert_allclose(got, reference, atol=1e-5, rtol=1e-5)
   # ... which is not the float model: the 1e-5 above is far below the quantization error.
   assert np.abs(got - logits(float_model, TOKENS)).max() > 1e-2
 
