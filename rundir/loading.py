@@ -135,7 +135,7 @@ def restore_module(
     decoder_path = saved.get("decoder_path", "")
     if peft_on(saved):
       return _restore_adapted(path, source, step, saved, build, config, mesh=mesh, rules=rules,
-                              overrides=overrides, decoder_only=decoder_only)
+                              decoder_only=decoder_only)
     abstract = nnx.eval_shape(lambda: build(config))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(rest):
@@ -163,12 +163,11 @@ def _target(state: nnx.State, mesh, rules) -> nnx.State:
   return jax.tree.map(one, state, by_axes)
 
 
-def _restore_adapted(path, source, step, saved, build, config, *, mesh, rules, overrides, decoder_only):
+def _restore_adapted(path, source, step, saved, build, config, *, mesh, rules, decoder_only):
   """A PEFT run's module: its base loaded again from the run's init_from (the checkpoint holds the
   adapters and heads only) with the run's own model config (`config`: what it trained, such as a
-  RoPE extension or shifted sparse attention, with `overrides` on top), the run's adapters added,
-  then the trained parameters restored."""
-  del overrides  # already in config
+  RoPE extension or shifted sparse attention, with the caller's overrides on top), the run's
+  adapters added, then the trained parameters restored."""
   if not saved.get("init_from"):
     raise ValueError(f"the PEFT run {path} saved no init_from: its base model is unknown")
   decoder, _ = load_decoder(saved["init_from"], mesh=mesh, rules=rules, overrides=dataclasses.asdict(config),
