@@ -24,7 +24,7 @@ def run(config: ml_collections.ConfigDict, out: TextIO = sys.stdout) -> dict:
       raise validation.ConfigError(f"config.{key} is empty")
   if min(config.lengths) < 16:
     raise validation.ConfigError(f"config.lengths={tuple(config.lengths)}: each must be >= 16 tokens")
-  overrides = {k: v for k, v in config.model.items() if v is not None}
+  overrides = validation.set_model_fields(config.model)
   model, tokenizer = rundir.load(config.checkpoint, step=None if config.step < 0 else config.step, **overrides)
   accuracy = passkey.passkey_accuracy(passkey.greedy_answers(model, tokenizer, batch_size=config.batch_size),
                                       tokenizer, config.lengths, config.depths, config.trials, seed=config.seed)

@@ -10,12 +10,12 @@ long-context extension experiment in README's "Long context" does, or pre-train 
 
 import json
 import os
-from pathlib import Path
 
 from absl import app, flags
 
 import rundir
 from align import passkey
+from rundir.atomic import write_atomic
 
 flags.DEFINE_string("run", None, "A run's workdir or a Hugging Face directory: its tokenizer counts lengths.")
 flags.DEFINE_string("out", None, "The JSONL file to write (atomically).")
@@ -29,11 +29,7 @@ FLAGS = flags.FLAGS
 def write_corpus(tokenizer, out: str | os.PathLike, count: int, min_length: int, max_length: int, seed: int) -> int:
   """`count` passkey examples as JSONL at `out`, written to a temp file and renamed; returns the count."""
   records = passkey.passkey_records(tokenizer, count, min_length, max_length, seed=seed)
-  out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.tmp")
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-  os.replace(tmp, out)
+  write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
   return len(records)
 
 

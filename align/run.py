@@ -25,7 +25,7 @@ def _check_task_block(config: ml_collections.ConfigDict) -> None:
   if t.sampled_samples < 0 or t.sampled_temperature <= 0:
     raise validation.ConfigError(f"config.task.sampled_samples={t.sampled_samples} must be >= 0 and "
                                  f"config.task.sampled_temperature={t.sampled_temperature} > 0")
-  for key in ("accuracy_problems", "accuracy_tokens", "train_size", "eval_size"):
+  for key in ("accuracy_problems", "accuracy_tokens", "train_size", "eval_size", "score_every"):
     if t[key] < 0:
       raise validation.ConfigError(f"config.task.{key}={t[key]} must be >= 0")
 
@@ -114,22 +114,47 @@ def _kl_to_start(run: trainer.Run, task: Task) -> float:
                                     seed=c.seed, rules=run.rules)
 
 
+def _measured(run_: trainer.Run, method: Method, task: Task) -> dict[str, float]:
+  """_scores, and the KL to the starting policy when task.measure_kl (0 at step 0)."""
+  scores = _scores(run_, method, task)
+  if run_.config.task.measure_kl and run_.config.init_from:
+    scores["kl_to_start"] = _kl_to_start(run_, task) if int(run_.state["step"]) else 0.0
+  return scores
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.method` in `workdir`; returns the trainer's result plus, on the task, each score
   of _scores before and after (accuracy_before/after: greedy exact match; <reward>_*, and with
   task.sampled_samples sampled_<reward>_*, pass_at_k_*, best_of_n_*, self_consistency_*) and the KL
-  to the starting policy (kl_to_start, when task.measure_kl)."""
+  to the starting policy (kl_to_start, when task.measure_kl). With task.score_every = N the same
+  scores are also measured every N steps and written to the metrics as eval_<score> records (the
+  curves of held-out accuracy against step and training wall time that `train.plot` draws)."""
   run_, method, task = setup(config, workdir)
   # Scores are measured by generating answers: a policy's business, not a reward model's.
   measure = config.task.accuracy_problems > 0 and task is not None and method.generates
+  every = config.task.score_every if measure else 0
+  measured: list[tuple[int, dict[str, float]]] = []  # (step, scores) of each measure the loop takes
+
+  def measure_fn(r: trainer.Run) -> dict[str, float]:
+    measured.append((int(r.state["step"]), _measured(r, method, task)))
+    return measured[-1][1]
+
   result = {}
-  if measure and int(run_.state["step"]) == 0:
+  if measure and int(run_.state["step"]) == 0 and not every and config.task.score_at_start:
     result.update({f"{key}_before": value for key, value in _scores(run_, method, task).items()})
-  result.update(trainer.train_loop(run_))
+  along = trainer.Measure(every, measure_fn, at_start=config.task.score_at_start) if every else None
+  result.update(trainer.train_loop(run_, measure=along))
+  if measured and measured[0][0] == 0:
+    before = {k: v for k, v in measured[0][1].items() if k != "kl_to_start"}
+    result.update({f"{key}_before": value for key, value in before.items()})
   if measure:
-    result.update({f"{key}_after": value for key, value in _scores(run_, method, task).items()})
-    if config.task.measure_kl and config.init_from:
-      result["kl_to_start"] = _kl_to_start(run_, task)
+    if measured and measured[-1][0] == int(run_.state["step"]):
+      after = dict(measured[-1][1])
+    else:
+      after = _measured(run_, method, task)
+    if "kl_to_start" in after:
+      result["kl_to_start"] = after.pop("kl_to_start")
+    result.update({f"{key}_after": value for key, value in after.items()})
   if jax.process_index() == 0 and measure:
     _report(config, result)
   result["run"] = run_

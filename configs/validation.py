@@ -42,6 +42,11 @@ def _compatible(value: Any, expected: Any) -> bool:
   return isinstance(value, type(expected))
 
 
+def set_model_fields(model: Mapping[str, Any]) -> dict[str, Any]:
+  """The fields a config.model block sets: its non-None values ('preset' names the base, not a field)."""
+  return {k: v for k, v in model.items() if k != "preset" and v is not None}
+
+
 def build_model_config(model: Mapping[str, Any], prefix: str = "config.model") -> ModelConfig:
   """The ModelConfig of `config.model` (a preset name plus overrides), or a ConfigError naming the key."""
   model = dict(model.items())
@@ -52,7 +57,7 @@ def build_model_config(model: Mapping[str, Any], prefix: str = "config.model") -
     base = get_preset(preset)
   except ValueError as e:
     raise ConfigError(f"{prefix}.preset: {e}") from None
-  overrides = {k: v for k, v in model.items() if v is not None}
+  overrides = set_model_fields(model)
   fields = set(base.__dataclass_fields__)
   for key in overrides:
     if key not in fields:

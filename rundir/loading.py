@@ -24,6 +24,7 @@ from flax import nnx
 import model as model_lib
 from model import hf, peft, sharding
 from rundir import checkpoint as checkpoint_lib
+from rundir.atomic import write_atomic
 from rundir import tokenizer as tokenizer_lib
 
 CHECKPOINTS = "checkpoints"
@@ -85,10 +86,8 @@ def saved_config(config: dict[str, Any], model_config: model_lib.ModelConfig, de
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-  """A temp file renamed into place: a crash never leaves half a file."""
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(value, indent=2, default=str))
-  os.replace(tmp, path)
+  """`value` as JSON, written whole or not at all (rundir.atomic)."""
+  write_atomic(path, json.dumps(value, indent=2, default=str))
 
 
 def _not_a_source(path: Path, key: str) -> FileNotFoundError:

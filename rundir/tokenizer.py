@@ -17,7 +17,6 @@ Text is not normalised (identity rule, whitespace kept) so decode(encode(text)) 
 
 import io
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import jax
 import ml_collections
 import sentencepiece as spm
+
+from rundir.atomic import write_atomic
 
 MODEL_FILENAME = "tokenizer.model"
 MODEL_TYPES = ("bpe", "unigram")
@@ -109,19 +110,6 @@ def _training_lines(texts: Iterable[str], max_sentences: int) -> Iterator[str]:
         yield piece
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-  """Write-then-rename, so a reader (another process, a crash) never sees half a file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def train_tokenizer(
     texts: Iterable[str],
     path: str | os.PathLike,
@@ -171,7 +159,7 @@ def train_tokenizer(
         f"training a {model_type} tokenizer with vocab_size={vocab_size} on {len(lines)} lines failed: {e}"
     ) from None
   path = Path(path)
-  _write_atomic(path, model.getvalue())
+  write_atomic(path, model.getvalue())
   return load_tokenizer(path)
 
 
@@ -216,7 +204,7 @@ def get_tokenizer(
   if source:
     load_tokenizer(source)  # fail here, naming the file, if it is not a sentencepiece model
     with open(source, "rb") as f:
-      _write_atomic(target, f.read())
+      write_atomic(target, f.read())
     return load_tokenizer(target)
   texts = list(texts_fn())  # read here, so that a data error is not reported as a tokenizer one
   try:

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from align import data, run as align_run
+import rundir
+from align import data, evaluation, run as align_run, tasks
 from align.tasks import arithmetic
 from configs import common
 from configs.align.common import align_config
 from rundir import tokenizer as tokenizer_lib
-from train import losses, trainer
+from train import losses, plot, trainer
 
 VOCAB = 320
 
@@ -50,7 +51,8 @@ def _config(tokenizer_path, **overrides):
 @pytest.fixture(scope="module")
 def sft_run(tokenizer_path, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("sft")
-  return align_run.run(_config(tokenizer_path, **{"task.accuracy_problems": 4, "task.accuracy_tokens": 8}), workdir), workdir
+  overrides = {"task.accuracy_problems": 4, "task.accuracy_tokens": 8, "task.score_every": 3}
+  return align_run.run(_config(tokenizer_path, **overrides), workdir), workdir
 
 
 def test_sft_runs_through_the_shared_trainer(sft_run):
@@ -58,6 +60,23 @@ def test_sft_runs_through_the_shared_trainer(sft_run):
   assert result["step"] == 4 and np.isfinite(result["loss"])
   assert 0.0 <= result["accuracy_before"] <= 1.0 and 0.0 <= result["accuracy_after"] <= 1.0
   assert (workdir / "checkpoints" / "4").is_dir()
+
+
+def test_held_out_scores_are_recorded_along_the_run(sft_run):
+  """task.score_every: the scores at step 0, every N steps and at the last, as eval_ records that train.plot reads."""
+  result, workdir = sft_run
+  config = result["run"].config
+  records = plot.load_run(workdir).eval
+  assert [r["step"] for r in records] == [0, 3, 4]
+  assert records[0]["eval_accuracy"] == result["accuracy_before"]
+  assert records[-1]["eval_accuracy"] == result["accuracy_after"]
+  task = tasks.get_task(config.task)
+  problems = task.split("eval", 4, config.task.seed)
+  final, tokenizer = rundir.load(workdir)  # the step-4 checkpoint, as a user would load it
+  greedy = evaluation.task_scores(final, tokenizer, problems, task, max_new_tokens=8)
+  assert records[-1]["eval_digits"] == pytest.approx(greedy["digits"])
+  assert records[-1]["eval_accuracy"] == pytest.approx(greedy["exact"])
+  assert plot.x_axis(plot.load_run(workdir), "wall").eval[0] == 0.0
 
 
 def test_sft_loss_falls_on_a_fixed_batch(sft_run):
@@ -119,3 +138,19 @@ def test_bad_align_config_keys_are_named(tokenizer_path, tmp_path):
     align_run.run(dpo, tmp_path)
   with pytest.raises(Exception, match="sft"):  # a block the method does not read is an unknown key
     align_run.run(_config(tokenizer_path, method="dpo"), tmp_path)
+
+
+def test_a_wall_time_budget_stops_the_run_at_a_logged_step(tokenizer_path, tmp_path):
+  """config.max_train_seconds: the first logged step past the budget is the last (checkpoint, final scores)."""
+  config = _config(tokenizer_path, total_steps=6, log_every=2, max_train_seconds=1e-6,
+                   **{"task.accuracy_problems": 2, "task.accuracy_tokens": 4, "task.score_every": 100,
+                      "task.score_at_start": False})
+  result = align_run.run(config, tmp_path)
+  assert result["step"] == 2 and result["stopped_at_budget"]
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2]
+  assert "accuracy_after" in result and "accuracy_before" not in result
+  metrics = plot.load_run(tmp_path)
+  assert [r["step"] for r in metrics.train] == [2] and metrics.train[0]["wall_seconds"] >= 1e-6
+  assert [r["step"] for r in metrics.eval] == [2]  # scored at the last step only
+  with pytest.raises(Exception, match="config.max_train_seconds=-1"):
+    align_run.run(_config(tokenizer_path, max_train_seconds=-1.0), tmp_path / "bad")

@@ -27,6 +27,18 @@ def test_problems_are_reproducible_and_seeds_differ():
   assert digits == {4}
 
 
+def test_held_out_problems_are_not_train_problems():
+  train = set(arithmetic.problems(arithmetic.TRAIN_PREFIX_EXCLUDED, difficulty=2, seed=0))
+  drawn = arithmetic.problems(500, difficulty=2, seed=1)
+  assert sum(p in train for p in drawn) > 50  # the two streams alone share many problems at difficulty 2
+  held_out = arithmetic.held_out_problems(500, difficulty=2, seed=1, train_seed=0)
+  assert len(held_out) == 500 and not any(p in train for p in held_out)
+  assert held_out == [p for p in drawn + arithmetic.problems(2000, difficulty=2, seed=1)[500:]
+                      if p not in train][:500]  # the stream's order, the train problems skipped
+  larger = arithmetic.held_out_problems(50, difficulty=2, seed=1, train_seed=0, train_size=30_000)
+  assert not set(larger) & set(arithmetic.problems(30_000, difficulty=2, seed=0))
+
+
 def test_a_worked_example():
   problem = arithmetic.Problem(487, 55, "+")
   assert problem.prompt == "Question: What is 487 + 55?\nSolution:"

@@ -71,7 +71,7 @@ def size_fields(config: ml_collections.ConfigDict, size: str) -> dict[str, int]:
 
 def _model(config: ml_collections.ConfigDict, size: str) -> model_config_lib.ModelConfig:
   """The architecture of a point (the base's preset and fields, the size's shape)."""
-  fields = {k: v for k, v in config.base.model.items() if k != "preset" and v is not None}
+  fields = validation.set_model_fields(config.base.model)
   fields.update(size_fields(config, size))
   fields.setdefault("vocab_size", config.base.tokenizer.vocab_size)  # from scratch, the tokenizer's
   return validation.build_model_config(ml_collections.ConfigDict({"preset": config.base.model.preset, **fields}))

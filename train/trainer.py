@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 import model as model_lib
@@ -99,6 +100,21 @@ class NonFiniteError(RuntimeError):
   """Too many non-finite losses or gradients in a row."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Measure:
+  """Scores of the live run that the loop records beside its held-out loss: `fn(run)` at step 0 of a new run
+  (with at_start), every `every` steps and at the last, written to the metrics as `eval_<name>` records (so `train.plot`
+  draws them against step or wall time). Its time is not training time."""
+
+  every: int
+  fn: Callable[["Run"], dict[str, float]]
+  at_start: bool = True
+
+  def __post_init__(self):
+    if self.every <= 0:
+      raise ValueError(f"Measure.every={self.every} must be a positive number of steps")
+
+
 @dataclasses.dataclass
 class Run:
   """What `setup` builds; a notebook can use the pieces directly."""
@@ -144,7 +160,8 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
   for key in ("total_steps", "batch_size", "seq_len", "log_every", "keep_checkpoints", "grad_accum_steps"):
     if config[key] < 1:
       raise validation.ConfigError(f"config.{key}={config[key]} must be >= 1")
-  for key in ("eval_every", "checkpoint_every", "eval_steps", "max_nonfinite_in_row", "device_power_watts"):
+  for key in ("eval_every", "checkpoint_every", "eval_steps", "max_nonfinite_in_row", "device_power_watts",
+              "max_train_seconds"):
     if config[key] < 0:
       raise validation.ConfigError(f"config.{key}={config[key]} must be >= 0 (0 turns it off)")
   if config.batch_size % config.grad_accum_steps:
@@ -192,10 +209,6 @@ def mesh_and_rules(config: ml_collections.ConfigDict, devices=None) -> tuple[jax
   return mesh, rules
 
 
-def _model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return {k: v for k, v in config.model.items() if k != "preset" and v is not None}
-
-
 def _load_merged(path, mesh, rules, overrides, *, key: str = "path") -> tuple[nnx.Module, str]:
   """A decoder to start from: a run's or a Hugging Face directory's; a PEFT run's with its adapters
   merged into its weights (the new run's base is what that run trained)."""
@@ -211,14 +224,14 @@ def _starting_module(config, tokenizer, saved: dict, mesh, rules) -> tuple[nnx.M
   always comes from init_from (checkpoints hold the adapters only), and the adapters are added to it
   (initialised from config.seed; a resumed run then restores them)."""
   if loading.peft_on(config):
-    decoder, note = _load_merged(config.init_from, mesh, rules, _model_overrides(config), key="config.init_from")
+    decoder, note = _load_merged(config.init_from, mesh, rules, validation.set_model_fields(config.model), key="config.init_from")
     try:
       peft.add_adapters(decoder, config.peft, rngs=nnx.Rngs(config.seed))
     except ValueError as e:  # a target, block or group size this model cannot take
       raise validation.ConfigError(f"{e} ({note})") from e
     return decoder, f"{note}, {config.peft.method} adapters"
   if config.init_from and not saved:
-    return _load_merged(config.init_from, mesh, rules, _model_overrides(config), key="config.init_from")
+    return _load_merged(config.init_from, mesh, rules, validation.set_model_fields(config.model), key="config.init_from")
   if saved.get("resolved_model"):
     model_config = model_lib.ModelConfig(**saved["resolved_model"])
   else:
@@ -232,7 +245,7 @@ def _wrapped(decoder: nnx.Module, wrap_model, config, mesh, rules) -> tuple[nnx.
   init_from's weights load, and the attribute that holds the decoder ('' when not wrapped)."""
   if wrap_model is None:
     return decoder, ""
-  overrides = _model_overrides(config)
+  overrides = validation.set_model_fields(config.model)
 
   def load(path, overrides=overrides):
     return _load_merged(path, mesh, rules, overrides)[0]
@@ -447,11 +460,22 @@ def _save(run: Run, step: int) -> None:
   run.checkpointer.save(step, run.state, data_state, _saved_config(run))
 
 
-def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
+def _budget_spent(config: ml_collections.ConfigDict, seconds: float) -> bool:
+  """Whether config.max_train_seconds is spent; process 0 decides for all, so every process stops at one step."""
+  if not config.max_train_seconds:
+    return False
+  spent = seconds >= config.max_train_seconds
+  if jax.process_count() > 1:
+    spent = bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
+  return spent
+
+
+def train_loop(run: Run, *, stop_at: int | None = None, measure: Measure | None = None) -> dict[str, Any]:
   """Runs `run` to config.total_steps; returns the last logged and eval metrics.
 
   stop_at: stop after this step as a preemption would (checkpoint, then return), with the
   schedule still that of total_steps; a later `train` on the workdir carries on exactly.
+  measure: scores recorded along the way (see Measure); the last are in the result as eval_<name>.
   """
   c = run.config
   step = first_step = int(run.state["step"])
@@ -463,8 +487,17 @@ def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
   pending: list[dict[str, jax.Array]] = []
   last_time, last_step = time.perf_counter(), step
   wall = metrics_lib.last_value(run.workdir, "wall_seconds", up_to_step=step)  # training time, evaluation excluded
+
+  def record_measure() -> None:
+    scores = measure.fn(run)
+    writer.write(step, scores, prefix="eval_")
+    result.update({f"eval_{k}": v for k, v in scores.items()})
+
   try:
     with _StopRequest() as stop, sharding.axis_rules(run.mesh, run.rules):
+      if measure is not None and measure.at_start and step == 0:
+        record_measure()
+        last_time = time.perf_counter()
       while step < c.total_steps:
         local = next(run.train_iter)
         if local.pop(RESTART, None) is not None:
@@ -480,7 +513,10 @@ def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
               f"{c.max_nonfinite_in_row} non-finite losses or gradients in a row at step {step}; stopping. "
               f"The last good checkpoint is kept in {run.checkpointer.directory}"
           )
-        if step % c.log_every == 0 or step == c.total_steps:
+        # The last step of the run: its total, or the logged step that has spent the wall-time budget.
+        last = step == c.total_steps or (step % c.log_every == 0 and
+                                         _budget_spent(c, wall + time.perf_counter() - last_time))
+        if step % c.log_every == 0 or last:
           values = jax.device_get(pending)
           now = time.perf_counter()
           logged = {k: float(np.mean([m[k] for m in values])) for k in values[-1] if k not in ("tokens",)}
@@ -497,15 +533,22 @@ def train_loop(run: Run, *, stop_at: int | None = None) -> dict[str, Any]:
           writer.write(step, logged)
           result.update(logged, step=step)
           pending, last_time, last_step = [], time.perf_counter(), step
-        if c.eval_every and (step % c.eval_every == 0 or step == c.total_steps):
+        if c.eval_every and (step % c.eval_every == 0 or last):
           eval_metrics = evaluate(run)
           writer.write(step, eval_metrics, prefix="eval_")
           result.update({f"eval_{k}": v for k, v in eval_metrics.items()}, eval_step=step)
           last_time = time.perf_counter()  # evaluation time is not training throughput
+        if measure is not None and (step % measure.every == 0 or last):
+          record_measure()
+          last_time = time.perf_counter()
         if stop_at is not None and step >= stop_at:
           stop.requested = True
-        if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.total_steps or stop.requested:
+        if (c.checkpoint_every and step % c.checkpoint_every == 0) or last or stop.requested:
           _save(run, step)
+        if last and step < c.total_steps:
+          logging.info("stopping at step %d: %.0f s of training spent (config.max_train_seconds)", step, wall)
+          result["stopped_at_budget"] = True
+          break
         if stop.requested:
           result["stopped_early"] = True
           break

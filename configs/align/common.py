@@ -39,6 +39,8 @@ def task_config() -> ml_collections.ConfigDict:
   c.sampled_samples = 0  # >0: also score that many temperature-`sampled_temperature` samples per problem
   c.sampled_temperature = 1.0  #   (mean reward of one sample, and pass@k: what the online methods optimize)
   c.measure_kl = False  # also report KL(policy || the init_from policy) on those problems' prompts
+  c.score_every = 0  # >0: those scores also every N steps, as eval_<score> metrics (curves against step and wall)
+  c.score_at_start = True  # also before the first step (False: runs from one start, scored there once)
   return c
 
 
