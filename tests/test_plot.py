@@ -87,6 +87,21 @@ def test_recorded_counts_are_used_and_eval_records_lie_between_their_neighbours(
     np.testing.assert_allclose(axis.eval, [(expected[0] + expected[1]) / 2])
 
 
+def test_runs_from_a_common_start_begin_at_its_last_scores(tmp_path):
+  start = _write_run(tmp_path / "start", [_train(100, 1.0, wall_seconds=50.0), {"step": 50, "eval_pass": 0.1},
+                                          {"step": 100, "eval_pass": 0.3, "eval_kl": 0.0}])
+  arm = plot.load_run(_write_run(tmp_path / "arm", [_train(10, 1.0, wall_seconds=20.0),
+                                                    {"step": 10, "eval_pass": 0.5}]))
+  origin = plot.start_point(plot.load_run(start))
+  assert origin == {"eval_pass": 0.3, "eval_kl": 0.0}
+  curve = plot.curves(arm, ["eval_pass"], x="wall", start=origin)["eval_pass"]
+  np.testing.assert_allclose(curve.x, [0.0, 20.0])
+  np.testing.assert_allclose(curve.y, [0.3, 0.5])
+  scored_at_zero = plot.load_run(_write_run(tmp_path / "own", [_train(10, 1.0), {"step": 0, "eval_pass": 0.2},
+                                                               {"step": 10, "eval_pass": 0.5}]))
+  np.testing.assert_allclose(plot.curves(scored_at_zero, ["eval_pass"], start=origin)["eval_pass"].y, [0.2, 0.5])
+
+
 def test_smoothing_is_an_ema_of_the_train_curves_only(tmp_path):
   losses = [4.0, 2.0, 3.0, 1.0]
   records = [_train(10 * (i + 1), loss, learning_rate=0.1 * i) for i, loss in enumerate(losses)]

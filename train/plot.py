@@ -1,5 +1,5 @@
 """python -m train.plot WORKDIR [WORKDIR ...] --out=FILE.png [--x=step|tokens|wall|flops] [--metrics=a,b]
-    [--labels=a,b] [--smooth=0.9] [--log_y]
+    [--labels=a,b] [--smooth=0.9] [--log_y] [--start=RUN]
 
 One figure, one panel per metric (default: loss, eval_loss, learning_rate, grad_norm, tokens_per_second),
 the runs overlaid, against step, tokens, wall time or training FLOPs. From a notebook:
@@ -167,11 +167,14 @@ def _wall_from_throughput(run: RunMetrics) -> np.ndarray:
   return np.cumsum(np.diff(steps, prepend=0.0) / rates)
 
 
-def curves(run: RunMetrics, metrics: Sequence[str], *, x: str = "step", smooth: float = 0.0) -> dict[str, Curve]:
+def curves(run: RunMetrics, metrics: Sequence[str], *, x: str = "step", smooth: float = 0.0,
+           start: dict[str, float] | None = None) -> dict[str, Curve]:
   """What plot_runs draws for one run: metric -> Curve, for the metrics of `metrics` the run has finite values of.
 
   `smooth` is the factor of an exponential moving average over the train metrics (0 = off):
   y_0 = raw_0, y_i = smooth * y_(i-1) + (1 - smooth) * raw_i. Eval metrics and UNSMOOTHED are drawn as recorded.
+  `start`: eval values the run started from (another run's last: see start_point), drawn at x = 0 where the
+  run has no record of its own at step 0.
   """
   if not 0.0 <= smooth < 1.0:
     raise PlotError(f"smooth={smooth} must be in [0, 1)")
@@ -181,12 +184,22 @@ def curves(run: RunMetrics, metrics: Sequence[str], *, x: str = "step", smooth: 
     is_eval = metric.startswith(EVAL_PREFIX)
     records, xs = (run.eval, axis.eval) if is_eval else (run.train, axis.train)
     points = [(x_value, r[metric]) for x_value, r in zip(xs, records) if math.isfinite(r.get(metric, math.nan))]
+    if is_eval and start and math.isfinite(start.get(metric, math.nan)) and not any(r["step"] == 0 for r in records):
+      points.insert(0, (0.0, start[metric]))
     if not points:
       continue
     x_values, raw = (np.array(values, dtype=np.float64) for values in zip(*points))
     factor = 0.0 if is_eval or metric in UNSMOOTHED else smooth
     out[metric] = Curve(x_values, _ema(raw, factor), raw)
   return out
+
+
+def start_point(run: RunMetrics) -> dict[str, float]:
+  """The values of the run's last eval record of each metric: where runs that start from its end begin."""
+  point = {}
+  for record in run.eval:
+    point.update({k: v for k, v in record.items() if k != "step" and math.isfinite(v)})
+  return point
 
 
 def _ema(values: np.ndarray, factor: float) -> np.ndarray:
@@ -220,10 +233,11 @@ def _has_values(run: RunMetrics, metric: str) -> bool:
 def plot_runs(
     workdirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, x: str = "step",
     metrics: Sequence[str] | None = None, labels: Sequence[str] | None = None, smooth: float = 0.0,
-    log_y: bool = False, dpi: int = 100,
+    log_y: bool = False, dpi: int = 100, start: str | os.PathLike | None = None,
 ) -> Path:
   """Draws the runs' metrics (see the module docstring) to `out` (png, pdf or svg, by its suffix), atomically;
-  returns its path. The figure is PANEL_INCHES per panel, at most MAX_COLUMNS panels wide, at `dpi`."""
+  returns its path. The figure is PANEL_INCHES per panel, at most MAX_COLUMNS panels wide, at `dpi`.
+  `start`: the run every run started from (its init_from); its last held-out scores are drawn at x = 0."""
   out = Path(out)
   if out.suffix[1:].lower() not in FORMATS:
     raise PlotError(f"out={str(out)!r} must end in one of {', '.join('.' + f for f in FORMATS)}")
@@ -234,7 +248,8 @@ def plot_runs(
   if len(labels) != len(runs):
     raise PlotError(f"{len(labels)} labels ({', '.join(labels)}) for {len(runs)} run directories")
   metrics = chosen_metrics(runs, metrics)
-  run_curves = [curves(run, metrics, x=x, smooth=smooth) for run in runs]
+  origin = start_point(load_run(start)) if start is not None else None
+  run_curves = [curves(run, metrics, x=x, smooth=smooth, start=origin) for run in runs]
   estimated = [label for run, label in zip(runs, labels) if x != "step" and x_axis(run, x).estimated]
   figure = _draw(run_curves, labels, metrics, x_label=X_LABELS[x], log_y=log_y, smoothed=smooth > 0)
   if estimated:
@@ -302,6 +317,7 @@ def define_flags() -> None:
   flags.DEFINE_list("labels", None, "One legend label per WORKDIR (default: the directory names).")
   flags.DEFINE_float("smooth", 0.0, "EMA factor for the train curves, in [0, 1); 0 draws them as recorded.")
   flags.DEFINE_bool("log_y", False, "Logarithmic y axes.")
+  flags.DEFINE_string("start", None, "The run the runs started from: its last eval_ scores are drawn at x = 0.")
   flags.mark_flag_as_required("out")
 
 
@@ -311,7 +327,7 @@ def main(argv: list[str]) -> None:
   flag = flags.FLAGS
   try:
     path = plot_runs(argv[1:], flag.out, x=flag.x, metrics=flag.metrics, labels=flag.labels, smooth=flag.smooth,
-                     log_y=flag.log_y)
+                     log_y=flag.log_y, start=flag.start)
   except PlotError as e:  # configs.cli reports a ConfigError in one line, exit status 2
     raise validation.ConfigError(str(e)) from e
   print(f"wrote {path}", file=sys.stderr)
