@@ -149,8 +149,9 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
   config.init_from = ""  # a Hugging Face directory or another run's workdir
   config.z_loss = 0.0
   config.max_nonfinite_in_row = 20  # 0: never stop for non-finite steps
-  # >0: stop (checkpoint and scores as at the end) once this many seconds of training wall time are
-  # spent, evaluation excluded: runs compared at equal wall time. The schedule stays that of total_steps.
+  # >0: stop (checkpoint and scores as at the end) after the step that spends this many seconds of training
+  # wall time, evaluation excluded (several processes: the logged step): runs compared at equal wall time.
+  # The schedule stays that of total_steps.
   config.max_train_seconds = 0.0
   # Watts per device for the energy estimate in metrics.jsonl and summary.json; 0: the device kind's
   # stated power where known (train/metrics.py), else no estimate.

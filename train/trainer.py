@@ -513,8 +513,9 @@ def train_loop(run: Run, *, stop_at: int | None = None, measure: Measure | None 
               f"{c.max_nonfinite_in_row} non-finite losses or gradients in a row at step {step}; stopping. "
               f"The last good checkpoint is kept in {run.checkpointer.directory}"
           )
-        # The last step of the run: its total, or the logged step that has spent the wall-time budget.
-        last = step == c.total_steps or (step % c.log_every == 0 and
+        # The last step of the run: its total, or the first step past the wall-time budget (on several
+        # processes, the first logged step: they agree there).
+        last = step == c.total_steps or ((jax.process_count() == 1 or step % c.log_every == 0) and
                                          _budget_spent(c, wall + time.perf_counter() - last_time))
         if step % c.log_every == 0 or last:
           values = jax.device_get(pending)
