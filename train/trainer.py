@@ -223,15 +223,16 @@ def _starting_module(config, tokenizer, saved: dict, mesh, rules) -> tuple[nnx.M
   architecture the run began with (its saved config) or of config.model. With config.peft the base
   always comes from init_from (checkpoints hold the adapters only), and the adapters are added to it
   (initialised from config.seed; a resumed run then restores them)."""
+  overrides = validation.set_model_fields(config.model)
   if loading.peft_on(config):
-    decoder, note = _load_merged(config.init_from, mesh, rules, validation.set_model_fields(config.model), key="config.init_from")
+    decoder, note = _load_merged(config.init_from, mesh, rules, overrides, key="config.init_from")
     try:
       peft.add_adapters(decoder, config.peft, rngs=nnx.Rngs(config.seed))
     except ValueError as e:  # a target, block or group size this model cannot take
       raise validation.ConfigError(f"{e} ({note})") from e
     return decoder, f"{note}, {config.peft.method} adapters"
   if config.init_from and not saved:
-    return _load_merged(config.init_from, mesh, rules, validation.set_model_fields(config.model), key="config.init_from")
+    return _load_merged(config.init_from, mesh, rules, overrides, key="config.init_from")
   if saved.get("resolved_model"):
     model_config = model_lib.ModelConfig(**saved["resolved_model"])
   else:
