@@ -39,6 +39,13 @@ def test_held_out_problems_are_not_train_problems():
   assert not set(larger) & set(arithmetic.problems(30_000, difficulty=2, seed=0))
 
 
+def test_held_out_problems_name_a_train_size_that_covers_the_space(monkeypatch):
+  every_problem = frozenset(arithmetic.Problem(a, b, op) for a in range(10, 100) for b in range(100) for op in "+-")
+  monkeypatch.setattr(arithmetic, "_problem_set", lambda n, difficulty, seed: every_problem)
+  with pytest.raises(ValueError, match="train_size=200000"):
+    arithmetic.held_out_problems(10, difficulty=2, seed=1, train_seed=0, train_size=200_000)
+
+
 def test_a_worked_example():
   problem = arithmetic.Problem(487, 55, "+")
   assert problem.prompt == "Question: What is 487 + 55?\nSolution:"

@@ -123,13 +123,18 @@ def held_out_problems(n: int, *, difficulty: int, seed: int, train_seed: int, tr
                     "train problems")
     return problems(n, difficulty=difficulty, seed=seed)
   seen = _problem_set(max(train_size, TRAIN_PREFIX_EXCLUDED), difficulty, train_seed)
-  kept, index = [], 0
-  while len(kept) < n:
+  kept, max_draws = [], 100 * n + 100_000  # a train prefix that covers the space would draw forever
+  for index in range(max_draws):
+    if len(kept) == n:
+      return kept
     problem = make_problem(seed, index, difficulty)
     if problem not in seen:
       kept.append(problem)
-    index += 1
-  return kept
+  if len(kept) == n:
+    return kept
+  raise ValueError(f"arithmetic difficulty {difficulty}: only {len(kept)} of the {n} held-out problems asked for "
+                   f"are unseen in {max_draws} draws; task.train_size={train_size} covers nearly every problem. "
+                   "Lower task.train_size or raise task.difficulty")
 
 
 def wrong_solution(problem: Problem, seed: int = 0) -> str:
