@@ -14,6 +14,7 @@ wrong final digit.
 
 import dataclasses
 import functools
+import itertools
 import logging
 import random
 import re
@@ -123,13 +124,9 @@ def held_out_problems(n: int, *, difficulty: int, seed: int, train_seed: int, tr
                     "train problems")
     return problems(n, difficulty=difficulty, seed=seed)
   seen = _problem_set(max(train_size, TRAIN_PREFIX_EXCLUDED), difficulty, train_seed)
-  kept, max_draws = [], 100 * n + 100_000  # a train prefix that covers the space would draw forever
-  for index in range(max_draws):
-    if len(kept) == n:
-      return kept
-    problem = make_problem(seed, index, difficulty)
-    if problem not in seen:
-      kept.append(problem)
+  max_draws = 100 * n + 100_000  # a train prefix that covers the space would otherwise draw forever
+  drawn = (make_problem(seed, index, difficulty) for index in range(max_draws))
+  kept = list(itertools.islice((problem for problem in drawn if problem not in seen), n))
   if len(kept) == n:
     return kept
   raise ValueError(f"arithmetic difficulty {difficulty}: only {len(kept)} of the {n} held-out problems asked for "
