@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from model import kv_cache, ring_attention, sharding
+from model import kv_cache, ring_attention, sharding, tiled_attention
 from model.attention_masks import BTKH, BTNH, MASKED, attention_mask
 
 
@@ -170,7 +170,11 @@ def dot_product_attention(
     scale: float | None = None,
     alibi_slopes: np.ndarray | None = None,  # [N]
 ) -> jax.Array:
-  """Attention through the backend `impl` ('xla', 'cudnn', 'pallas'). Returns [B, T, N, H]."""
+  """Attention through the backend `impl` ('xla', 'cudnn', 'pallas'). Returns [B, T, N, H].
+
+  'xla' computes causal self-attention (T = S >= 256, default positions) without the blocks above
+  the diagonal: on a CPU in cache-sized tiles (model/tiled_attention.py) unless ALiBi or a soft-cap
+  is asked for, elsewhere in query blocks."""
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   if num_heads % num_kv_heads:
@@ -218,15 +222,27 @@ def dot_product_attention(
   block = max(_MIN_CAUSAL_BLOCK, -(-q_len // _MAX_CAUSAL_BLOCKS))
   static_window = sliding_window if isinstance(sliding_window, int) else 0
   rows = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
-  outs = []
-  for start in range(0, q_len, block):
-    end = min(start + block, q_len)
-    lo = max(0, start - static_window + 1) if static_window > 0 else 0
-    outs.append(attend(
-        q[:, start:end], k[:, lo:end], v[:, lo:end], q_positions[:, start:end], kv_positions[:, lo:end],
-        rows(q_segment_ids, start, end), rows(kv_segment_ids, lo, end),
-    ))
-  return jnp.concatenate(outs, axis=1)
+
+  def causal_blocks(q, k, v):
+    outs = []
+    for start in range(0, q_len, block):
+      end = min(start + block, q_len)
+      lo = max(0, start - static_window + 1) if static_window > 0 else 0
+      outs.append(attend(
+          q[:, start:end], k[:, lo:end], v[:, lo:end], q_positions[:, start:end], kv_positions[:, lo:end],
+          rows(q_segment_ids, start, end), rows(kv_segment_ids, lo, end),
+      ))
+    return jnp.concatenate(outs, axis=1)
+
+  if alibi_slopes is not None or logit_softcap or q_segment_ids is not kv_segment_ids:
+    return causal_blocks(q, k, v)
+
+  def tiles(q, k, v):  # model/tiled_attention.py: tiles that stay in a core's cache
+    return tiled_attention.causal_attention(q, k, v, q_segment_ids, scale=scale, sliding_window=sliding_window)
+
+  # Tiles where the program is compiled for a CPU, blocks elsewhere (a program compiled on this
+  # host for a TPU topology included): only the branch of the platform is lowered.
+  return jax.lax.platform_dependent(q, k, v, cpu=tiles, default=causal_blocks)
 
 
 def shifted_sparse_attention(

@@ -72,7 +72,7 @@ class Transformer(nnx.Module):
     head, and the cache with this chunk's keys and values written (None when decoding without one).
 
     A KVCache with positions=None is a prefill: the chunk starts its rows (positions and slots
-    0..T-1), so its queries see only its own keys and attention runs as in training (causal blocks,
+    0..T-1), so its queries see only its own keys and attention runs as in training (causal tiles or blocks,
     the fused backends) instead of over all S slots.
     """
     c = self.config
