@@ -141,7 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   result = {}
   if measure and int(run_.state["step"]) == 0 and not every and config.task.score_at_start:
-    result.update({f"{key}_before": value for key, value in _scores(run_, method, task).items()})
+    measure_fn(run_)  # the "before" scores; with score_every the loop's Measure takes them at step 0
   along = trainer.Measure(every, measure_fn, at_start=config.task.score_at_start) if every else None
   result.update(trainer.train_loop(run_, measure=along))
   if measured and measured[0][0] == 0:
