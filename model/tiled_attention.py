@@ -8,9 +8,11 @@ layer's forward and backward took 4.7x torch's fused CPU kernel (benchmarks/RESU
 tiles small enough to stay in a core's L2 cache (`tile_size`), the passes run from the cache.
 Tiles above the diagonal, and those wholly outside a static sliding window, are never computed.
 
-Queries, keys and values keep the decoder's layout ([B, T, N, H], [B, T, K, H]); inside, queries
-are [B, K, G, T, H] so that each kv head serves its G query heads and every product is written
-in its dot's own order. Logits, the softmax statistics and all accumulators are float32.
+Queries, keys and values keep the decoder's layout ([B, T, N, H], [B, T, K, H]); inside, T is
+padded to whole blocks and each query block is [B, K, G * block, H]: a kv head's G query heads
+stacked into one tall product (GQA's backward 15% faster than with a separate G axis at T=2048,
+K=2), every product written in its dot's own order. Logits, the softmax statistics and all
+accumulators are float32.
 """
 
 import functools
@@ -54,52 +56,84 @@ def causal_attention(
 
 
 def _blocks(length: int, block: int, static_window: int):
-  """(query block (a, b), [key blocks (c, d)]) pairs: the key blocks at or below the diagonal
-  that a static window does not wholly hide."""
-  bounds = [(a, min(a + block, length)) for a in range(0, length, block)]
-  for i, (a, b) in enumerate(bounds):
-    keys = [(c, d) for c, d in bounds[: i + 1] if not (static_window and d - 1 <= a - static_window)]
-    yield (a, b), keys
+  """(i, query block (a, b), [(j, key block (c, d))]) over the padded length: the key blocks at or
+  below the diagonal that a static window does not wholly hide."""
+  starts = range(0, length, block)
+  for i, a in enumerate(starts):
+    keys = [(j, c) for j, c in enumerate(starts[: i + 1]) if not (static_window and c + block - 1 <= a - static_window)]
+    yield i, a, keys
 
 
-def _tile_mask(a, b, c, d, segment_ids, window):
-  """[B or 1, bq, bk] bool: may query a + t see key c + s (causal, window, segments)."""
-  q_pos = jnp.arange(a, b)[:, None]
-  k_pos = jnp.arange(c, d)[None, :]
-  mask = (k_pos <= q_pos) & ((window == 0) | (q_pos - k_pos < window))
-  mask = mask[None]
+def _tile_mask(a, c, block, group, segment_ids, window):
+  """[B or 1, 1, G, bq, bk] bool: may query a + t see key c + s (causal, window, segments); padded
+  positions past T are keys no real query sees (they lie in its future)."""
+  q_pos = a + jnp.arange(block)[:, None]
+  k_pos = c + jnp.arange(block)[None, :]
+  mask = ((k_pos <= q_pos) & ((window == 0) | (q_pos - k_pos < window)))[None]
   if segment_ids is not None:
-    mask = mask & (segment_ids[:, a:b, None] == segment_ids[:, None, c:d])
-  return mask[:, None, None]  # [B, 1, 1, bq, bk]: broadcast over K and G
+    mask = mask & (segment_ids[:, a:a + block, None] == segment_ids[:, None, c:c + block])
+  return mask[:, None, None]
 
 
-def _split_heads(q, num_kv_heads):  # [B, T, N, H] -> [B, K, G, T, H]
-  batch, length, num_heads, head_dim = q.shape
-  q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  return jnp.transpose(q, (0, 2, 3, 1, 4))
+def _to_blocks(x, block, num_kv_heads):
+  """[B, T, N, H] -> [n, B, K, G * block, H]: T padded to n blocks, each block's rows ordered (G, t),
+  so a tile's product is one tall dot per kv head (GQA's query heads stacked, not a G axis)."""
+  batch, length, num_heads, head_dim = x.shape
+  n = -(-length // block)
+  x = jnp.pad(x, ((0, 0), (0, n * block - length), (0, 0), (0, 0)))
+  x = x.reshape(batch, n, block, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  x = jnp.transpose(x, (1, 0, 3, 4, 2, 5))  # [n, B, K, G, block, H]
+  return x.reshape(n, batch, num_kv_heads, -1, head_dim)
 
 
-def _merge_heads(x):  # [B, K, G, T, H] -> [B, T, N, H]
-  batch, kv_heads, group, length, head_dim = x.shape
-  return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(batch, length, kv_heads * group, head_dim)
+def _from_blocks(x, length, group):
+  """[n, B, K, G * block, H] -> [B, T, N, H]."""
+  n, batch, num_kv_heads, rows, head_dim = x.shape
+  x = x.reshape(n, batch, num_kv_heads, group, rows // group, head_dim)
+  x = jnp.transpose(x, (1, 0, 4, 2, 3, 5)).reshape(batch, -1, num_kv_heads * group, head_dim)
+  return x[:, :length]
+
+
+def _kv_blocks(x, block):
+  """[B, S, K, H] -> [n, B, K, block, H], S padded to n blocks."""
+  batch, length, num_kv_heads, head_dim = x.shape
+  n = -(-length // block)
+  x = jnp.pad(x, ((0, 0), (0, n * block - length), (0, 0), (0, 0)))
+  return jnp.transpose(x.reshape(batch, n, block, num_kv_heads, head_dim), (1, 0, 3, 2, 4))
+
+
+def _kv_unblocks(x, length):
+  """[n, B, K, block, H] -> [B, S, K, H]."""
+  n, batch, num_kv_heads, block, head_dim = x.shape
+  return jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(batch, n * block, num_kv_heads, head_dim)[:, :length]
+
+
+def _logits(q_i, k_j, scale):  # [B, K, G*bq, H] x [B, K, bk, H] -> [B, K, G*bq, bk] float32
+  return jnp.einsum("BKMH,BKSH->BKMS", q_i, k_j, preferred_element_type=jnp.float32) * scale
+
+
+def _masked(x, mask, value):  # x [B, K, G*bq, bk] where mask [B|1, 1, G|1, bq, bk], else value
+  batch, kv_heads, rows, cols = x.shape
+  group = rows // mask.shape[-2]
+  return jnp.where(mask, x.reshape(batch, kv_heads, group, -1, cols), value).reshape(x.shape)
 
 
 def _forward(q, k, v, segment_ids, window, scale, static_window, block):
-  """(out [B, T, N, H], logsumexp [B, K, G, T] float32)."""
+  """(out [B, T, N, H], logsumexp [n, B, K, G * block] float32)."""
   length, num_kv_heads = q.shape[1], k.shape[2]
-  qs = _split_heads(q, num_kv_heads)  # [B, K, G, T, H]
-  ks, vs = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, H]
+  group = q.shape[2] // num_kv_heads
+  qb, kb, vb = _to_blocks(q, block, num_kv_heads), _kv_blocks(k, block), _kv_blocks(v, block)
+  if segment_ids is not None:  # padded positions get a segment of their own
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, qb.shape[0] * block - length)), constant_values=-1)
   outs, lses = [], []
-  for (a, b), keys in _blocks(length, block, static_window):
-    q_i = qs[:, :, :, a:b]
+  for i, a, keys in _blocks(length, block, static_window):
     m = l = acc = None
-    for c, d in keys:
-      s = jnp.einsum("BKGTH,BKSH->BKGTS", q_i, ks[:, :, c:d], preferred_element_type=jnp.float32) * scale
-      mask = _tile_mask(a, b, c, d, segment_ids, window)
-      s = jnp.where(mask, s, MASKED)
+    for j, c in keys:
+      mask = _tile_mask(a, c, block, group, segment_ids, window)
+      s = _masked(_logits(qb[i], kb[j], scale), mask, MASKED)
       m_new = jnp.max(s, axis=-1) if m is None else jnp.maximum(m, jnp.max(s, axis=-1))
-      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)  # [B, K, G, bq, bk]
-      pv = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), vs[:, :, c:d], preferred_element_type=jnp.float32)
+      p = _masked(jnp.exp(s - m_new[..., None]), mask, 0.0)  # [B, K, G*bq, bk]
+      pv = jnp.einsum("BKMS,BKSH->BKMH", p.astype(v.dtype), vb[j], preferred_element_type=jnp.float32)
       if m is None:
         l, acc = jnp.sum(p, axis=-1), pv
       else:
@@ -107,10 +141,9 @@ def _forward(q, k, v, segment_ids, window, scale, static_window, block):
         l = l * correction + jnp.sum(p, axis=-1)
         acc = acc * correction[..., None] + pv
       m = m_new
-    outs.append(acc / l[..., None])  # every query sees at least itself: l > 0
+    outs.append(acc / l[..., None])  # every query sees at least itself: l > 0 (padded rows too)
     lses.append(m + jnp.log(l))
-  out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H]
-  return _merge_heads(out).astype(q.dtype), jnp.concatenate(lses, axis=3)
+  return _from_blocks(jnp.stack(outs), length, group).astype(q.dtype), jnp.stack(lses)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -126,34 +159,32 @@ def _attention_fwd(q, k, v, segment_ids, window, scale, static_window, block):
 def _attention_bwd(scale, static_window, block, residuals, d_out):
   q, k, v, segment_ids, window, out, lse = residuals
   length, num_kv_heads = q.shape[1], k.shape[2]
-  qs, d_outs = _split_heads(q, num_kv_heads), _split_heads(d_out, num_kv_heads)  # [B, K, G, T, H]
-  ks, vs = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, H]
-  # delta_t = sum_h dO * O = sum_s P * dP: the softmax's backward, per query.
-  delta = jnp.sum(d_outs.astype(jnp.float32) * _split_heads(out, num_kv_heads).astype(jnp.float32), axis=-1)
-  dq_blocks = []
-  dk = [None] * (-(-length // block))
-  dv = [None] * len(dk)
-  for (a, b), keys in _blocks(length, block, static_window):
-    q_i, do_i = qs[:, :, :, a:b], d_outs[:, :, :, a:b]
-    lse_i, delta_i = lse[:, :, :, a:b, None], delta[:, :, :, a:b, None]
+  group = q.shape[2] // num_kv_heads
+  qb, kb, vb = _to_blocks(q, block, num_kv_heads), _kv_blocks(k, block), _kv_blocks(v, block)
+  d_outs = _to_blocks(d_out, block, num_kv_heads)  # padded rows: zero cotangent, so they add nothing
+  # delta = sum_h dO * O = sum_s P * dP: the softmax's backward, per query.
+  delta = jnp.sum(d_outs.astype(jnp.float32) * _to_blocks(out, block, num_kv_heads).astype(jnp.float32), axis=-1)
+  if segment_ids is not None:
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, qb.shape[0] * block - length)), constant_values=-1)
+  dq, dk, dv = [], [None] * qb.shape[0], [None] * qb.shape[0]
+  for i, a, keys in _blocks(length, block, static_window):
     dq_i = None
-    for c, d in keys:
-      j = c // block
-      s = jnp.einsum("BKGTH,BKSH->BKGTS", q_i, ks[:, :, c:d], preferred_element_type=jnp.float32) * scale
-      p = jnp.where(_tile_mask(a, b, c, d, segment_ids, window), jnp.exp(s - lse_i), 0.0)  # [B, K, G, bq, bk]
-      dv_j = jnp.einsum("BKGTS,BKGTH->BKSH", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
-      dp = jnp.einsum("BKGTH,BKSH->BKGTS", do_i, vs[:, :, c:d], preferred_element_type=jnp.float32)
-      ds = (p * (dp - delta_i) * scale).astype(q.dtype)
-      dq_ij = jnp.einsum("BKGTS,BKSH->BKGTH", ds, ks[:, :, c:d], preferred_element_type=jnp.float32)
-      dk_j = jnp.einsum("BKGTS,BKGTH->BKSH", ds, q_i, preferred_element_type=jnp.float32)
+    for j, c in keys:
+      mask = _tile_mask(a, c, block, group, segment_ids, window)
+      p = _masked(jnp.exp(_logits(qb[i], kb[j], scale) - lse[i][..., None]), mask, 0.0)  # [B, K, G*bq, bk]
+      dv_j = jnp.einsum("BKMS,BKMH->BKSH", p.astype(d_outs.dtype), d_outs[i], preferred_element_type=jnp.float32)
+      dp = jnp.einsum("BKMH,BKSH->BKMS", d_outs[i], vb[j], preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta[i][..., None]) * scale).astype(q.dtype)
+      dq_ij = jnp.einsum("BKMS,BKSH->BKMH", ds, kb[j], preferred_element_type=jnp.float32)
+      dk_j = jnp.einsum("BKMS,BKMH->BKSH", ds, qb[i], preferred_element_type=jnp.float32)
       dq_i = dq_ij if dq_i is None else dq_i + dq_ij
       dk[j] = dk_j if dk[j] is None else dk[j] + dk_j
       dv[j] = dv_j if dv[j] is None else dv[j] + dv_j
-    dq_blocks.append(dq_i)
-  dq = _merge_heads(jnp.concatenate(dq_blocks, axis=3)).astype(q.dtype)
+    dq.append(dq_i)
   # Every key block is seen by at least its own query block (the diagonal tile).
-  dk = jnp.swapaxes(jnp.concatenate(dk, axis=2), 1, 2).astype(k.dtype)  # [B, S, K, H]
-  dv = jnp.swapaxes(jnp.concatenate(dv, axis=2), 1, 2).astype(v.dtype)
+  dq = _from_blocks(jnp.stack(dq), length, group).astype(q.dtype)
+  dk = _kv_unblocks(jnp.stack(dk), length).astype(k.dtype)
+  dv = _kv_unblocks(jnp.stack(dv), length).astype(v.dtype)
   return dq, dk, dv, None, None
 
 
