@@ -128,11 +128,13 @@ def _forward(q, k, v, segment_ids, window, scale, static_window, block):
   outs, lses = [], []
   for i, a, keys in _blocks(length, block, static_window):
     m = l = acc = None
-    for j, c in keys:
+    # The diagonal tile first: every query sees itself there, so m is a visible logit's from then on
+    # and exp(MASKED - m) is 0 without a second select.
+    for j, c in keys[-1:] + keys[:-1]:
       mask = _tile_mask(a, c, block, group, segment_ids, window)
       s = _masked(_logits(qb[i], kb[j], scale), mask, MASKED)
       m_new = jnp.max(s, axis=-1) if m is None else jnp.maximum(m, jnp.max(s, axis=-1))
-      p = _masked(jnp.exp(s - m_new[..., None]), mask, 0.0)  # [B, K, G*bq, bk]
+      p = jnp.exp(s - m_new[..., None])  # [B, K, G*bq, bk]
       pv = jnp.einsum("BKMS,BKSH->BKMH", p.astype(v.dtype), vb[j], preferred_element_type=jnp.float32)
       if m is None:
         l, acc = jnp.sum(p, axis=-1), pv
