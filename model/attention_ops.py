@@ -172,9 +172,11 @@ def dot_product_attention(
 ) -> jax.Array:
   """Attention through the backend `impl` ('xla', 'cudnn', 'pallas'). Returns [B, T, N, H].
 
-  'xla' computes causal self-attention (T = S >= 256, default positions) without the blocks above
-  the diagonal: on a CPU in cache-sized tiles (model/tiled_attention.py) unless ALiBi or a soft-cap
-  is asked for, elsewhere in query blocks."""
+  'xla' computes causal self-attention (T = S >= 256, default positions, T not sharded over
+  `sequence`) without the blocks above the diagonal: in query blocks, or when the program is
+  compiled for a CPU, there is no ALiBi or soft-cap and q and kv share one segment-id array, in
+  cache-sized tiles (model/tiled_attention.py). Both branches are traced, and the tiles are a
+  custom_vjp, so forward-mode autodiff (jax.jvp, jacfwd) does not go through this path."""
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   if num_heads % num_kv_heads:

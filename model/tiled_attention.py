@@ -28,9 +28,10 @@ _MAX_BLOCKS = 16  # at most this many blocks per axis (the tile loops are unroll
 
 def tile_size(batch: int, num_heads: int, length: int) -> int:
   """The block length (queries and keys alike): a power of two in [64, 512] whose [B, N, b, b]
-  float32 tile fits _TILE_BYTES, raised so that length needs at most _MAX_BLOCKS blocks."""
+  float32 tile fits _TILE_BYTES and no longer than length needs, raised so that length needs at
+  most _MAX_BLOCKS blocks. B and N are the global ones: under a mesh each device's tile is smaller."""
   block = 512
-  while block > 64 and batch * num_heads * block * block * 4 > _TILE_BYTES:
+  while block > 64 and (batch * num_heads * block * block * 4 > _TILE_BYTES or block // 2 >= length):
     block //= 2
   while block * _MAX_BLOCKS < length:
     block *= 2
@@ -47,7 +48,9 @@ def causal_attention(
     sliding_window: int | jax.Array = 0,  # query i sees key j only when i - w < j; 0 is off
     block: int | None = None,
 ) -> jax.Array:
-  """softmax(q k^T * scale, causal and masked) v, for tokens at positions 0..T-1. Returns [B, T, N, H]."""
+  """softmax(q k^T * scale, causal and masked) v, for tokens at positions 0..T-1. Returns [B, T, N, H].
+
+  Reverse-mode autodiff only (a custom_vjp): jax.jvp, jacfwd and hessian raise through it."""
   batch, length, num_heads, _ = q.shape
   block = block or tile_size(batch, num_heads, length)
   static_window = sliding_window if isinstance(sliding_window, int) else 0
@@ -64,8 +67,8 @@ def _blocks(length: int, block: int, static_window: int):
     yield i, a, keys
 
 
-def _tile_mask(a, c, block, group, segment_ids, window):
-  """[B or 1, 1, G, bq, bk] bool: may query a + t see key c + s (causal, window, segments); padded
+def _tile_mask(a, c, block, segment_ids, window):
+  """[B or 1, 1, 1, bq, bk] bool: may query a + t see key c + s (causal, window, segments); padded
   positions past T are keys no real query sees (they lie in its future)."""
   q_pos = a + jnp.arange(block)[:, None]
   k_pos = c + jnp.arange(block)[None, :]
@@ -123,7 +126,7 @@ def _forward(q, k, v, segment_ids, window, scale, static_window, block):
   length, num_kv_heads = q.shape[1], k.shape[2]
   group = q.shape[2] // num_kv_heads
   qb, kb, vb = _to_blocks(q, block, num_kv_heads), _kv_blocks(k, block), _kv_blocks(v, block)
-  if segment_ids is not None:  # padded positions get a segment of their own
+  if segment_ids is not None:  # any id does for padded positions: they are every real query's future
     segment_ids = jnp.pad(segment_ids, ((0, 0), (0, qb.shape[0] * block - length)), constant_values=-1)
   outs, lses = [], []
   for i, a, keys in _blocks(length, block, static_window):
@@ -131,7 +134,7 @@ def _forward(q, k, v, segment_ids, window, scale, static_window, block):
     # The diagonal tile first: every query sees itself there, so m is a visible logit's from then on
     # and exp(MASKED - m) is 0 without a second select.
     for j, c in keys[-1:] + keys[:-1]:
-      mask = _tile_mask(a, c, block, group, segment_ids, window)
+      mask = _tile_mask(a, c, block, segment_ids, window)
       s = _masked(_logits(qb[i], kb[j], scale), mask, MASKED)
       m_new = jnp.max(s, axis=-1) if m is None else jnp.maximum(m, jnp.max(s, axis=-1))
       p = jnp.exp(s - m_new[..., None])  # [B, K, G*bq, bk]
@@ -172,7 +175,7 @@ def _attention_bwd(scale, static_window, block, residuals, d_out):
   for i, a, keys in _blocks(length, block, static_window):
     dq_i = None
     for j, c in keys:
-      mask = _tile_mask(a, c, block, group, segment_ids, window)
+      mask = _tile_mask(a, c, block, segment_ids, window)
       p = _masked(jnp.exp(_logits(qb[i], kb[j], scale) - lse[i][..., None]), mask, 0.0)  # [B, K, G*bq, bk]
       dv_j = jnp.einsum("BKMS,BKMH->BKSH", p.astype(d_outs.dtype), d_outs[i], preferred_element_type=jnp.float32)
       dp = jnp.einsum("BKMH,BKSH->BKMS", d_outs[i], vb[j], preferred_element_type=jnp.float32)

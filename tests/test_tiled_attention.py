@@ -33,18 +33,22 @@ def _dense_float64(q, k, v, segments, window):
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
-CASES = [  # heads, kv heads, block, window, segments, traced window
-    (4, 2, 64, 0, False, False),  # GQA; T = 300 leaves a ragged last block
-    (2, 1, 64, 70, True, False),  # MQA, packed segments, a static window that skips whole tiles
-    (4, 4, 128, 33, True, True),  # a traced window (alternating layers in a scan): masked, nothing skipped
+CASES = [  # heads, kv heads, length, block, window, segments, traced window
+    (4, 2, 300, 64, 0, False, False),  # GQA; T = 300 leaves a ragged last block
+    (2, 1, 300, 64, 70, True, False),  # MQA, packed segments, a static window that skips whole tiles
+    (4, 4, 300, 128, 33, True, True),  # a traced window (alternating layers in a scan): masked, nothing skipped
+    (2, 2, 256, 64, 20, True, False),  # whole blocks, a window shorter than a block, segment id -1 in the data
 ]
 
 
-@pytest.mark.parametrize("heads,kv_heads,block,window,segmented,traced", CASES)
-def test_tiled_attention_and_its_gradients_match_float64(heads, kv_heads, block, window, segmented, traced):
-  length = 300
+@pytest.mark.parametrize("heads,kv_heads,length,block,window,segmented,traced", CASES)
+def test_tiled_attention_and_its_gradients_match_float64(heads, kv_heads, length, block, window, segmented, traced):
   q, k, v = _inputs(length, heads, kv_heads, seed=heads + block)
-  segments = np.repeat(np.array([[1, 2, 3], [1, 1, 2]]), [120, 100, 80], axis=1) if segmented else None
+  segments = None
+  if segmented:
+    segments = np.repeat(np.array([[1, 2, 3], [1, 1, 2]]), [length - 180, 100, 80], axis=1)
+    if length % block == 0:
+      segments = segments - 2  # ids -1, -1, 0 and -1, -1, 0: the value the tiles pad with
   cotangent = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
   seg32 = None if segments is None else jnp.asarray(segments, jnp.int32)
   window_arg = jnp.int32(window) if traced else window
@@ -72,17 +76,43 @@ def test_the_xla_path_on_cpu_takes_tiles_and_matches_the_reference():
   q, k, v = _inputs(260, 2, 1, seed=7)
   segments = np.repeat(np.array([[1, 2], [1, 1]]), [150, 110], axis=1)
   seg = jnp.asarray(segments)
-  jaxpr = jax.make_jaxpr(lambda q, k, v: attention_ops.dot_product_attention(
-      q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, sliding_window=100))(q, k, v)
-  assert "custom_vjp_call" in str(jaxpr)
-  out = attention_ops.dot_product_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True,
-                                            sliding_window=100)
+
+  def attend(q, k, v, softcap=0.0):
+    return attention_ops.dot_product_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True,
+                                               sliding_window=100, logit_softcap=softcap)
+
+  # Only the platform's branch is lowered: the tiles pad T = 260 to whole blocks, the query blocks
+  # (taken with a soft-cap) never pad.
+  assert "stablehlo.pad" in jax.jit(attend).lower(q, k, v).as_text()
+  assert "stablehlo.pad" not in jax.jit(lambda q, k, v: attend(q, k, v, 5.0)).lower(q, k, v).as_text()
   expected = reference.attention(q, k, v, causal=True, window=100, q_segments=segments, kv_segments=segments)
-  np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(attend(q, k, v), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_bfloat16_gradients_through_the_dispatch_under_jit_and_remat():
+  """The custom_vjp inside the platform switch, under jit and jax.checkpoint, in bfloat16, against
+  float64 gradients of the dense reference (bfloat16 rounding: 2-3 significant digits)."""
+  q, k, v = _inputs(300, 4, 2, seed=11)
+  cotangent = np.random.default_rng(2).standard_normal(q.shape).astype(np.float32)
+
+  def loss(q, k, v):
+    out = attention_ops.dot_product_attention(q, k, v, causal=True, sliding_window=90)
+    return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+  grads = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(
+      *(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)))
+  with jax.enable_x64(True):
+    rounded = [np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64) for x in (q, k, v)]
+    expected = jax.grad(lambda q, k, v: jnp.sum(_dense_float64(q, k, v, None, 90) * cotangent), argnums=(0, 1, 2))(
+        *(jnp.asarray(x) for x in rounded))
+  for name, got, want in zip("qkv", grads, expected):
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-2 * scale, err_msg=f"d{name}")
 
 
 @pytest.mark.parametrize("batch,heads,length,block", [(4, 8, 512, 128), (1, 8, 2048, 256), (1, 8, 8192, 512),
-                                                      (64, 32, 256, 64)])
+                                                      (64, 32, 256, 64), (1, 2, 256, 256), (1, 1, 300, 512)])
 def test_tile_size(batch, heads, length, block):
-  """Tiles of at most 2 MiB of float32 logits, at least 64 long, and at most 16 blocks per axis."""
+  """Tiles of at most 2 MiB of float32 logits, at least 64 long, no longer than the sequence needs,
+  and at most 16 blocks per axis."""
   assert tiled_attention.tile_size(batch, heads, length) == block
