@@ -55,12 +55,14 @@ def causal_attention(
   block = block or tile_size(batch, num_heads, length)
   static_window = sliding_window if isinstance(sliding_window, int) else 0
   window = jnp.asarray(sliding_window, jnp.int32)
+  if segment_ids is not None:  # padded to whole blocks; any id does there: padding is every real query's future
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, -length % block)), constant_values=-1)
   return _attention(q, k, v, segment_ids, window, float(scale), int(static_window), int(block))
 
 
 def _blocks(length: int, block: int, static_window: int):
-  """(i, query block (a, b), [(j, key block (c, d))]) over the padded length: the key blocks at or
-  below the diagonal that a static window does not wholly hide."""
+  """(i, a, [(j, c)]) for query block i starting at a: the key blocks j (starting at c) at or below
+  the diagonal that a static window does not wholly hide, the diagonal last."""
   starts = range(0, length, block)
   for i, a in enumerate(starts):
     keys = [(j, c) for j, c in enumerate(starts[: i + 1]) if not (static_window and c + block - 1 <= a - static_window)]
@@ -80,7 +82,8 @@ def _tile_mask(a, c, block, segment_ids, window):
 
 def _to_blocks(x, block, num_kv_heads):
   """[B, T, N, H] -> [n, B, K, G * block, H]: T padded to n blocks, each block's rows ordered (G, t),
-  so a tile's product is one tall dot per kv head (GQA's query heads stacked, not a G axis)."""
+  so a tile's product is one tall dot per kv head (GQA's query heads stacked, not a G axis). Keys
+  and values [B, S, K, H] (G = 1) become [n, B, K, block, H]."""
   batch, length, num_heads, head_dim = x.shape
   n = -(-length // block)
   x = jnp.pad(x, ((0, 0), (0, n * block - length), (0, 0), (0, 0)))
@@ -97,25 +100,11 @@ def _from_blocks(x, length, group):
   return x[:, :length]
 
 
-def _kv_blocks(x, block):
-  """[B, S, K, H] -> [n, B, K, block, H], S padded to n blocks."""
-  batch, length, num_kv_heads, head_dim = x.shape
-  n = -(-length // block)
-  x = jnp.pad(x, ((0, 0), (0, n * block - length), (0, 0), (0, 0)))
-  return jnp.transpose(x.reshape(batch, n, block, num_kv_heads, head_dim), (1, 0, 3, 2, 4))
-
-
-def _kv_unblocks(x, length):
-  """[n, B, K, block, H] -> [B, S, K, H]."""
-  n, batch, num_kv_heads, block, head_dim = x.shape
-  return jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(batch, n * block, num_kv_heads, head_dim)[:, :length]
-
-
 def _logits(q_i, k_j, scale):  # [B, K, G*bq, H] x [B, K, bk, H] -> [B, K, G*bq, bk] float32
   return jnp.einsum("BKMH,BKSH->BKMS", q_i, k_j, preferred_element_type=jnp.float32) * scale
 
 
-def _masked(x, mask, value):  # x [B, K, G*bq, bk] where mask [B|1, 1, G|1, bq, bk], else value
+def _masked(x, mask, value):  # x [B, K, G*bq, bk] where mask [B|1, 1, 1, bq, bk], else value
   batch, kv_heads, rows, cols = x.shape
   group = rows // mask.shape[-2]
   return jnp.where(mask, x.reshape(batch, kv_heads, group, -1, cols), value).reshape(x.shape)
@@ -125,9 +114,7 @@ def _forward(q, k, v, segment_ids, window, scale, static_window, block):
   """(out [B, T, N, H], logsumexp [n, B, K, G * block] float32)."""
   length, num_kv_heads = q.shape[1], k.shape[2]
   group = q.shape[2] // num_kv_heads
-  qb, kb, vb = _to_blocks(q, block, num_kv_heads), _kv_blocks(k, block), _kv_blocks(v, block)
-  if segment_ids is not None:  # any id does for padded positions: they are every real query's future
-    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, qb.shape[0] * block - length)), constant_values=-1)
+  qb, kb, vb = (_to_blocks(x, block, num_kv_heads) for x in (q, k, v))
   outs, lses = [], []
   for i, a, keys in _blocks(length, block, static_window):
     m = l = acc = None
@@ -165,12 +152,10 @@ def _attention_bwd(scale, static_window, block, residuals, d_out):
   q, k, v, segment_ids, window, out, lse = residuals
   length, num_kv_heads = q.shape[1], k.shape[2]
   group = q.shape[2] // num_kv_heads
-  qb, kb, vb = _to_blocks(q, block, num_kv_heads), _kv_blocks(k, block), _kv_blocks(v, block)
+  qb, kb, vb = (_to_blocks(x, block, num_kv_heads) for x in (q, k, v))
   d_outs = _to_blocks(d_out, block, num_kv_heads)  # padded rows: zero cotangent, so they add nothing
   # delta = sum_h dO * O = sum_s P * dP: the softmax's backward, per query.
   delta = jnp.sum(d_outs.astype(jnp.float32) * _to_blocks(out, block, num_kv_heads).astype(jnp.float32), axis=-1)
-  if segment_ids is not None:
-    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, qb.shape[0] * block - length)), constant_values=-1)
   dq, dk, dv = [], [None] * qb.shape[0], [None] * qb.shape[0]
   for i, a, keys in _blocks(length, block, static_window):
     dq_i = None
@@ -188,8 +173,8 @@ def _attention_bwd(scale, static_window, block, residuals, d_out):
     dq.append(dq_i)
   # Every key block is seen by at least its own query block (the diagonal tile).
   dq = _from_blocks(jnp.stack(dq), length, group).astype(q.dtype)
-  dk = _kv_unblocks(jnp.stack(dk), length).astype(k.dtype)
-  dv = _kv_unblocks(jnp.stack(dv), length).astype(v.dtype)
+  dk = _from_blocks(jnp.stack(dk), length, 1).astype(k.dtype)
+  dv = _from_blocks(jnp.stack(dv), length, 1).astype(v.dtype)
   return dq, dk, dv, None, None
 
 
