@@ -115,7 +115,7 @@ class Adapter(nnx.Module):
 
 @functools.partial(jax.checkpoint, static_argnums=(0, 3), policy=jax.checkpoint_policies.nothing_saveable)
 def _frozen_einsum(eq: str, x: jax.Array, weight: jax.Array, dtype) -> jax.Array:
-  return jnp.einsum(eq, x, weight.astype(dtype))
+  return projections.einsum_in_weight_order(eq, x, weight.astype(dtype))  # as the un-adapted layer does
 
 
 def base_layers(base) -> int:
