@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from infer.sampling import argmax
 from infer.sampling_params import MAX_TOP_LOGPROBS
 
 
@@ -76,7 +77,7 @@ def sample_rows(logits: jax.Array, rows: RowSampling, history: jax.Array | None,
 
   picked = jax.vmap(draw)(rows.seed, rows.completion, rows.output_index, ranked)  # [B] (a rank when sorted)
   sampled = picked if order is None else jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
-  tokens = jnp.where(rows.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+  tokens = jnp.where(rows.temperature > 0, sampled, argmax(logits)).astype(jnp.int32)
   out = {"tokens": tokens, "logprobs": jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]}
   if top_logprobs:
     values, ids = jax.lax.top_k(raw, min(MAX_TOP_LOGPROBS, raw.shape[-1]))

@@ -12,7 +12,7 @@ from flax import nnx
 
 import infer
 from infer import decoding
-from infer.sampling import sampling_logprobs
+from infer.sampling import argmax, sampling_logprobs
 from model import Transformer, get_preset, hf, sharding
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
@@ -58,6 +58,17 @@ def test_cached_decode_logits_equal_full_forward(scan_layers, prefill):
     for b in range(3):
       np.testing.assert_allclose(logits[b, 0], full[b][int(positions[b])], atol=1e-5)
     positions = positions + 1
+
+
+def test_argmax_picks_numpys_index_among_ties_nans_and_infinities():
+  x = np.array([[1, 3, 3, 2], [np.nan, 1, np.nan, 5], [-np.inf] * 4, [0, np.inf, 1, np.inf], [2, 1, 0, -1]], np.float32)
+  wide = np.random.default_rng(0).standard_normal((3, 5, 4096)).astype(np.float32)
+  wide[0, 0, [17, 900]] = 10.0  # a tie far apart
+  for array in (x, wide):
+    got = jax.jit(argmax)(jnp.asarray(array))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, np.argmax(array, axis=-1))
+  np.testing.assert_array_equal(argmax(jnp.asarray(wide, jnp.bfloat16)), np.argmax(wide.astype(jnp.bfloat16), -1))
 
 
 def test_greedy_generation_equals_argmax_of_full_forward(model):
