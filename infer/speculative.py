@@ -28,7 +28,7 @@ from flax import nnx
 from infer import decoding as gen
 from infer import prompt_lookup
 from infer.prompt_lookup import PromptLookup
-from infer.sampling import Sampling, sample, sampling_logprobs, token_statistics
+from infer.sampling import Sampling, argmax, sample, sampling_logprobs, token_statistics
 from model import sharding
 
 
@@ -86,22 +86,29 @@ def _round(state: SpeculativeState, target, draft_def, draft_params, *, k, sampl
   if isinstance(draft_def, PromptLookup):
     draft_cache = state.draft_cache
     proposals = prompt_lookup.propose(draft_cache, state.positions, k, draft_def)  # [B, k]
-    vocab = target.config.vocab_size
-    q = jnp.where(jax.nn.one_hot(proposals, vocab, dtype=bool), 0.0, -jnp.inf)  # a point mass on each
+    q = None
+    if not sampling.greedy:
+      vocab = target.config.vocab_size
+      q = jnp.where(jax.nn.one_hot(proposals, vocab, dtype=bool), 0.0, -jnp.inf)  # a point mass on each
   else:
     draft_cache, proposals, q = _draft_proposals(state, draft_def, draft_params, k=k, sampling=sampling)
-  q = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # [B, k + 1, V]; q_k is never used
+  if q is not None:
+    q = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # [B, k + 1, V]; q_k is never used
   return _verify(state, target, draft_cache, proposals, q, k=k, sampling=sampling, stop_tokens=stop_tokens,
                  max_new_tokens=max_new_tokens, history=isinstance(draft_def, PromptLookup))
 
 
 def _draft_proposals(state, draft_def, draft_params, *, k, sampling):
-  """The draft model samples d_1..d_k, then reads d_k into its cache (no logits needed for that)."""
+  """The draft model samples d_1..d_k, then reads d_k into its cache (no logits needed for that).
+  Greedy, q is not formed: a point mass on d_j, which _verify's greedy branch needs no array for."""
 
   def draft_step(carry, j):
     cache, token, params = carry
     draft = nnx.merge(draft_def, params)
     logits, cache = draft(token[:, None], positions=(state.positions + j)[:, None], cache=cache)
+    if sampling.greedy:
+      proposal = argmax(logits[:, 0])
+      return (cache, proposal, params), (proposal, None)
     q = sampling_logprobs(logits[:, 0], sampling)
     proposal = sample(_key(state.keys, state.lengths, j), q, sampling)
     return (cache, proposal, params), (proposal, q)
@@ -112,7 +119,8 @@ def _draft_proposals(state, draft_def, draft_params, *, k, sampling):
   _, draft_cache = nnx.merge(draft_def, draft_params).features(
       last_proposal[:, None], positions=(state.positions + k)[:, None], cache=draft_cache
   )
-  return draft_cache, proposals.T, jnp.moveaxis(q, 0, 1)  # [B, k]: d_1..d_k; [B, k, V]: q_0..q_{k-1}
+  q = None if q is None else jnp.moveaxis(q, 0, 1)
+  return draft_cache, proposals.T, q  # [B, k]: d_1..d_k; [B, k, V]: q_0..q_{k-1} (None when greedy)
 
 
 def _verify(state, target, draft_cache, proposals, q, *, k, sampling, stop_tokens, max_new_tokens, history):
@@ -124,24 +132,12 @@ def _verify(state, target, draft_cache, proposals, q, *, k, sampling, stop_token
   inputs = jnp.concatenate([state.last[:, None], proposals], axis=1)  # [B, k + 1]
   positions = state.positions[:, None] + jnp.arange(k + 1)
   target_logits, target_cache = target(inputs, positions=positions, cache=state.target_cache)
-  p = sampling_logprobs(target_logits, sampling)  # [B, k + 1, V]
-
-  # 3. Accept d_j with probability min(1, p_{j-1}(d_j) / q_{j-1}(d_j)), up to the first rejection.
-  p_draft = jnp.take_along_axis(p[:, :k], proposals[..., None], axis=-1)[..., 0]  # [B, k]
-  q_draft = jnp.take_along_axis(q[:, :k], proposals[..., None], axis=-1)[..., 0]
-  uniform = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(_key(state.keys, state.lengths, k + 1))
-  accept = uniform < jnp.exp(p_draft - q_draft)  # q > 0: d_j was drawn from q
-  n = jnp.sum(jnp.cumprod(accept, axis=1), axis=1)  # [B] accepted draft tokens
-
-  # 4. The token after them: from norm(max(p_n - q_n, 0)) after a rejection, from p_k if none.
-  p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]  # [B, V]
-  q_n = jnp.take_along_axis(q, n[:, None, None], axis=1)[:, 0]
-  residual = jnp.maximum(jnp.exp(p_n) - jnp.where((n < k)[:, None], jnp.exp(q_n), 0.0), 0.0)
-  residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, jnp.exp(p_n))  # rounding guard
-  extra = sample(_key(state.keys, state.lengths, k + 2), jnp.log(residual), sampling)
+  if sampling.greedy:
+    n, emitted, logprobs = _greedy_acceptance(target_logits, proposals)
+  else:
+    n, emitted, logprobs = _sampled_acceptance(state, target_logits, proposals, q, k=k, sampling=sampling)
 
   # 5. Emit d_1..d_n and the extra token, cut at a stop token and at the budget.
-  emitted = jnp.where(jnp.arange(k + 1) < n[:, None], jnp.pad(proposals, ((0, 0), (0, 1))), extra[:, None])  # [B, k+1]
   count = n + 1
   if stop_tokens:
     is_stop = jnp.isin(emitted, jnp.asarray(stop_tokens, jnp.int32)) & (jnp.arange(k + 1) < count[:, None])
@@ -151,10 +147,7 @@ def _verify(state, target, draft_cache, proposals, q, *, k, sampling, stop_token
   else:
     hit_stop = jnp.zeros((batch,), bool)
   count = jnp.where(active, jnp.minimum(count, max_new_tokens - state.lengths), 0)
-  values = {
-      "logprobs": jnp.take_along_axis(p, emitted[..., None], axis=-1)[..., 0],
-      **token_statistics(target_logits, emitted),
-  }
+  values = {"logprobs": logprobs, **token_statistics(target_logits, emitted)}
   offsets = jnp.arange(k + 1)
   columns = jnp.where(offsets < count[:, None], state.lengths[:, None] + offsets, state.tokens.shape[1])  # drop the rest
   out_tokens = state.tokens.at[rows[:, None], columns].set(emitted, mode="drop")
@@ -173,6 +166,36 @@ def _verify(state, target, draft_cache, proposals, q, *, k, sampling, stop_token
       target_calls=state.target_calls + active, accepted=state.accepted + jnp.where(active, n, 0),
       proposed=state.proposed + jnp.where(active, k, 0),
   )
+
+
+def _sampled_acceptance(state, target_logits, proposals, q, *, k, sampling):
+  """Steps 3 and 4 of the module docstring: [B] accepted draft tokens n, [B, k + 1] the emitted
+  tokens (the first n + 1 are real) and their log-probabilities under the sampling distribution."""
+  p = sampling_logprobs(target_logits, sampling)  # [B, k + 1, V]
+  # 3. Accept d_j with probability min(1, p_{j-1}(d_j) / q_{j-1}(d_j)), up to the first rejection.
+  p_draft = jnp.take_along_axis(p[:, :k], proposals[..., None], axis=-1)[..., 0]  # [B, k]
+  q_draft = jnp.take_along_axis(q[:, :k], proposals[..., None], axis=-1)[..., 0]
+  uniform = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(_key(state.keys, state.lengths, k + 1))
+  accept = uniform < jnp.exp(p_draft - q_draft)  # q > 0: d_j was drawn from q
+  n = jnp.sum(jnp.cumprod(accept, axis=1), axis=1)  # [B] accepted draft tokens
+
+  # 4. The token after them: from norm(max(p_n - q_n, 0)) after a rejection, from p_k if none.
+  p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]  # [B, V]
+  q_n = jnp.take_along_axis(q, n[:, None, None], axis=1)[:, 0]
+  residual = jnp.maximum(jnp.exp(p_n) - jnp.where((n < k)[:, None], jnp.exp(q_n), 0.0), 0.0)
+  residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, jnp.exp(p_n))  # rounding guard
+  extra = sample(_key(state.keys, state.lengths, k + 2), jnp.log(residual), sampling)
+  emitted = jnp.where(jnp.arange(k + 1) < n[:, None], jnp.pad(proposals, ((0, 0), (0, 1))), extra[:, None])
+  return n, emitted, jnp.take_along_axis(p, emitted[..., None], axis=-1)[..., 0]
+
+
+def _greedy_acceptance(target_logits, proposals):
+  """The same at temperature 0, where p and q are point masses: d_j is accepted when it is the
+  target's argmax after d_1..d_{j-1}, and the token after the accepted run is the argmax there, so
+  the emitted tokens are the target's argmaxes themselves (each with log-probability 0)."""
+  best = argmax(target_logits)  # [B, k + 1]
+  n = jnp.sum(jnp.cumprod(proposals == best[:, :-1], axis=1), axis=1)
+  return n, best, jnp.zeros(best.shape, jnp.float32)
 
 
 @functools.partial(
