@@ -12,15 +12,16 @@ For each prompt and each draft, at B=1 and greedy:
   plain  `infer.generate(target, [prompt], max_new_tokens=N)`
   spec   `infer.speculative_generate(target, draft, [prompt], max_new_tokens=N, num_draft_tokens=k)`
 with drafts: `infer.PromptLookup()` (n-gram proposals from the prompt and the output so far: no
-model) for each k, and with --draft=RUN a draft model (a smaller run on the same tokenizer).
+model) for each k, and with --draft=RUN a draft model (a smaller run on the same tokenizer, e.g.
+one benchmarks/distill_draft.py trained on the target's outputs) for each --draft_k.
 Each call is timed whole (prefill included, the same on both sides) as the median of --repeats
 after a warm-up call that compiles; the calls alternate. speed-up = plain time / spec time, per
 prompt, then the median over prompts and the total time ratio. "= plain" checks that every
 speculative output equals the plain greedy output token for token (it must: greedy speculative
-decoding keeps the target's argmax). A sampled row (the quickstart's temperature 0.7, top-p 0.9)
-shows what acceptance does when proposals must match a sample rather than the argmax; its output
-is a sample from the target's distribution (tests/test_speculative.py checks that), not the plain
-call's sample.
+decoding keeps the target's argmax). A sampled row (the quickstart's temperature 0.7, top-p 0.9;
+the draft model at its longest k, else prompt lookup at k=4) shows what acceptance does when
+proposals must match a sample rather than the argmax; its output is a sample from the target's
+distribution (tests/test_speculative.py checks that), not the plain call's sample.
 """
 
 import argparse
@@ -53,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--prompt_tokens", type=int, default=64)
   p.add_argument("--new", type=int, default=256, help="new tokens per call (N)")
   p.add_argument("--k", default="2,4,8", help="comma-separated draft lengths for prompt lookup")
+  p.add_argument("--draft_k", default="2,4", help="comma-separated draft lengths for --draft's model")
   p.add_argument("--max_ngram", type=int, default=3)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--sampled", type=int, default=1, choices=(0, 1), help="add a sampled row (T=0.7, top-p 0.9)")
@@ -105,7 +107,7 @@ def main(argv=None):
   drafts = {f"lookup k={k}": (infer.PromptLookup(max_ngram=args.max_ngram), int(k)) for k in args.k.split(",")}
   if args.draft:
     draft_model, _ = rundir.load(args.draft)
-    drafts["model k=4"] = (draft_model, 4)
+    drafts.update({f"model k={k}": (draft_model, int(k)) for k in args.draft_k.split(",")})
   prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_tokens)
   greedy = infer.Sampling()
   sampled = infer.Sampling(temperature=0.7, top_p=0.9)
@@ -117,6 +119,9 @@ def main(argv=None):
         f"{args.new} new tokens, B=1, median of {args.repeats} after 1 warm-up", flush=True)
 
   rows = {name: [] for name in drafts}
+  # The sampled row's draft: the model at its longest k when there is one, else prompt lookup at k=4.
+  best = "lookup k=4" if "lookup k=4" in drafts else next(iter(drafts))
+  best = ([name for name in drafts if name.startswith("model")] or [best])[-1]
   sampled_rows = []
   for index, prompt in enumerate(prompts):
     def plain(sampling=greedy, prompt=prompt):
@@ -128,7 +133,6 @@ def main(argv=None):
 
     calls = {"plain": plain(), **{name: spec(*drafts[name]) for name in drafts}}
     if args.sampled:
-      best = "lookup k=4" if "lookup k=4" in drafts else next(iter(drafts))
       calls["plain sampled"] = plain(sampled)
       calls["spec sampled"] = spec(*drafts[best], sampling=sampled)
     r = measure(calls, args.repeats)
@@ -146,7 +150,7 @@ def main(argv=None):
       print(f"  its plain greedy text: {tokenizer.decode(plain_out.tokens[0])[:160]!r}", flush=True)
 
   print(f"\n{'draft':<16}{'speed-up':>10}{'(total)':>9}{'min':>7}{'max':>7}{'accept':>8}{'tok/call':>10}{'= plain':>9}")
-  table = [(name, rows[name]) for name in drafts] + ([("lookup, sampled", sampled_rows)] if sampled_rows else [])
+  table = [(name, rows[name]) for name in drafts] + ([(f"{best}, sampled", sampled_rows)] if sampled_rows else [])
   for name, items in table:
     ups = [x["plain"] / x["spec"] for x in items]
     total = sum(x["plain"] for x in items) / sum(x["spec"] for x in items)

@@ -1,0 +1,105 @@
+"""A draft model for speculative decoding, distilled from its target at the sequence level: trained on
+the target's own greedy continuations (Kim & Rush 2016; DistillSpec, Zhou et al. 2024, shows that
+training on the target's outputs is what raises acceptance).
+
+    python benchmarks/distill_draft.py --target=runs/quickstart --workdir=runs/draft_distilled
+    python benchmarks/speculative.py --target=runs/quickstart --draft=runs/draft_distilled/run
+
+1. The target greedily continues --prompts windows of --prompt_tokens tokens, consecutive windows of
+   the documents of its corpus's *train* split (benchmarks/speculative.py prompts with the held-out
+   split), by --new tokens, --batch at a time. Each prompt with its continuation, decoded, is one record of
+   WORKDIR/corpus.jsonl (written to a temporary name, then renamed).
+2. The draft pre-trains on them with the quickstart recipe, `:size=small` by default (2 layers,
+   width 128: 0.9 M parameters against the target's 4.2 M), on the target's tokenizer:
+   `python -m train --config=configs/pretrain/quickstart.py:size=small,steps=S
+   --config.data.source=jsonl --config.data.paths=WORKDIR/corpus.jsonl
+   --config.tokenizer.path=TARGET/tokenizer.model --workdir=WORKDIR/run [--config.init_from=INIT]`.
+
+A greedy speculative round accepts a draft token when it is the target's argmax, so the draft is
+trained on exactly the sequences it will be asked to predict. Greedy, the target's text is often
+repetitive (a small model loops): the draft learns those loops too, which is where its acceptance
+comes from; on sampled text it is measured separately (benchmarks/speculative.py's sampled rows).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import infer  # noqa: E402
+import rundir  # noqa: E402
+from configs.pretrain import quickstart  # noqa: E402
+from train import data as data_lib  # noqa: E402
+from rundir.tokenizer import MODEL_FILENAME  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--target", default=os.path.join(REPO, "runs", "quickstart"), help="the target's run directory")
+  p.add_argument("--workdir", default=os.path.join(REPO, "runs", "draft_distilled"))
+  p.add_argument("--prompts", type=int, default=2048, help="windows of train-split documents to continue")
+  p.add_argument("--prompt_tokens", type=int, default=32)
+  p.add_argument("--new", type=int, default=224, help="greedy tokens the target adds to each prompt")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--size", default="small", choices=sorted(quickstart.SIZES), help="the draft's quickstart size")
+  p.add_argument("--steps", type=int, default=450, help="the draft's training steps")
+  p.add_argument("--init", default="", help="optional: a run the draft starts from (else a random init)")
+  return p.parse_args(argv)
+
+
+def train_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+  """`count` prompts of `length` tokens: consecutive windows of the train split's documents."""
+  prompts = []
+  for text in data_lib.documents(quickstart.get_config().data, "train"):
+    ids = [int(t) for t in tokenizer.encode(text)]
+    for start in range(0, len(ids) - length + 1, length):
+      prompts.append(ids[start:start + length])
+      if len(prompts) == count:
+        return prompts
+  raise ValueError(f"the train split holds only {len(prompts)} windows of {length} tokens; ask for fewer --prompts")
+
+
+def write_corpus(args) -> str:
+  path = os.path.join(args.workdir, "corpus.jsonl")
+  if os.path.exists(path):
+    print(f"{path} exists: reusing it", flush=True)
+    return path
+  target, tokenizer = rundir.load(args.target)
+  prompts = train_prompts(tokenizer, args.prompts, args.prompt_tokens)
+  started = time.perf_counter()
+  records = []
+  for start in range(0, len(prompts), args.batch):
+    batch = prompts[start:start + args.batch]
+    out = infer.generate(target, batch, max_new_tokens=args.new)  # greedy
+    records += [tokenizer.decode(prompt + list(tokens)) for prompt, tokens in zip(batch, out.tokens)]
+    print(f"generated {len(records)}/{len(prompts)} ({time.perf_counter() - started:.0f} s)", flush=True)
+  os.makedirs(args.workdir, exist_ok=True)
+  temporary = path + ".tmp"
+  with open(temporary, "w", encoding="utf-8") as f:
+    for text in records:
+      f.write(json.dumps({"text": text}) + "\n")
+  os.replace(temporary, path)
+  return path
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  corpus = write_corpus(args)
+  command = [
+      sys.executable, "-m", "train", f"--config=configs/pretrain/quickstart.py:size={args.size},steps={args.steps}",
+      f"--workdir={os.path.join(args.workdir, 'run')}", "--config.data.source=jsonl", f"--config.data.paths={corpus}",
+      f"--config.tokenizer.path={os.path.join(args.target, MODEL_FILENAME)}", "--config.sample_prompt=",
+  ]
+  if args.init:
+    command.append(f"--config.init_from={args.init}")
+  print(" ".join(command), flush=True)
+  subprocess.check_call(command, cwd=REPO)
+
+
+if __name__ == "__main__":
+  main()
