@@ -210,6 +210,7 @@ def test_segment_block_ranges_against_brute_force():
   packed into one row cost about their own lengths."""
   rng = np.random.default_rng(0)
   skipped = 0
+  ranges = jax.jit(flash_geometry.segment_block_ranges, static_argnums=(2, 3, 4, 5))  # a compile per shape, not per op
   for trial in range(30):
     block_q, block_kv = [(8, 8), (8, 16), (16, 8)][trial % 3]
     length = int(rng.integers(5, 70))
@@ -223,7 +224,7 @@ def test_segment_block_ranges_against_brute_force():
     q_seg = np.full((1, padded), -2, np.int32)
     kv_seg = np.full((1, padded), -1, np.int32)
     q_seg[0, :length] = kv_seg[0, :length] = ids
-    kv_ranges, q_ranges = (np.asarray(x[0]) for x in flash_geometry.segment_block_ranges(
+    kv_ranges, q_ranges = (np.asarray(x[0]) for x in ranges(
         jnp.asarray(q_seg), jnp.asarray(kv_seg), block_q, block_kv, length, length))
     shared = q_seg[0][:, None] == kv_seg[0][None, :]  # padding (-2 / -1) shares no id
     tiles = shared.reshape(padded // block_q, block_q, padded // block_kv, block_kv).any(axis=(1, 3))

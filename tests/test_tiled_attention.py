@@ -33,6 +33,18 @@ def _dense_float64(q, k, v, segments, window):
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
+def _output_and_vjp(fn, args, cotangent):
+  """fn(*args) and its vjp at `cotangent`, as numpy; one jit compile (eager ops compile one by one)."""
+
+  @jax.jit
+  def run(args, cotangent):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(cotangent)
+
+  out, grads = run(tuple(jnp.asarray(x) for x in args), jnp.asarray(cotangent))
+  return np.asarray(out), [np.asarray(g) for g in grads]
+
+
 CASES = [  # heads, kv heads, length, block, window, segments, traced window
     (4, 2, 300, 64, 0, False, False),  # GQA; T = 300 leaves a ragged last block
     (2, 1, 300, 64, 70, True, False),  # MQA, packed segments, a static window that skips whole tiles
@@ -56,15 +68,12 @@ def test_tiled_attention_and_its_gradients_match_float64(heads, kv_heads, length
   def tiled(q, k, v):
     return tiled_attention.causal_attention(q, k, v, seg32, scale=H**-0.5, sliding_window=window_arg, block=block)
 
-  out, vjp = jax.vjp(tiled, *(jnp.asarray(x) for x in (q, k, v)))
-  grads = vjp(jnp.asarray(cotangent))
-
+  out, grads = _output_and_vjp(tiled, (q, k, v), cotangent)
   with jax.enable_x64(True):
     q64, k64, v64, c64 = (jnp.asarray(x, jnp.float64) for x in (q, k, v, cotangent))
     seg64 = None if segments is None else jnp.asarray(segments)
-    expected, vjp64 = jax.vjp(lambda q, k, v: _dense_float64(q, k, v, seg64, window), q64, k64, v64)
-    expected_grads = [np.asarray(g) for g in vjp64(c64)]
-    expected = np.asarray(expected)
+    expected, expected_grads = _output_and_vjp(lambda q, k, v: _dense_float64(q, k, v, seg64, window),
+                                               (q64, k64, v64), c64)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
   for name, got, want in zip("qkv", grads, expected_grads):
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
