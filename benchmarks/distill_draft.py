@@ -14,6 +14,9 @@ training on the target's outputs is what raises acceptance).
    `python -m train --config=configs/pretrain/quickstart.py:size=small,steps=S
    --config.data.source=jsonl --config.data.paths=WORKDIR/corpus.jsonl
    --config.tokenizer.path=TARGET/tokenizer.model --workdir=WORKDIR/run [--config.init_from=INIT]`.
+3. WORKDIR/draft_vocab.json lists the corpus's --draft_vocab most frequent tokens (FR-Spec, Zhao et
+   al. 2025): `speculative_generate(..., draft_vocab=ids)` then scores only those in the draft's
+   head, most of a small draft's step (benchmarks/speculative.py --draft_vocab=FILE).
 
 A greedy speculative round accepts a draft token when it is the target's argmax, so the draft is
 trained on exactly the sequences it will be asked to predict. Greedy, the target's text is often
@@ -22,6 +25,7 @@ comes from; on sampled text it is measured separately (benchmarks/speculative.py
 """
 
 import argparse
+import collections
 import json
 import os
 import subprocess
@@ -49,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--size", default="small", choices=sorted(quickstart.SIZES), help="the draft's quickstart size")
   p.add_argument("--steps", type=int, default=450, help="the draft's training steps")
   p.add_argument("--init", default="", help="optional: a run the draft starts from (else a random init)")
+  p.add_argument("--draft_vocab", type=int, default=512, help="frequent tokens written to draft_vocab.json")
   return p.parse_args(argv)
 
 
@@ -87,9 +92,27 @@ def write_corpus(args) -> str:
   return path
 
 
+def write_draft_vocab(args, corpus: str) -> None:
+  """WORKDIR/draft_vocab.json: the corpus's --draft_vocab most frequent token ids (FR-Spec's
+  frequency-ranked subset), for speculative_generate(..., draft_vocab=...), and their coverage."""
+  _, tokenizer = rundir.load(args.target)
+  counts = collections.Counter()
+  with open(corpus, encoding="utf-8") as f:
+    for line in f:
+      counts.update(int(t) for t in tokenizer.encode(json.loads(line)["text"]))
+  top = counts.most_common(args.draft_vocab)
+  coverage = sum(n for _, n in top) / sum(counts.values())
+  path = os.path.join(args.workdir, "draft_vocab.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump({"token_ids": sorted(t for t, _ in top), "coverage": coverage}, f)
+  os.replace(path + ".tmp", path)
+  print(f"{path}: the {len(top)} most frequent tokens cover {coverage:.3f} of the corpus", flush=True)
+
+
 def main(argv=None):
   args = parse_args(argv)
   corpus = write_corpus(args)
+  write_draft_vocab(args, corpus)
   command = [
       sys.executable, "-m", "train", f"--config=configs/pretrain/quickstart.py:size={args.size},steps={args.steps}",
       f"--workdir={os.path.join(args.workdir, 'run')}", "--config.data.source=jsonl", f"--config.data.paths={corpus}",

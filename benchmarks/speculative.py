@@ -26,6 +26,7 @@ distribution (tests/test_speculative.py checks that), not the plain call's sampl
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--new", type=int, default=256, help="new tokens per call (N)")
   p.add_argument("--k", default="2,4,8", help="comma-separated draft lengths for prompt lookup")
   p.add_argument("--draft_k", default="2,4", help="comma-separated draft lengths for --draft's model")
+  p.add_argument("--draft_vocab", default="", help="optional: benchmarks/distill_draft.py's draft_vocab.json; the "
+                 "draft model is then measured with and without it")
   p.add_argument("--max_ngram", type=int, default=3)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--sampled", type=int, default=1, choices=(0, 1), help="add a sampled row (T=0.7, top-p 0.9)")
@@ -104,10 +107,14 @@ def main(argv=None):
   ensure_target(args.target)
   started = time.perf_counter()
   target, tokenizer = rundir.load(args.target)
-  drafts = {f"lookup k={k}": (infer.PromptLookup(max_ngram=args.max_ngram), int(k)) for k in args.k.split(",")}
+  drafts = {f"lookup k={k}": (infer.PromptLookup(max_ngram=args.max_ngram), int(k), None) for k in args.k.split(",")}
   if args.draft:
     draft_model, _ = rundir.load(args.draft)
-    drafts.update({f"model k={k}": (draft_model, int(k)) for k in args.draft_k.split(",")})
+    drafts.update({f"model k={k}": (draft_model, int(k), None) for k in args.draft_k.split(",")})
+    if args.draft_vocab:
+      with open(args.draft_vocab) as f:
+        ids = json.load(f)["token_ids"]
+      drafts.update({f"model+{len(ids)} k={k}": (draft_model, int(k), ids) for k in args.draft_k.split(",")})
   prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_tokens)
   greedy = infer.Sampling()
   sampled = infer.Sampling(temperature=0.7, top_p=0.9)
@@ -127,9 +134,9 @@ def main(argv=None):
     def plain(sampling=greedy, prompt=prompt):
       return lambda: infer.generate(target, [prompt], max_new_tokens=args.new, sampling=sampling, rng=index)
 
-    def spec(draft, k, sampling=greedy, prompt=prompt):
+    def spec(draft, k, vocab, sampling=greedy, prompt=prompt):
       return lambda: infer.speculative_generate(target, draft, [prompt], max_new_tokens=args.new, num_draft_tokens=k,
-                                                sampling=sampling, rng=index)
+                                                sampling=sampling, rng=index, draft_vocab=vocab)
 
     calls = {"plain": plain(), **{name: spec(*drafts[name]) for name in drafts}}
     if args.sampled:
@@ -149,7 +156,7 @@ def main(argv=None):
     if index == 0:
       print(f"  its plain greedy text: {tokenizer.decode(plain_out.tokens[0])[:160]!r}", flush=True)
 
-  print(f"\n{'draft':<16}{'speed-up':>10}{'(total)':>9}{'min':>7}{'max':>7}{'accept':>8}{'tok/call':>10}{'= plain':>9}")
+  print(f"\n{'draft':<18}{'speed-up':>10}{'(total)':>9}{'min':>7}{'max':>7}{'accept':>8}{'tok/call':>10}{'= plain':>9}")
   table = [(name, rows[name]) for name in drafts] + ([(f"{best}, sampled", sampled_rows)] if sampled_rows else [])
   for name, items in table:
     ups = [x["plain"] / x["spec"] for x in items]
@@ -157,7 +164,7 @@ def main(argv=None):
     accept = statistics.mean(x["stats"]["acceptance_rate"] for x in items)
     per_call = statistics.mean(x["stats"]["tokens_per_target_call"] for x in items)
     equal = f"{sum(x['equal'] for x in items)}/{len(items)}" if "equal" in items[0] else "sample"
-    print(f"{name:<16}{statistics.median(ups):>9.2f}x{total:>8.2f}x{min(ups):>6.2f}x{max(ups):>6.2f}x"
+    print(f"{name:<18}{statistics.median(ups):>9.2f}x{total:>8.2f}x{min(ups):>6.2f}x{max(ups):>6.2f}x"
           f"{accept:>8.2f}{per_call:>10.2f}{equal:>9}")
   print("(speed-up: median over prompts of plain / speculative call time; total: summed times; accept: accepted /"
         " proposed draft tokens; tok/call: new tokens per target pass; = plain: prompts whose output equals plain"

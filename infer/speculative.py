@@ -81,7 +81,8 @@ def _prefill(target_def, target_params, draft_def, draft_params, tokens, lengths
     )
 
 
-def _round(state: SpeculativeState, target, draft_def, draft_params, *, k, sampling, stop_tokens, max_new_tokens):
+def _round(state: SpeculativeState, target, draft_def, draft_params, draft_vocab, *, k, sampling, stop_tokens,
+           max_new_tokens):
   # 1. The draft proposes d_1..d_k with their distributions q_0..q_{k-1} [B, k, V].
   if isinstance(draft_def, PromptLookup):
     draft_cache = state.draft_cache
@@ -91,26 +92,31 @@ def _round(state: SpeculativeState, target, draft_def, draft_params, *, k, sampl
       vocab = target.config.vocab_size
       q = jnp.where(jax.nn.one_hot(proposals, vocab, dtype=bool), 0.0, -jnp.inf)  # a point mass on each
   else:
-    draft_cache, proposals, q = _draft_proposals(state, draft_def, draft_params, k=k, sampling=sampling)
+    draft_cache, proposals, q = _draft_proposals(state, draft_def, draft_params, draft_vocab, k=k, sampling=sampling)
   if q is not None:
     q = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # [B, k + 1, V]; q_k is never used
   return _verify(state, target, draft_cache, proposals, q, k=k, sampling=sampling, stop_tokens=stop_tokens,
                  max_new_tokens=max_new_tokens, history=isinstance(draft_def, PromptLookup))
 
 
-def _draft_proposals(state, draft_def, draft_params, *, k, sampling):
+def _draft_proposals(state, draft_def, draft_params, draft_vocab, *, k, sampling):
   """The draft model samples d_1..d_k, then reads d_k into its cache (no logits needed for that).
-  Greedy, q is not formed: a point mass on d_j, which _verify's greedy branch needs no array for."""
+  Greedy, q is not formed: a point mass on d_j, which _verify's greedy branch needs no array for.
+  With draft_vocab [V'] the draft's head scores only those tokens, and q is 0 off them."""
 
   def draft_step(carry, j):
     cache, token, params = carry
     draft = nnx.merge(draft_def, params)
-    logits, cache = draft(token[:, None], positions=(state.positions + j)[:, None], cache=cache)
+    features, cache = draft.features(token[:, None], positions=(state.positions + j)[:, None], cache=cache)
+    logits = draft.logits(features, draft_vocab)[:, 0]  # [B, V] or [B, V']
+    pick = (lambda i: i) if draft_vocab is None else (lambda i: draft_vocab[i])
     if sampling.greedy:
-      proposal = argmax(logits[:, 0])
+      proposal = pick(argmax(logits))
       return (cache, proposal, params), (proposal, None)
-    q = sampling_logprobs(logits[:, 0], sampling)
-    proposal = sample(_key(state.keys, state.lengths, j), q, sampling)
+    q = sampling_logprobs(logits, sampling)
+    proposal = pick(sample(_key(state.keys, state.lengths, j), q, sampling))
+    if draft_vocab is not None:  # back to the whole vocabulary, 0 probability off the subset
+      q = jnp.full((q.shape[0], draft.config.vocab_size), -jnp.inf, q.dtype).at[:, draft_vocab].set(q)
     return (cache, proposal, params), (proposal, q)
 
   (draft_cache, last_proposal, _), (proposals, q) = jax.lax.scan(
@@ -202,19 +208,31 @@ def _greedy_acceptance(target_logits, proposals):
     jax.jit, static_argnames=("target_def", "draft_def", "k", "sampling", "stop_tokens", "mesh", "rules"),
     donate_argnames=("state",),
 )
-def _decode(target_def, target_params, draft_def, draft_params, state, max_new_tokens, *, k, sampling, stop_tokens, mesh,
-            rules) -> SpeculativeState:
+def _decode(target_def, target_params, draft_def, draft_params, draft_vocab, state, max_new_tokens, *, k, sampling,
+            stop_tokens, mesh, rules) -> SpeculativeState:
   with gen._in_rules(mesh, rules):
 
     def body(carry):  # parameters ride in the carry: see infer.decoding.decode
       state, target_params, draft_params = carry
       target = nnx.merge(target_def, target_params)
-      state = _round(state, target, draft_def, draft_params, k=k, sampling=sampling, stop_tokens=stop_tokens,
-                     max_new_tokens=max_new_tokens)
+      state = _round(state, target, draft_def, draft_params, draft_vocab, k=k, sampling=sampling,
+                     stop_tokens=stop_tokens, max_new_tokens=max_new_tokens)
       return state, target_params, draft_params
 
     carry = (state, target_params, draft_params)
     return jax.lax.while_loop(lambda carry: ~jnp.all(carry[0].done), body, carry)[0]
+
+
+def _draft_vocab(draft_vocab, draft, vocab_size: int) -> jax.Array:
+  if isinstance(draft, PromptLookup):
+    raise ValueError("draft_vocab is for a draft model's head; PromptLookup proposes tokens of the context")
+  ids = np.asarray(draft_vocab)
+  if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"draft_vocab must be a non-empty 1-D sequence of token ids, got shape {ids.shape} {ids.dtype}")
+  if ids.min() < 0 or ids.max() >= vocab_size or len(np.unique(ids)) != ids.size:
+    raise ValueError(f"draft_vocab must hold distinct token ids in [0, {vocab_size}); got min {ids.min()}, "
+                     f"max {ids.max()}, {ids.size - len(np.unique(ids))} repeated")
+  return jnp.asarray(ids, jnp.int32)
 
 
 def speculative_generate(
@@ -229,10 +247,15 @@ def speculative_generate(
     stop_tokens=(),
     mesh=None,
     rules=None,
+    draft_vocab=None,
 ) -> gen.Generation:
   """Generates as `generate(target, ...)` would (same distribution), with `draft` proposing
   num_draft_tokens tokens per target call: a model sharing the target's vocabulary, or
   `infer.PromptLookup()` (n-gram proposals from each row's own prompt and output; no model).
+
+  draft_vocab: optional token ids a draft model proposes from (FR-Spec, Zhao et al. 2025: its most
+  frequent tokens), so its LM head, most of a small draft's step, scores only those. The output
+  distribution stays the target's whatever the subset; a target token outside it is never proposed.
 
   The result's `stats`: acceptance_rate (accepted / proposed draft tokens), tokens_per_target_call
   (generated tokens per scoring pass of the target, prompt prefill not counted) and target_calls.
@@ -248,6 +271,7 @@ def speculative_generate(
     raise ValueError(f"draft must be an nnx.Module or an infer.PromptLookup, got {type(draft).__name__}")
   if isinstance(draft, nnx.Module) and draft.config.vocab_size != vocab_size:
     raise ValueError(f"the draft's vocab_size={draft.config.vocab_size} differs from the target's {vocab_size}")
+  vocab = None if draft_vocab is None else _draft_vocab(draft_vocab, draft, vocab_size)
   stop_tokens = tuple(int(t) for t in stop_tokens)
   tokens, lengths = gen.pad_prompts(prompts, vocab_size)
   target_def, target_params = nnx.split(gen.decoding_view(target, mesh))
@@ -261,7 +285,7 @@ def speculative_generate(
       gen.row_keys(rng, len(prompts)), cache_length=tokens.shape[1] + buffer + k + 1, buffer=buffer, mesh=mesh,
       rules=rules,
   )
-  state = _decode(target_def, target_params, draft_def, draft_params, state, max_new_tokens, k=k, sampling=sampling,
+  state = _decode(target_def, target_params, draft_def, draft_params, vocab, state, max_new_tokens, k=k, sampling=sampling,
                   stop_tokens=stop_tokens, mesh=mesh, rules=rules)
   generation = gen.to_generation(state)
   calls, accepted, proposed = (int(np.asarray(x).sum()) for x in (state.target_calls, state.accepted, state.proposed))

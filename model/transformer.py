@@ -170,15 +170,20 @@ class Transformer(nnx.Module):
     """An empty cache of [L, B, K, S, H] zeros for decoding with this model."""
     return KVCache.create(self.config, batch_size, max_length)
 
-  def logits(self, features: jax.Array) -> jax.Array:
-    """[B, T, D] final-normed features -> [B, T, V] float32 logits."""
+  def logits(self, features: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
+    """[B, T, D] final-normed features -> [B, T, V] float32 logits; with token_ids [V'], only those
+    tokens' logits [B, T, V'] (a speculative draft's head over its frequent tokens, infer/speculative.py)."""
     c = self.config
     if c.tie_embeddings:
-      out = _output_projection("BTD,VD->BTV", features, self.embedding[...], np.dtype(c.compute_dtype))
+      table = self.embedding[...] if token_ids is None else self.embedding[...][token_ids]
+      out = _output_projection("BTD,VD->BTV", features, table, np.dtype(c.compute_dtype))
     elif isinstance(self.lm_head, nnx.Module):  # a quantized head (model.quant)
+      if token_ids is not None:
+        raise ValueError("token_ids: a quantized LM head computes every token's logit; quantize the body only")
       out = self.lm_head("BTD,DV->BTV", features, c.compute_dtype, preferred_element_type=jnp.float32)
     else:
-      out = _output_projection("BTD,DV->BTV", features, self.lm_head[...], np.dtype(c.compute_dtype))
+      head = self.lm_head[...] if token_ids is None else self.lm_head[...][:, token_ids]
+      out = _output_projection("BTD,DV->BTV", features, head, np.dtype(c.compute_dtype))
     if c.final_logit_softcap:
       out = c.final_logit_softcap * jnp.tanh(out / c.final_logit_softcap)
     return shard(out, BTV)

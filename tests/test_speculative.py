@@ -88,6 +88,31 @@ def test_greedy_speculative_equals_target_greedy(target, drafts, draft_name):
   assert 1.0 <= out.stats["tokens_per_target_call"] <= 4.0
 
 
+def test_a_draft_vocab_keeps_greedy_output_and_proposes_only_its_tokens(target, drafts):
+  """FR-Spec's subset head: the draft's logits over draft_vocab are its full logits there; greedy,
+  the draft proposes its argmax within the subset, so a self-draft is right exactly where the
+  target's argmax lies in it, and the output is the target's greedy output either way."""
+  subset = [5, 0, 3, 1]  # not 2, which the target picks 5 times greedily
+  features = jax.random.normal(jax.random.key(0), (2, 3, TARGET_CONFIG.embed_dim))
+  other_head = Transformer(TARGET_CONFIG.replace(tie_embeddings=not TARGET_CONFIG.tie_embeddings), rngs=nnx.Rngs(1))
+  for model in (target, other_head):  # a tied head and an untied one
+    np.testing.assert_allclose(model.logits(features, jnp.asarray(subset)), model.logits(features)[..., subset])
+  plain = infer.generate(target, PROMPTS, max_new_tokens=11)
+  for draft, k in ((drafts["self"], 1), (drafts["poor"], 3)):
+    out = infer.speculative_generate(target, draft, PROMPTS, max_new_tokens=11, num_draft_tokens=k, draft_vocab=subset)
+    assert out.tokens == plain.tokens
+  # Self-draft at k=1: each round proposes the argmax over the subset after the row's last token;
+  # it is accepted exactly when that is the target's argmax (which is then in the subset).
+  out = infer.speculative_generate(target, drafts["self"], PROMPTS, max_new_tokens=11, num_draft_tokens=1,
+                                   draft_vocab=subset)
+  in_subset = [t in subset for row in plain.tokens for t in row]
+  assert 0 < out.stats["acceptance_rate"] < 1.0
+  assert not all(in_subset)
+  everything = infer.speculative_generate(target, drafts["self"], PROMPTS, max_new_tokens=11, num_draft_tokens=3,
+                                          draft_vocab=[4, 1, 0, 5, 3, 2])  # every token, in another order
+  assert everything.stats["acceptance_rate"] == 1.0 and everything.tokens == plain.tokens
+
+
 def test_stop_tokens_cut_accepted_runs(target, drafts):
   plain = infer.generate(target, PROMPTS, max_new_tokens=11)
   stop = plain.tokens[0][5]
@@ -147,6 +172,17 @@ def test_sampled_tokens_follow_the_target_distribution(target, drafts, draft_nam
     assert _chi_square_pvalue(drawn, _exact_distribution(drafts["poor"], prompt, depth)) < 1e-9
 
 
+def test_sampled_tokens_with_a_draft_vocab_follow_the_target_distribution(target, drafts):
+  """q is 0 off the draft's subset; the output is still exactly the target's distribution."""
+  prompt, depth, samples = [1, 2, 3], 3, 6000
+  out = infer.speculative_generate(
+      target, drafts["poor"], [prompt] * samples, max_new_tokens=depth, num_draft_tokens=2,
+      sampling=infer.Sampling(temperature=1.0), rng=jax.random.key(3), draft_vocab=[1, 2, 4],
+  )
+  assert _chi_square_pvalue([tuple(t[:depth]) for t in out.tokens], _exact_distribution(target, prompt, depth)) > 1e-3
+  assert 0 < out.stats["acceptance_rate"] < 0.9
+
+
 def test_plain_sampling_follows_the_target_distribution(target):
   prompt, depth, samples = [1, 2, 3], 3, 6000
   out = infer.generate(target, [prompt] * samples, max_new_tokens=depth, sampling=infer.Sampling(temperature=1.0),
@@ -162,3 +198,9 @@ def test_bad_speculative_inputs_are_named(target):
     infer.speculative_generate(target, target, PROMPTS, max_new_tokens=4, num_draft_tokens=0)
   with pytest.raises(ValueError, match="PromptLookup"):
     infer.speculative_generate(target, "ngram", PROMPTS, max_new_tokens=4)
+  for bad, message in (([], "non-empty"), ([0, 6], r"\[0, 6\)"), ([1, 1, 2], "1 repeated"), ([[1, 2]], "1-D"),
+                       ([0.5], "token ids")):
+    with pytest.raises(ValueError, match=message):
+      infer.speculative_generate(target, target, PROMPTS, max_new_tokens=4, draft_vocab=bad)
+  with pytest.raises(ValueError, match="draft_vocab is for a draft model"):
+    infer.speculative_generate(target, infer.PromptLookup(), PROMPTS, max_new_tokens=4, draft_vocab=[1, 2])
