@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=450, help="the draft's training steps")
   p.add_argument("--init", default="", help="optional: a run the draft starts from (else a random init)")
   p.add_argument("--draft_vocab", type=int, default=512, help="frequent tokens written to draft_vocab.json")
+  p.add_argument("--override", action="append", default=[],
+                 help="more trainer flags, repeatable: --override=--config.model.num_layers=1")
   return p.parse_args(argv)
 
 
@@ -120,6 +122,7 @@ def main(argv=None):
   ]
   if args.init:
     command.append(f"--config.init_from={args.init}")
+  command += args.override
   print(" ".join(command), flush=True)
   subprocess.check_call(command, cwd=REPO)
 
