@@ -5,9 +5,10 @@ training on the target's outputs is what raises acceptance).
     python benchmarks/distill_draft.py --target=runs/quickstart --workdir=runs/draft_distilled
     python benchmarks/speculative.py --target=runs/quickstart --draft=runs/draft_distilled/run
 
-1. The target greedily continues --prompts windows of --prompt_tokens tokens, consecutive windows of
-   the documents of its corpus's *train* split (benchmarks/speculative.py prompts with the held-out
-   split), by --new tokens, --batch at a time. Each prompt with its continuation, decoded, is one record of
+1. The target (a run trained on the embedded corpus, like the quickstart) greedily continues
+   --prompts windows of --prompt_tokens tokens, consecutive windows of the documents of that
+   corpus's *train* split (benchmarks/speculative.py prompts with the held-out split), by --new
+   tokens, --batch at a time. Each prompt with its continuation, decoded, is one record of
    WORKDIR/corpus.jsonl (written to a temporary name, then renamed).
 2. The draft pre-trains on them with the quickstart recipe, `:size=small` by default (2 layers,
    width 128: 0.9 M parameters against the target's 4.2 M), on the target's tokenizer:
@@ -72,9 +73,21 @@ def train_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
 
 
 def write_corpus(args) -> str:
+  """WORKDIR/corpus.jsonl, and beside it corpus.json: the settings it was generated with. An
+  existing corpus is reused only when those settings are the ones asked for now."""
   path = os.path.join(args.workdir, "corpus.jsonl")
+  settings = {"target": args.target, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "new": args.new}
   if os.path.exists(path):
-    print(f"{path} exists: reusing it", flush=True)
+    try:
+      with open(os.path.join(args.workdir, "corpus.json")) as f:
+        saved = json.load(f)
+    except FileNotFoundError:
+      saved = {}  # settings unknown: nothing matches
+    changed = [f"--{key}: {saved.get(key)!r} there, {value!r} now" for key, value in settings.items()
+               if saved.get(key) != value]
+    if changed:
+      raise ValueError(f"{path} was generated with other settings ({'; '.join(changed)}); use another --workdir")
+    print(f"{path} exists, generated with the same settings: reusing it", flush=True)
     return path
   target, tokenizer = rundir.load(args.target)
   prompts = train_prompts(tokenizer, args.prompts, args.prompt_tokens)
@@ -90,7 +103,9 @@ def write_corpus(args) -> str:
   with open(temporary, "w", encoding="utf-8") as f:
     for text in records:
       f.write(json.dumps({"text": text}) + "\n")
-  os.replace(temporary, path)
+  with open(os.path.join(args.workdir, "corpus.json"), "w") as f:
+    json.dump(settings, f)
+  os.replace(temporary, path)  # the corpus last: it exists only beside its settings
   return path
 
 
@@ -113,6 +128,9 @@ def write_draft_vocab(args, corpus: str) -> None:
 
 def main(argv=None):
   args = parse_args(argv)
+  # The trainer runs in the repository's root: paths given relative to here must still hold there.
+  args.target, args.workdir = os.path.abspath(args.target), os.path.abspath(args.workdir)
+  args.init = os.path.abspath(args.init) if args.init else ""
   corpus = write_corpus(args)
   write_draft_vocab(args, corpus)
   command = [

@@ -104,6 +104,8 @@ def measure(calls: dict, repeats: int) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.draft_vocab and not args.draft:
+    raise SystemExit("--draft_vocab is the head subset of a draft model: give --draft=RUN too")
   ensure_target(args.target)
   started = time.perf_counter()
   target, tokenizer = rundir.load(args.target)
@@ -156,7 +158,7 @@ def main(argv=None):
     if index == 0:
       print(f"  its plain greedy text: {tokenizer.decode(plain_out.tokens[0])[:160]!r}", flush=True)
 
-  print(f"\n{'draft':<18}{'speed-up':>10}{'(total)':>9}{'min':>7}{'max':>7}{'accept':>8}{'tok/call':>10}{'= plain':>9}")
+  print(f"\n{'draft':<24}{'speed-up':>10}{'(total)':>9}{'min':>7}{'max':>7}{'accept':>8}{'tok/call':>10}{'= plain':>9}")
   table = [(name, rows[name]) for name in drafts] + ([(f"{best}, sampled", sampled_rows)] if sampled_rows else [])
   for name, items in table:
     ups = [x["plain"] / x["spec"] for x in items]
@@ -164,7 +166,7 @@ def main(argv=None):
     accept = statistics.mean(x["stats"]["acceptance_rate"] for x in items)
     per_call = statistics.mean(x["stats"]["tokens_per_target_call"] for x in items)
     equal = f"{sum(x['equal'] for x in items)}/{len(items)}" if "equal" in items[0] else "sample"
-    print(f"{name:<18}{statistics.median(ups):>9.2f}x{total:>8.2f}x{min(ups):>6.2f}x{max(ups):>6.2f}x"
+    print(f"{name:<24}{statistics.median(ups):>9.2f}x{total:>8.2f}x{min(ups):>6.2f}x{max(ups):>6.2f}x"
           f"{accept:>8.2f}{per_call:>10.2f}{equal:>9}")
   print("(speed-up: median over prompts of plain / speculative call time; total: summed times; accept: accepted /"
         " proposed draft tokens; tok/call: new tokens per target pass; = plain: prompts whose output equals plain"

@@ -226,6 +226,9 @@ def _decode(target_def, target_params, draft_def, draft_params, draft_vocab, sta
 def _draft_vocab(draft_vocab, draft, vocab_size: int) -> jax.Array:
   if isinstance(draft, PromptLookup):
     raise ValueError("draft_vocab is for a draft model's head; PromptLookup proposes tokens of the context")
+  if not draft.config.tie_embeddings and isinstance(getattr(draft, "lm_head", None), nnx.Module):
+    raise ValueError("draft_vocab: the draft's LM head is a module (quantized or adapted) that computes every "
+                     "token's logit; give the draft a plain head")
   ids = np.asarray(draft_vocab)
   if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
     raise ValueError(f"draft_vocab must be a non-empty 1-D sequence of token ids, got shape {ids.shape} {ids.dtype}")

@@ -57,6 +57,8 @@ def einsum_in_weight_order(eq: str, x: jax.Array, w: jax.Array, **kwargs) -> jax
   every decode step (30 us a layer on the quickstart model, 10% of its step). Renaming the
   letters in order of appearance, w's first, changes nothing else.
   """
+  if "->" not in eq:  # without it einsum orders the output's letters alphabetically: renaming would reorder them
+    raise ValueError(f"einsum_in_weight_order needs an explicit output ('...->...'), got {eq!r}")
   letters = dict.fromkeys(c for c in eq.split("->")[0].split(",")[1] + eq if c.isalpha())
   renamed = {c: chr(ord("a") + i) for i, c in enumerate(letters)}
   return jnp.einsum("".join(renamed.get(c, c) for c in eq), x, w, **kwargs)

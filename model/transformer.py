@@ -179,7 +179,7 @@ class Transformer(nnx.Module):
       out = _output_projection("BTD,VD->BTV", features, table, np.dtype(c.compute_dtype))
     elif isinstance(self.lm_head, nnx.Module):  # a quantized head (model.quant)
       if token_ids is not None:
-        raise ValueError("token_ids: a quantized LM head computes every token's logit; quantize the body only")
+        raise ValueError("token_ids: this LM head is a module (quantized or adapted) that computes every token's logit")
       out = self.lm_head("BTD,DV->BTV", features, c.compute_dtype, preferred_element_type=jnp.float32)
     else:
       head = self.lm_head[...] if token_ids is None else self.lm_head[...][:, token_ids]

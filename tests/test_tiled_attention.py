@@ -33,15 +33,16 @@ def _dense_float64(q, k, v, segments, window):
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
-def _output_and_vjp(fn, args, cotangent):
-  """fn(*args) and its vjp at `cotangent`, as numpy; one jit compile (eager ops compile one by one)."""
+def _output_and_vjp(fn, args, cotangent, *traced):
+  """fn(*args, *traced) and its vjp in args at `cotangent`, as numpy; one jit compile (eager ops
+  compile one by one). `traced`: more arguments, tracers inside the jit (not differentiated)."""
 
   @jax.jit
-  def run(args, cotangent):
-    out, vjp = jax.vjp(fn, *args)
+  def run(args, cotangent, traced):
+    out, vjp = jax.vjp(lambda *a: fn(*a, *traced), *args)
     return out, vjp(cotangent)
 
-  out, grads = run(tuple(jnp.asarray(x) for x in args), jnp.asarray(cotangent))
+  out, grads = run(tuple(jnp.asarray(x) for x in args), jnp.asarray(cotangent), traced)
   return np.asarray(out), [np.asarray(g) for g in grads]
 
 
@@ -63,12 +64,11 @@ def test_tiled_attention_and_its_gradients_match_float64(heads, kv_heads, length
       segments = segments - 2  # ids -1, -1, 0 and -1, -1, 0: the value the tiles pad with
   cotangent = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
   seg32 = None if segments is None else jnp.asarray(segments, jnp.int32)
-  window_arg = jnp.int32(window) if traced else window
 
-  def tiled(q, k, v):
+  def tiled(q, k, v, window_arg=window):  # traced: the window a jit argument (a tracer), as in a layer scan
     return tiled_attention.causal_attention(q, k, v, seg32, scale=H**-0.5, sliding_window=window_arg, block=block)
 
-  out, grads = _output_and_vjp(tiled, (q, k, v), cotangent)
+  out, grads = _output_and_vjp(tiled, (q, k, v), cotangent, *((jnp.int32(window),) if traced else ()))
   with jax.enable_x64(True):
     q64, k64, v64, c64 = (jnp.asarray(x, jnp.float64) for x in (q, k, v, cotangent))
     seg64 = None if segments is None else jnp.asarray(segments)
