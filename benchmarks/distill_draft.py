@@ -40,7 +40,7 @@ import infer  # noqa: E402
 import rundir  # noqa: E402
 from configs.pretrain import quickstart  # noqa: E402
 from train import data as data_lib  # noqa: E402
-from rundir.tokenizer import MODEL_FILENAME  # noqa: E402
+from rundir.tokenizer import MODEL_FILENAME, load_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,7 +112,7 @@ def write_corpus(args) -> str:
 def write_draft_vocab(args, corpus: str) -> None:
   """WORKDIR/draft_vocab.json: the corpus's --draft_vocab most frequent token ids (FR-Spec's
   frequency-ranked subset), for speculative_generate(..., draft_vocab=...), and their coverage."""
-  _, tokenizer = rundir.load(args.target)
+  tokenizer = load_tokenizer(os.path.join(args.target, MODEL_FILENAME))  # not the weights again
   counts = collections.Counter()
   with open(corpus, encoding="utf-8") as f:
     for line in f:
