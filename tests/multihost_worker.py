@@ -1,6 +1,9 @@
 """One process of the two-process tests (tests/test_multihost.py); not a test module itself.
 
-usage: python -m tests.multihost_worker {train,ppo,grpo} CORPUS_DIR TOKENIZER INIT_FROM WORKDIR PORT PROCESS_ID NUM_PROCESSES
+usage: python -m tests.multihost_worker MODES CORPUS_DIR TOKENIZER INIT_FROM WORKDIR PORT PROCESS_ID NUM_PROCESSES
+
+MODES is a comma-separated list of train, ppo and grpo, run one after another in the same processes
+(one jax.distributed start-up for all), each into WORKDIR/<mode>.
 """
 
 import sys
@@ -56,7 +59,7 @@ def grpo_config(tokenizer, init_from):
   return c
 
 
-def main(mode, corpus_dir, tokenizer, init_from, workdir, port, process_id, num_processes):
+def _run_mode(mode, corpus_dir, tokenizer, init_from, workdir, port, process_id, num_processes):
   if mode == "train":
     config = pretrain_config(corpus_dir, tokenizer)
   else:
@@ -70,6 +73,11 @@ def main(mode, corpus_dir, tokenizer, init_from, workdir, port, process_id, num_
     from align import run as align_run  # noqa: PLC0415
 
     align_run.run(config, workdir)
+
+
+def main(modes, corpus_dir, tokenizer, init_from, workdir, port, process_id, num_processes):
+  for mode in modes.split(","):
+    _run_mode(mode, corpus_dir, tokenizer, init_from, Path(workdir) / mode, port, process_id, num_processes)
 
 
 if __name__ == "__main__":

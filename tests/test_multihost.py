@@ -26,12 +26,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two_processes(mode, corpus_dir, tokenizer, init_from, workdir):
+def _run_two_processes(modes, corpus_dir, tokenizer, init_from, workdir):
+  """Runs `modes` (tests/multihost_worker.py) one after another in one pair of processes."""
   port = _free_port()
   env = xla_env.subprocess_env(4, PYTHONPATH=str(ROOT))
   procs = [
       subprocess.Popen(
-          [sys.executable, "-m", "tests.multihost_worker", mode, str(corpus_dir), str(tokenizer), str(init_from),
+          [sys.executable, "-m", "tests.multihost_worker", modes, str(corpus_dir), str(tokenizer), str(init_from),
            str(workdir), str(port), str(i), "2"],
           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       )
@@ -40,7 +41,7 @@ def _run_two_processes(mode, corpus_dir, tokenizer, init_from, workdir):
   outputs = []
   for p in procs:
     try:
-      outputs.append(p.communicate(timeout=400)[0])
+      outputs.append(p.communicate(timeout=900)[0])
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
@@ -58,10 +59,19 @@ def pretrained(corpus, tmp_path_factory):  # noqa: F811
   return single
 
 
-def test_two_processes_train_like_one(corpus, pretrained, tmp_path):  # noqa: F811
+@pytest.fixture(scope="module")
+def two_processes(corpus, pretrained, tmp_path_factory):  # noqa: F811
+  """Pre-training, then PPO and GRPO from `pretrained`, in one pair of processes (one start-up for
+  the three): {mode: its workdir}."""
   root, tokenizer = corpus
-  multi = tmp_path / "multi"
-  _run_two_processes("train", root, tokenizer, "", multi)
+  multi = tmp_path_factory.mktemp("multi")
+  modes = ("train", "ppo", "grpo")
+  _run_two_processes(",".join(modes), root, tokenizer, pretrained, multi)
+  return {mode: multi / mode for mode in modes}
+
+
+def test_two_processes_train_like_one(pretrained, two_processes):
+  multi = two_processes["train"]
   expected, got = _losses(pretrained), _losses(multi)
   assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5]
   np.testing.assert_allclose([got[s] for s in range(1, 6)], [expected[s] for s in range(1, 6)], rtol=1e-5)
@@ -71,15 +81,14 @@ def test_two_processes_train_like_one(corpus, pretrained, tmp_path):  # noqa: F8
 
 
 @pytest.mark.parametrize("method", ["ppo", "grpo"])
-def test_two_processes_sample_and_learn_like_one(corpus, pretrained, tmp_path, method):  # noqa: F811
+def test_two_processes_sample_and_learn_like_one(corpus, pretrained, two_processes, tmp_path, method):  # noqa: F811
   """PPO's two iterations with LoRA adapters, and GRPO's with every parameter trained, a frozen
   reference for its KL term and two micro-batches: the same samples (tokens, scores, log-probs,
   values, advantages) and the same losses whether the fsdp-sharded policy spans one process or two."""
-  root, tokenizer = corpus
-  single, multi = tmp_path / "single", tmp_path / "multi"
+  _, tokenizer = corpus
+  single, multi = tmp_path / "single", two_processes[method]
   config_of = {"ppo": multihost_worker.ppo_config, "grpo": multihost_worker.grpo_config}[method]
   align_run.run(config_of(tokenizer, pretrained), single)
-  _run_two_processes(method, root, tokenizer, pretrained, multi)
   expected, got = _losses(single), _losses(multi)
   steps = list(range(1, config_of(tokenizer, pretrained).total_steps + 1))
   assert sorted(got) == sorted(expected) == steps
