@@ -16,7 +16,10 @@ model) for each k, and with --draft=RUN a draft model (a smaller run on the same
 one benchmarks/distill_draft.py trained on the target's outputs) for each --draft_k.
 Each call is timed whole (prefill included, the same on both sides) as the median of --repeats
 after a warm-up call that compiles; the calls alternate. speed-up = plain time / spec time, per
-prompt, then the median over prompts and the total time ratio. "= plain" checks that every
+prompt, then the median over prompts and the total time ratio. "decode" is the same ratio of
+decode time alone, t(N) - t(1) (benchmarks/decode.py's definition): each side is also timed with
+max_new_tokens=1, which pays what every call pays whatever its length (the prompt's prefill, each
+model's per-call decoding view, one round for speculative decoding). "= plain" checks that every
 speculative output equals the plain greedy output token for token (it must: greedy speculative
 decoding keeps the target's argmax). A sampled row (the quickstart's temperature 0.7, top-p 0.9;
 the draft model at its longest k, else prompt lookup at k=4) shows what acceptance does when
@@ -133,14 +136,15 @@ def main(argv=None):
   best = ([name for name in drafts if name.startswith("model")] or [best])[-1]
   sampled_rows = []
   for index, prompt in enumerate(prompts):
-    def plain(sampling=greedy, prompt=prompt):
-      return lambda: infer.generate(target, [prompt], max_new_tokens=args.new, sampling=sampling, rng=index)
+    def plain(sampling=greedy, prompt=prompt, new=args.new):
+      return lambda: infer.generate(target, [prompt], max_new_tokens=new, sampling=sampling, rng=index)
 
-    def spec(draft, k, vocab, sampling=greedy, prompt=prompt):
-      return lambda: infer.speculative_generate(target, draft, [prompt], max_new_tokens=args.new, num_draft_tokens=k,
+    def spec(draft, k, vocab, sampling=greedy, prompt=prompt, new=args.new):
+      return lambda: infer.speculative_generate(target, draft, [prompt], max_new_tokens=new, num_draft_tokens=k,
                                                 sampling=sampling, rng=index, draft_vocab=vocab)
 
     calls = {"plain": plain(), **{name: spec(*drafts[name]) for name in drafts}}
+    calls.update({"plain@1": plain(new=1), **{f"{name}@1": spec(*drafts[name], new=1) for name in drafts}})
     if args.sampled:
       calls["plain sampled"] = plain(sampled)
       calls["spec sampled"] = spec(*drafts[best], sampling=sampled)
@@ -148,7 +152,8 @@ def main(argv=None):
     plain_s, plain_out = r["plain"]
     for name in drafts:
       spec_s, out = r[name]
-      rows[name].append(dict(plain=plain_s, spec=spec_s, stats=out.stats, equal=out.tokens == plain_out.tokens))
+      rows[name].append(dict(plain=plain_s, spec=spec_s, stats=out.stats, equal=out.tokens == plain_out.tokens,
+                             decode=(plain_s - r["plain@1"][0]) / (spec_s - r[f"{name}@1"][0])))
     if args.sampled:
       sampled_rows.append(dict(plain=r["plain sampled"][0], spec=r["spec sampled"][0], stats=r["spec sampled"][1].stats))
     print(f"prompt {index}: plain {plain_s:.3f} s; "
@@ -158,7 +163,8 @@ def main(argv=None):
     if index == 0:
       print(f"  its plain greedy text: {tokenizer.decode(plain_out.tokens[0])[:160]!r}", flush=True)
 
-  print(f"\n{'draft':<24}{'speed-up':>10}{'(total)':>9}{'min':>7}{'max':>7}{'accept':>8}{'tok/call':>10}{'= plain':>9}")
+  print(f"\n{'draft':<24}{'speed-up':>10}{'(total)':>9}{'min':>7}{'max':>7}{'decode':>8}{'accept':>8}{'tok/call':>10}"
+        f"{'= plain':>9}")
   table = [(name, rows[name]) for name in drafts] + ([(f"{best}, sampled", sampled_rows)] if sampled_rows else [])
   for name, items in table:
     ups = [x["plain"] / x["spec"] for x in items]
@@ -166,11 +172,12 @@ def main(argv=None):
     accept = statistics.mean(x["stats"]["acceptance_rate"] for x in items)
     per_call = statistics.mean(x["stats"]["tokens_per_target_call"] for x in items)
     equal = f"{sum(x['equal'] for x in items)}/{len(items)}" if "equal" in items[0] else "sample"
+    decode = f"{statistics.median(x['decode'] for x in items):.2f}x" if "decode" in items[0] else "-"
     print(f"{name:<24}{statistics.median(ups):>9.2f}x{total:>8.2f}x{min(ups):>6.2f}x{max(ups):>6.2f}x"
-          f"{accept:>8.2f}{per_call:>10.2f}{equal:>9}")
-  print("(speed-up: median over prompts of plain / speculative call time; total: summed times; accept: accepted /"
-        " proposed draft tokens; tok/call: new tokens per target pass; = plain: prompts whose output equals plain"
-        " greedy's)")
+          f"{decode:>8}{accept:>8.2f}{per_call:>10.2f}{equal:>9}")
+  print("(speed-up: median over prompts of plain / speculative call time; total: summed times; decode: median of"
+        " the same ratio of t(N) - t(1), decode time without what every call pays; accept: accepted / proposed"
+        " draft tokens; tok/call: new tokens per target pass; = plain: prompts whose output equals plain greedy's)")
   print(f"total {time.perf_counter() - started:.0f} s")
 
 
