@@ -69,7 +69,8 @@ def _random_batch(seed=0, b=4, n=4, t=6, v=7):
 def test_rrhf_loss_and_gradient_match_a_float64_loop(sft_weight):
   batch, logits = _random_batch()
   jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
-  value, grad = jax.value_and_grad(lambda x: rrhf.ranking_loss(x, jbatch, sft_weight=sft_weight)[0])(jnp.asarray(logits))
+  loss = jax.value_and_grad(lambda x: rrhf.ranking_loss(x, jbatch, sft_weight=sft_weight)[0])
+  value, grad = jax.jit(loss)(jnp.asarray(logits))  # jitted: one compile, not one per op
   expected, expected_grad = _reference(logits, batch["targets"], batch["mask"], batch["scores"], sft_weight)
   np.testing.assert_allclose(float(value), expected, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-4, atol=1e-6)
@@ -78,9 +79,10 @@ def test_rrhf_loss_and_gradient_match_a_float64_loop(sft_weight):
 def test_micro_batch_shares_add_up_to_the_whole_batch():
   batch, logits = _random_batch(seed=1)
   jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
-  whole, _ = rrhf.ranking_loss(jnp.asarray(logits), jbatch, sft_weight=1.0)
-  shares = [rrhf.ranking_loss(jnp.asarray(logits[rows]), {k: v[rows] for k, v in jbatch.items()}, sft_weight=1.0,
-                              whole_batch=jbatch)[0] for rows in (slice(0, 2), slice(2, 4))]
+  loss = jax.jit(lambda logits, batch, whole: rrhf.ranking_loss(logits, batch, sft_weight=1.0, whole_batch=whole)[0])
+  whole = loss(jnp.asarray(logits), jbatch, None)
+  shares = [loss(jnp.asarray(logits[rows]), {k: v[rows] for k, v in jbatch.items()}, jbatch)
+            for rows in (slice(0, 2), slice(2, 4))]
   np.testing.assert_allclose(float(sum(shares)), float(whole), rtol=1e-6)
 
 

@@ -30,8 +30,13 @@ def model():
   return Transformer(CONFIG, rngs=nnx.Rngs(0))
 
 
+@nnx.jit
+def _forward(model, tokens):
+  return model(tokens)
+
+
 def _full_logits(model, sequence):
-  return np.asarray(model(jnp.asarray([sequence]))[0])  # [T, V]
+  return np.asarray(_forward(model, jnp.asarray([sequence]))[0])  # [T, V]; jitted: a compile per length, not per op
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -46,15 +51,16 @@ def test_cached_decode_logits_equal_full_forward(scan_layers, prefill):
   # Right-padded prompts whose padding is garbage: the cache must never let a query see it.
   padded = np.where(np.arange(8) < lengths[:, None], sequences[:, :8], rng.integers(0, CONFIG.vocab_size, (3, 8)))
   cache = model.init_cache(3, 32)
+  cached = nnx.jit(lambda model, tokens, positions, cache: model(tokens, positions=positions, cache=cache))
   positions = None if prefill == "from_start" else jnp.broadcast_to(jnp.arange(8), (3, 8))
-  logits, cache = model(jnp.asarray(padded), positions=positions, cache=cache)
-  full = [_full_logits(model, sequences[b].tolist()) for b in range(3)]
+  logits, cache = cached(model, jnp.asarray(padded), positions, cache)
+  full = np.asarray(_forward(model, jnp.asarray(sequences)))  # [3, T, V]
   for b in range(3):
     np.testing.assert_allclose(logits[b, : lengths[b]], full[b][: lengths[b]], atol=1e-5)
   positions = jnp.asarray(lengths)
   for _ in range(steps):
     tokens = jnp.asarray(sequences[np.arange(3), np.asarray(positions)])[:, None]
-    logits, cache = model(tokens, positions=positions[:, None], cache=cache)
+    logits, cache = cached(model, tokens, positions[:, None], cache)  # jitted: one compile, not one per op
     for b in range(3):
       np.testing.assert_allclose(logits[b, 0], full[b][int(positions[b])], atol=1e-5)
     positions = positions + 1

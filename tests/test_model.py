@@ -80,7 +80,7 @@ def test_remat_changes_neither_logits_nor_gradients(policy):
 
   def loss_and_grad(config):
     m = model.Transformer(config, rngs=nnx.Rngs(0))
-    return nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2))(m)
+    return nnx.jit(nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2)))(m)  # jitted: one compile, not one per op
 
   loss, grads = loss_and_grad(model.get_preset("tiny"))
   loss_remat, grads_remat = loss_and_grad(model.get_preset("tiny", remat_policy=policy))
@@ -170,11 +170,13 @@ def test_unstacked_view_computes_the_same_logits_and_cache(tiny):
   assert not view.config.scan_layers and len(view.layers) == tiny.config.num_layers
   assert tiny.config.scan_layers  # the model itself is left as it was
   tokens = jax.random.randint(jax.random.key(7), (2, 10), 0, tiny.config.vocab_size)
-  np.testing.assert_allclose(view(tokens), tiny(tokens), atol=2e-5, rtol=2e-5)
+  forward = nnx.jit(lambda m, tokens: m(tokens))  # jitted: a compile per model, not one per op
+  np.testing.assert_allclose(forward(view, tokens), forward(tiny, tokens), atol=2e-5, rtol=2e-5)
   cache = tiny.init_cache(2, 16)
   positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
-  (logits, ours) = view(tokens, positions=positions, cache=cache)
-  (want, theirs) = tiny(tokens, positions=positions, cache=cache)
+  cached = nnx.jit(lambda m, tokens, positions, cache: m(tokens, positions=positions, cache=cache))
+  (logits, ours) = cached(view, tokens, positions, cache)
+  (want, theirs) = cached(tiny, tokens, positions, cache)
   np.testing.assert_allclose(logits, want, atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(ours.k, theirs.k, atol=2e-5, rtol=2e-5)
 

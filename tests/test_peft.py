@@ -56,6 +56,10 @@ def _perturb(module, seed=3):
   return module
 
 
+_dequantize = jax.jit(quant.dequantize)  # one compile per scheme and shape, not one per op
+_dense = nnx.jit(lambda weight: weight.dense(jnp.float32))
+
+
 def _per_layer(x, stacked, layer):
   return np.asarray(x[layer] if stacked else x, np.float64)
 
@@ -67,7 +71,7 @@ def _dense_reference(adapter: adapters.Adapter, layer: int) -> np.ndarray:
     q = adapter.base.quantized()
     if stacked:
       q = jax.tree.map(lambda x: x[layer], q)
-    w = np.asarray(quant.dequantize(q), np.float64).reshape(adapter.base.shape)
+    w = np.asarray(_dequantize(q), np.float64).reshape(adapter.base.shape)
   else:
     w = _per_layer(adapter.base[...], stacked, layer)
   fan_in = math.prod(w.shape[:r])
@@ -99,7 +103,7 @@ def _reference_module(base_module, adapted):
       dense = np.stack([_dense_reference(adapter, i) for i in layers]) if adapter.stacked else \
           _dense_reference(adapter, adapted_slot.layer)
     elif isinstance(adapter, quant.QuantizedWeight):
-      dense = np.asarray(adapter.dense(jnp.float32))
+      dense = np.asarray(_dense(adapter))
     else:
       continue
     slot.get().set_value(jnp.asarray(dense, jnp.float32))
