@@ -12,6 +12,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import (BlockSizes, flash_attention, flash_attention_block, flash_attention_block_backward,
                             flash_geometry, reference_attention)
+from tests.jitted import output_and_vjp
 
 # Small blocks: several per row, and ragged ends (16 on a GPU, the least Triton's dot takes; these
 # tests then run the compiled kernels there: `python -m pytest tests/test_flash_attention.py`).
@@ -38,21 +39,11 @@ def _segments(q_len, kv_len):
   return jnp.asarray(kv[:, kv_len - q_len:]), jnp.asarray(kv)
 
 
-def _out_and_grads(attention, q, k, v, cotangent):
-  """(out, dq, dk, dv): attention(q, k, v) and its gradients for `cotangent`, jitted (one compile,
-  not one per eager op of the reference or of the interpreted kernels)."""
-
-  def run(q, k, v, cotangent):
-    out, vjp = jax.vjp(attention, q, k, v)
-    return (out, *vjp(cotangent))
-
-  return jax.jit(run)(q, k, v, cotangent)
-
-
 def _float64_reference(q, k, v, cotangent, kwargs):
   with jax.enable_x64(True):
-    args = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, cotangent)]
-    return [np.asarray(x) for x in _out_and_grads(lambda q, k, v: reference_attention(q, k, v, **kwargs), *args)]
+    q, k, v, cotangent = (np.asarray(x, np.float64) for x in (q, k, v, cotangent))
+    out, grads = output_and_vjp(lambda q, k, v: reference_attention(q, k, v, **kwargs), (q, k, v), cotangent)
+    return [out, *grads]
 
 
 CASES = [
@@ -80,8 +71,8 @@ def test_forward_and_gradients_match_float64(q_len, kv_len, heads, kv_heads, cau
   kwargs = dict(causal=causal, sliding_window=window, logit_softcap=softcap)
   if segments:
     kwargs["segment_ids"] = _segments(q_len, kv_len)
-  out, *grads = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, **kwargs), q, k, v,
-                               cotangent.astype(dtype))
+  out, grads = output_and_vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, **kwargs), (q, k, v),
+                              cotangent.astype(dtype))
   expected = _float64_reference(q, k, v, cotangent.astype(dtype), kwargs)
   assert out.dtype == dtype
   for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
@@ -96,9 +87,10 @@ def test_backward_blocks_differ_from_the_forward_blocks():
   blocks = BlockSizes(smallest, 2 * smallest, block_q_bwd=2 * smallest, block_kv_bwd=smallest)
   q, k, v, cotangent = _inputs(20, 44, 4, 1, jnp.float32, seed=5)
   kwargs = dict(sliding_window=13, logit_softcap=5.0, segment_ids=_segments(20, 44))
-  got_all = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, block_sizes=blocks, **kwargs), q, k, v, cotangent)
+  out, grads = output_and_vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=blocks, **kwargs), (q, k, v),
+                              cotangent)
   expected = _float64_reference(q, k, v, cotangent, kwargs)
-  for name, got, want in zip(("out", "dq", "dk", "dv"), got_all, expected):
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-5, err_msg=name)
 
 
@@ -206,10 +198,10 @@ def test_tpu_layout_with_backward_blocks_reads_only_inside_the_arrays(q_len, kv_
 
   q, k, v, cotangent = _inputs(q_len, kv_len, 2, 1, jnp.float32, seed=7)
   interpret = pltpu.InterpretParams()
-  got_all = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, block_sizes=blocks, interpret=interpret, **kwargs),
-                           q, k, v, cotangent)
+  out, grads = output_and_vjp(
+      lambda q, k, v: flash_attention(q, k, v, block_sizes=blocks, interpret=interpret, **kwargs), (q, k, v), cotangent)
   expected = _float64_reference(q, k, v, cotangent, kwargs)
-  for name, got, want in zip(("out", "dq", "dk", "dv"), got_all, expected):
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, err_msg=name)
 
 
@@ -262,18 +254,18 @@ def test_padded_keys_stay_hidden_whatever_the_segment_ids(layout):
   kv_seg = jnp.asarray(np.where(np.arange(21) < 15, 3, -1)[None].repeat(2, 0))  # the last queries: -1
   kwargs = dict(causal=False, segment_ids=(kv_seg[:, -12:], kv_seg))
   interpret = pltpu.InterpretParams() if layout == "tpu_interpret" else None
-  got_all = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, interpret=interpret, **kwargs),
-                           q, k, v, cotangent)
+  out, grads = output_and_vjp(
+      lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, interpret=interpret, **kwargs), (q, k, v), cotangent)
   expected = _float64_reference(q, k, v, cotangent, kwargs)
-  for name, got, want in zip(("out", "dq", "dk", "dv"), got_all, expected):
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, err_msg=name)
 
 
 def test_fully_masked_rows_are_zero_with_finite_gradients():
   q, k, v, cotangent = _inputs(16, 16, 4, 2, jnp.float32)
   segments = (jnp.ones((2, 16), jnp.int32), jnp.full((2, 16), 2, jnp.int32))  # nothing shares a segment
-  out, *grads = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, segment_ids=segments, block_sizes=BLOCKS),
-                               q, k, v, cotangent)
+  out, grads = output_and_vjp(lambda q, k, v: flash_attention(q, k, v, segment_ids=segments, block_sizes=BLOCKS),
+                              (q, k, v), cotangent)
   np.testing.assert_array_equal(out, 0.0)
   assert all(np.isfinite(g).all() and not np.abs(g).max() for g in grads)
 
@@ -321,9 +313,9 @@ def test_runs_under_tpu_interpret_mode():
   segments = jnp.asarray(np.repeat([[1, 2]], 128, axis=1))
   kwargs = dict(segment_ids=segments, sliding_window=100)
   with pltpu.force_tpu_interpret_mode():
-    out, *grads = _out_and_grads(
+    out, grads = output_and_vjp(
         lambda q, k, v: flash_attention(q, k, v, block_sizes=BlockSizes(128, 128), interpret=False, **kwargs),
-        q, k, v, cotangent)
+        (q, k, v), cotangent)
   expected = _float64_reference(q, k, v, cotangent, kwargs)
   for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-4, err_msg=name)
@@ -349,10 +341,10 @@ def test_tpu_layout_under_tpu_interpret_mode(q_len, kv_len, heads, kv_heads, kwa
     kwargs["segment_ids"] = _segments(q_len, kv_len)
   q, k, v, cotangent = _inputs(q_len, kv_len, heads, kv_heads, jnp.float32, seed=3)
   interpret = pltpu.InterpretParams()
-  got_all = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, interpret=interpret, **kwargs),
-                           q, k, v, cotangent)
+  out, grads = output_and_vjp(
+      lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, interpret=interpret, **kwargs), (q, k, v), cotangent)
   expected = _float64_reference(q, k, v, cotangent, kwargs)
-  for name, got, want in zip(("out", "dq", "dk", "dv"), got_all, expected):
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, err_msg=name)
 
 
@@ -466,8 +458,8 @@ def test_forward_and_gradients_with_x64(x64, layout, q_len, kv_len, heads, kv_he
     kwargs["segment_ids"] = tuple(jnp.asarray(np.asarray(x), jnp.int64) for x in _segments(q_len, kv_len))
   q, k, v, cotangent = _inputs(q_len, kv_len, heads, kv_heads, jnp.float32, seed=3)
   interpret = pltpu.InterpretParams() if layout == "tpu_interpret" else None
-  out, *grads = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, interpret=interpret,
-                                                              **kwargs), q, k, v, cotangent)
+  out, grads = output_and_vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, interpret=interpret,
+                                                             **kwargs), (q, k, v), cotangent)
   expected = _float64_reference(q, k, v, cotangent, kwargs)
   for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
     assert got.dtype == jnp.float32, (name, got.dtype)

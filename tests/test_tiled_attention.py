@@ -7,6 +7,7 @@ import pytest
 
 from model import attention_ops, tiled_attention
 from tests import reference
+from tests.jitted import output_and_vjp
 
 B, H = 2, 8
 
@@ -33,19 +34,6 @@ def _dense_float64(q, k, v, segments, window):
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
-def _output_and_vjp(fn, args, cotangent, *traced):
-  """fn(*args, *traced) and its vjp in args at `cotangent`, as numpy; one jit compile (eager ops
-  compile one by one). `traced`: more arguments, tracers inside the jit (not differentiated)."""
-
-  @jax.jit
-  def run(args, cotangent, traced):
-    out, vjp = jax.vjp(lambda *a: fn(*a, *traced), *args)
-    return out, vjp(cotangent)
-
-  out, grads = run(tuple(jnp.asarray(x) for x in args), jnp.asarray(cotangent), traced)
-  return np.asarray(out), [np.asarray(g) for g in grads]
-
-
 CASES = [  # heads, kv heads, length, block, window, segments, traced window
     (4, 2, 300, 64, 0, False, False),  # GQA; T = 300 leaves a ragged last block
     (2, 1, 300, 64, 70, True, False),  # MQA, packed segments, a static window that skips whole tiles
@@ -68,11 +56,11 @@ def test_tiled_attention_and_its_gradients_match_float64(heads, kv_heads, length
   def tiled(q, k, v, window_arg=window):  # traced: the window a jit argument (a tracer), as in a layer scan
     return tiled_attention.causal_attention(q, k, v, seg32, scale=H**-0.5, sliding_window=window_arg, block=block)
 
-  out, grads = _output_and_vjp(tiled, (q, k, v), cotangent, *((jnp.int32(window),) if traced else ()))
+  out, grads = output_and_vjp(tiled, (q, k, v), cotangent, *((jnp.int32(window),) if traced else ()))
   with jax.enable_x64(True):
     q64, k64, v64, c64 = (jnp.asarray(x, jnp.float64) for x in (q, k, v, cotangent))
     seg64 = None if segments is None else jnp.asarray(segments)
-    expected, expected_grads = _output_and_vjp(lambda q, k, v: _dense_float64(q, k, v, seg64, window),
+    expected, expected_grads = output_and_vjp(lambda q, k, v: _dense_float64(q, k, v, seg64, window),
                                                (q64, k64, v64), c64)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
   for name, got, want in zip("qkv", grads, expected_grads):
