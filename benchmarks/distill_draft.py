@@ -39,8 +39,8 @@ sys.path.insert(0, REPO)
 import infer  # noqa: E402
 import rundir  # noqa: E402
 from configs.pretrain import quickstart  # noqa: E402
-from train import data as data_lib  # noqa: E402
 from rundir.tokenizer import MODEL_FILENAME, load_tokenizer  # noqa: E402
+from speculative import corpus_prompts  # noqa: E402 (benchmarks/speculative.py, beside this script)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,18 +58,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--override", action="append", default=[],
                  help="more trainer flags, repeatable: --override=--config.model.num_layers=1")
   return p.parse_args(argv)
-
-
-def train_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-  """`count` prompts of `length` tokens: consecutive windows of the train split's documents."""
-  prompts = []
-  for text in data_lib.documents(quickstart.get_config().data, "train"):
-    ids = [int(t) for t in tokenizer.encode(text)]
-    for start in range(0, len(ids) - length + 1, length):
-      prompts.append(ids[start:start + length])
-      if len(prompts) == count:
-        return prompts
-  raise ValueError(f"the train split holds only {len(prompts)} windows of {length} tokens; ask for fewer --prompts")
 
 
 def write_corpus(args) -> str:
@@ -90,7 +78,7 @@ def write_corpus(args) -> str:
     print(f"{path} exists, generated with the same settings: reusing it", flush=True)
     return path
   target, tokenizer = rundir.load(args.target)
-  prompts = train_prompts(tokenizer, args.prompts, args.prompt_tokens)
+  prompts = corpus_prompts(tokenizer, "train", args.prompts, args.prompt_tokens, every_window=True)
   started = time.perf_counter()
   records = []
   for start in range(0, len(prompts), args.batch):

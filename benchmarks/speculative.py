@@ -76,15 +76,23 @@ def ensure_target(path: str) -> None:
   subprocess.check_call(command, cwd=REPO)
 
 
-def held_out_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+def corpus_prompts(tokenizer, split: str, count: int, length: int, *, every_window: bool = False) -> list[list[int]]:
+  """`count` prompts of `length` tokens from the embedded corpus's `split` ("train" or "eval"): each
+  long enough document's first window, or with every_window all its consecutive windows."""
   prompts = []
-  for text in data_lib.documents(quickstart.get_config().data, "eval"):
-    ids = tokenizer.encode(text)
-    if len(ids) >= length:
-      prompts.append([int(t) for t in ids[:length]])
-    if len(prompts) == count:
-      return prompts
-  raise ValueError(f"only {len(prompts)} held-out documents have {length} tokens; ask for fewer --prompts")
+  for text in data_lib.documents(quickstart.get_config().data, split):
+    ids = [int(t) for t in tokenizer.encode(text)]
+    starts = range(0, len(ids) - length + 1, length)
+    for start in starts if every_window else starts[:1]:
+      prompts.append(ids[start:start + length])
+      if len(prompts) == count:
+        return prompts
+  raise ValueError(f"the {split} split holds only {len(prompts)} prompts of {length} tokens; ask for fewer --prompts")
+
+
+def held_out_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+  """The first `length` tokens of `count` held-out documents (the run never trained on them)."""
+  return corpus_prompts(tokenizer, "eval", count, length)
 
 
 def timed(fn):
