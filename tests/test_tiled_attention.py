@@ -61,7 +61,7 @@ def test_tiled_attention_and_its_gradients_match_float64(heads, kv_heads, length
     q64, k64, v64, c64 = (jnp.asarray(x, jnp.float64) for x in (q, k, v, cotangent))
     seg64 = None if segments is None else jnp.asarray(segments)
     expected, expected_grads = output_and_vjp(lambda q, k, v: _dense_float64(q, k, v, seg64, window),
-                                               (q64, k64, v64), c64)
+                                              (q64, k64, v64), c64)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
   for name, got, want in zip("qkv", grads, expected_grads):
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
