@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
@@ -155,6 +156,16 @@ def test_the_figure_is_a_png_of_one_panel_per_metric(old_run, tmp_path):
   assert matplotlib.image.imread(one).shape[:2] == (plot.PANEL_INCHES[1] * 50, plot.PANEL_INCHES[0] * 50)
   with pytest.raises(plot.PlotError, match="1 labels"):
     plot.plot_runs([old_run, other], tmp_path / "x.png", labels=["a"])
+
+
+def test_twelve_runs_get_twelve_different_lines(tmp_path):
+  runs = [_write_run(tmp_path / f"r{i}", [_train(10, 5.0 - i / 10), _train(20, 4.0 - i / 10)]) for i in range(12)]
+  figure = plot._draw([plot.curves(plot.load_run(r), ["loss"], x="step", smooth=0.0) for r in runs], [f"r{i}" for i in range(12)],
+                      ["loss"], x_label="step", log_y=False, smoothed=False)
+  lines = figure.axes[0].get_lines()
+  looks = {(matplotlib.colors.to_hex(line.get_color()), line.get_linestyle()) for line in lines}
+  assert len(lines) == 12 and len(looks) == 12  # past matplotlib's ten colours, the line style tells runs apart
+  assert len(figure.legends[0].get_lines()) == 12
 
 
 def _run_cli(*args):

@@ -42,6 +42,8 @@ X_ESTIMATES = {  # how an old run is placed on the axis, as the figure says
 }
 UNSMOOTHED = ("learning_rate",)  # a schedule, not a noisy measurement: an EMA would only delay it
 PANEL_INCHES = (5.0, 3.5)  # (width, height) of one panel
+COLORS = 10  # matplotlib's default colour cycle, C0-C9
+LINE_STYLES = ("-", "--", ":", "-.")  # one per pass through the colours, so that eleven runs or more stay apart
 MAX_COLUMNS = 3
 FORMATS = ("png", "pdf", "svg")
 
@@ -274,11 +276,12 @@ def _draw(run_curves: list[dict[str, Curve]], labels: list[str], metrics: list[s
     for i, (by_metric, label) in enumerate(zip(run_curves, labels)):
       if metric not in by_metric:
         continue
-      curve, color = by_metric[metric], f"C{i % 10}"
+      curve, color = by_metric[metric], f"C{i % COLORS}"
+      style = LINE_STYLES[i // COLORS % len(LINE_STYLES)]  # past ten runs the colours repeat
       marker = "o" if metric.startswith(EVAL_PREFIX) else None
       if smoothed and not np.array_equal(curve.y, curve.raw):
-        panel.plot(curve.x, curve.raw, color=color, alpha=0.25, linewidth=0.8)
-      (line,) = panel.plot(curve.x, curve.y, color=color, marker=marker, markersize=3)
+        panel.plot(curve.x, curve.raw, color=color, linestyle=style, alpha=0.25, linewidth=0.8)
+      (line,) = panel.plot(curve.x, curve.y, color=color, linestyle=style, marker=marker, markersize=3)
       handles.setdefault(i, line)
     panel.set_title(metric)
     panel.set_xlabel(x_label)
