@@ -80,7 +80,7 @@ def preference_pairs(
                            rows_per_call=rows_per_call)
   pairs = []
   for p, prompt in enumerate(prompts):
-    completions = samples.texts[p * n: (p + 1) * n]
+    completions = [rollout.training_text(tokenizer, ids) for ids in samples.completion_ids[p * n: (p + 1) * n]]
     scores = np.asarray(judge(prompt, completions), np.float64)
     best, worst = int(np.argmax(scores)), int(np.argmin(scores))
     if scores[best] > scores[worst]:

@@ -55,10 +55,26 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 def completion_text(tokenizer, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> str:
-  """The completion's text as it reads after the prompt (sentencepiece's word-initial spaces kept)."""
-  ids = [t for t in completion_ids if 0 <= t < tokenizer.vocab_size and t != tokenizer.eos_id]
+  """The completion's text as it reads after the prompt (sentencepiece's word-initial spaces kept):
+  what a verifier or a reader sees. To train on a sample stored as text, store `training_text`."""
+  ids = _text_ids(tokenizer, completion_ids)
   full, head = tokenizer.decode([*prompt_ids, *ids]), tokenizer.decode(list(prompt_ids))
   return full[len(head):] if full.startswith(head) else tokenizer.decode(ids)
+
+
+def training_text(tokenizer, completion_ids: Sequence[int]) -> str:
+  """The completion's text in the form training data holds a completion: tokenized on its own, as
+  `align.data.tokenize_pieces` tokenizes one, it gives back completion_ids (ids as the tokenizer
+  would segment the text, which a trained policy's are). A policy's samples kept as text to train on
+  (AI-feedback pairs, RRHF's rankings) must be these: with sentencepiece the in-context text has one
+  more leading space (the completion's own word-initial space, which decoding on its own drops), so
+  it re-tokenizes to another first token, and the pair or ranking would train on text the policy did
+  not sample."""
+  return tokenizer.decode(_text_ids(tokenizer, completion_ids))
+
+
+def _text_ids(tokenizer, completion_ids: Sequence[int]) -> list[int]:
+  return [t for t in completion_ids if 0 <= t < tokenizer.vocab_size and t != tokenizer.eos_id]
 
 
 def sample(model, tokenizer, prompts: Sequence[str], *, n: int = 1, max_new_tokens: int,

@@ -89,7 +89,8 @@ def policy_records(config: ml_collections.ConfigDict, model, tokenizer, task: Ta
                            seed=config.seed)
   out = []
   for i, problem in enumerate(problems):
-    responses = samples.texts[i * c.samples: (i + 1) * c.samples] + ([problem.completion()] if c.with_solutions else [])
+    sampled = [rollout.training_text(tokenizer, ids) for ids in samples.completion_ids[i * c.samples: (i + 1) * c.samples]]
+    responses = sampled + ([problem.completion()] if c.with_solutions else [])
     out.append({"prompt": problem.prompt, "responses": responses,
                 "scores": [float(reward(problem, r)) for r in responses]})
   return out

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from align import ai_feedback
+from align import ai_feedback, data, preferences, rollout
 from align.tasks import arithmetic
 from model import Transformer, get_preset
 from rundir import tokenizer as tokenizer_lib
@@ -67,3 +67,30 @@ def test_log_prob_judge_cancels_position_bias(tokenizer):
 
   scores = ai_feedback.log_prob_judge(prefers_seven, tokenizer)("q", ["12", "17", "30"])
   assert np.argmax(scores) == 1 and scores[1] == pytest.approx(4.0)
+
+
+def _sampler_of(completions_by_prompt, tokenizer):
+  """A stand-in for align.rollout.sample whose policy samples the given completions, as ids a
+  policy trained on them samples: each completion tokenized as SFT data tokenizes it (on its own)."""
+  def sample(model, tokenizer_, prompts, *, n, **unused):
+    rows = [data.prompt_completion_ids({"prompt": p, "completion": c}, tokenizer)
+            for p in prompts for c in completions_by_prompt[p][:n]]
+    prompt_ids, completion_ids = [r[0] for r in rows], [r[1] for r in rows]
+    texts = [rollout.completion_text(tokenizer, p, c) for p, c in rows]
+    return rollout.Samples(prompt_ids, completion_ids, np.ones(len(rows), bool), texts)
+  return sample
+
+
+def test_pairs_train_on_the_ids_the_policy_sampled(tokenizer, monkeypatch):
+  """A pair's texts, tokenized as DPO tokenizes them, are the ids the policy sampled. The text as it
+  reads after the prompt would not be: it has one more leading space (sentencepiece), another first token."""
+  records = arithmetic.preference_pairs(4, difficulty=2, seed=3)
+  completions = {r["prompt"]: [r["chosen"], r["rejected"]] for r in records}
+  monkeypatch.setattr(rollout, "sample", _sampler_of(completions, tokenizer))
+  pairs = ai_feedback.preference_pairs(None, tokenizer, list(completions), judge=lambda p, c: [1.0, 0.0], n=2)
+  assert len(pairs) == len(records)
+  for pair in pairs:
+    for side, want in zip(("chosen", "rejected"), completions[pair["prompt"]]):
+      features = preferences.completion_features(pair["prompt"], pair[side], tokenizer, seq_len=512)
+      sampled = data.prompt_completion_ids({"prompt": pair["prompt"], "completion": want}, tokenizer)[1]
+      assert features["targets"][features["mask"] == 1].tolist() == sampled

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import model as model_lib
-from align import data, losses, rrhf
+from align import data, losses, preferences, rollout, rrhf, tasks
 from align import run as align_run
 from configs import validation
 from rundir import tokenizer as tokenizer_lib
-from tests import test_align_dpo
+from tests import test_ai_feedback, test_align_dpo
 from train import trainer
 
 _config = test_align_dpo._config  # the DPO tests' tiny run: same model, tokenizer and mesh
@@ -163,3 +163,23 @@ def test_rrhf_on_the_policy_s_samples_keeps_them_for_a_resumed_run(tokenizer_pat
 def test_bad_rrhf_configs_name_the_key(tokenizer_path, overrides, message):
   with pytest.raises(validation.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
     align_run.validate(_config(tokenizer_path, "rrhf", **overrides))
+
+
+def test_the_policy_s_rankings_train_on_the_ids_it_sampled(tokenizer_path, monkeypatch):
+  """Each kept response, tokenized as the rows tokenize it, is the ids the policy sampled (the text as
+  it reads after the prompt has one more leading space with sentencepiece: another first token)."""
+  config = _config(tokenizer_path, "rrhf", **{"rrhf.source": "policy", "rrhf.samples": 2, "rrhf.with_solutions": False,
+                                              "rrhf.responses": 2, "task.train_size": 3})
+  tok = tokenizer_lib.load_tokenizer(tokenizer_path)
+  task = tasks.get_task(config.task)
+  problems = tasks.split_problems(task, config.task, "train")
+  completions = {p.prompt: [p.completion(), task.wrong_completion(p)] for p in problems}
+  monkeypatch.setattr(rollout, "sample", test_ai_feedback._sampler_of(completions, tok))
+  kept = rrhf.policy_records(config, None, tok, task)
+  assert [r["prompt"] for r in kept] == list(completions)
+  for record in kept:
+    assert record["scores"][0] == 1.0 > record["scores"][1]  # the worked solution, then a wrong one
+    for text, want in zip(record["responses"], completions[record["prompt"]]):
+      features = preferences.completion_features(record["prompt"], text, tok, seq_len=512)
+      sampled = data.prompt_completion_ids({"prompt": record["prompt"], "completion": want}, tok)[1]
+      assert features["targets"][features["mask"] == 1].tolist() == sampled
