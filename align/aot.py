@@ -1,9 +1,10 @@
 """GRPO's programs for ahead-of-time compilation (`python -m train.aot --job=grpo`): its train step,
 exactly as a GRPO run jits it (the trainer's step around align.grpo's loss, the policy with a frozen
 reference when grpo.kl_coef > 0 and no adapters), and the rollout's prefill and decode step on the
-live policy, at rl.prompts_per_iteration x rl.samples_per_prompt rows. A step of this job is one
-iteration at one train step per rollout (configs/align/grpo.py's design): the prefill, rl.max_new_tokens
-decode steps (the most a rollout takes), the train step.
+live policy, at rl.prompts_per_iteration (with dynamic sampling, a round's grpo.sampling_prompts) x
+rl.samples_per_prompt rows. A step of this job is one iteration at one train step per rollout
+(configs/align/grpo.py's design): the prefill, rl.max_new_tokens decode steps (the most a rollout
+takes), the train step.
 
 While the rollout runs, the whole train state stays in HBM: the decode programs' memory counts it
 as resident (parameters, optimizer state and frozen weights), beside their own cache and
@@ -58,7 +59,8 @@ def programs(config: ml_collections.ConfigDict, devices) -> tuple[list, abstract
   graphdef, params = nnx.split(policy)
   rl = config.rl
   rollout = infer_aot.decode_programs(
-      graphdef, params, run.model_config, run.mesh, run.rules, batch_size=rl.prompts_per_iteration * rl.samples_per_prompt,
+      graphdef, params, run.model_config, run.mesh, run.rules,
+      batch_size=grpo.sampling_prompts(config) * rl.samples_per_prompt,
       prompt_len=config.seq_len - rl.max_new_tokens, max_new_tokens=rl.max_new_tokens)
   resident = {"optimizer state (resident)": run.state["opt_state"], "frozen weights (resident)": run.rest}
   prefill, decode_step = (_with_resident(p, resident) for p in rollout)

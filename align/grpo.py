@@ -10,6 +10,12 @@ grpo.kl_coef times the k3 estimate of KL(policy || reference) per token when kl_
 reference is then kept frozen beside the policy), aggregated per grpo.aggregation:
 'sequence_mean' (GRPO's), 'token_mean' (DAPO) or 'fixed_length' (Dr. GRPO). rl.epochs > 1 reuses
 each iteration's samples, with the rollout policy's log-probs as the ratio's denominator.
+
+grpo.dynamic_sampling (DAPO, Yu et al. 2025): a group whose samples all score alike has advantage 0
+on every token, so (without the KL term) it adds nothing to the gradient but its cost and a share
+of the normalizer. With it, an iteration samples rounds of grpo.sampling_prompts prompts and keeps
+only the groups whose rewards differ until it has rl.prompts_per_iteration of them, so every row
+trained carries signal; after grpo.max_sampling_rounds rounds, flat groups fill what is missing.
 """
 
 import functools
@@ -69,6 +75,46 @@ def validate(config: ml_collections.ConfigDict, task: Task | None) -> None:
                      "a group needs other samples for its baseline")
   if c.kl_coef > 0 and not config.init_from:
     raise ValueError(f"config.grpo.kl_coef={c.kl_coef} needs config.init_from (the reference policy)")
+  if c.dynamic_sampling:
+    if c.sampling_prompts < 0:
+      raise ValueError(f"config.grpo.sampling_prompts={c.sampling_prompts} must be >= 0 "
+                       "(0: rl.prompts_per_iteration)")
+    if c.max_sampling_rounds * sampling_prompts(config) < config.rl.prompts_per_iteration:
+      raise ValueError(f"config.grpo.max_sampling_rounds={c.max_sampling_rounds} rounds of "
+                       f"{sampling_prompts(config)} prompts cannot fill rl.prompts_per_iteration="
+                       f"{config.rl.prompts_per_iteration} groups")
+
+
+def sampling_prompts(config: ml_collections.ConfigDict) -> int:
+  """The prompts one rollout samples for: rl.prompts_per_iteration, or with dynamic sampling a
+  round's grpo.sampling_prompts."""
+  c = config.grpo
+  return (c.sampling_prompts or config.rl.prompts_per_iteration) if c.dynamic_sampling else config.rl.prompts_per_iteration
+
+
+def groups_with_signal(sample_round, config: ml_collections.ConfigDict, state: dict,
+                       ) -> tuple[dict[str, np.ndarray], np.ndarray, dict, dict]:
+  """DAPO's dynamic sampling: rows [P * G, ...] and scores [P * G] of the first P =
+  rl.prompts_per_iteration groups whose scores differ, over rounds `sample_round(k)` -> (rows, scores)
+  for k = state["sampling_rounds"], +1, ... (a run-long count, so every round samples new prompts
+  and resumes exactly); when grpo.max_sampling_rounds rounds find fewer, the first flat groups fill
+  the rest. Returns the state with the count advanced and a summary of the rounds."""
+  group, want = config.rl.samples_per_prompt, config.rl.prompts_per_iteration
+  signal_rows, flat_rows, all_scores = [], [], []
+  found, rounds, first = 0, 0, int(state.get("sampling_rounds", 0))
+  while found < want and rounds < config.grpo.max_sampling_rounds:
+    rows, scores = sample_round(first + rounds)
+    rounds += 1
+    all_scores.append(scores)
+    signal = np.repeat(scores.reshape(-1, group).std(axis=1) > 0, group)  # [R] per row, by its group
+    signal_rows.append(({k: v[signal] for k, v in rows.items()}, scores[signal]))
+    flat_rows.append(({k: v[~signal] for k, v in rows.items()}, scores[~signal]))
+    found += int(signal.sum()) // group
+  parts = signal_rows + flat_rows
+  rows = {k: np.concatenate([p[0][k] for p in parts])[: want * group] for k in parts[0][0]}
+  scores = np.concatenate([p[1] for p in parts])[: want * group]
+  summary = {"rounds": rounds, "groups_with_signal": found, "sampled_reward": float(np.concatenate(all_scores).mean())}
+  return rows, scores, {**state, "sampling_rounds": first + rounds}, summary
 
 
 def advantages(scores: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
@@ -95,17 +141,29 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
     return rollout.token_logprobs(model, rows["tokens"], rows["targets"], temperature=rl.temperature,
                                   batch_size=config.batch_size)
 
+  def sample_round(index: int):
+    _, rows, scores = online.scored_rollout(sampler, reward_fn, pool, index, config,
+                                            num_prompts=sampling_prompts(config))
+    return rows, scores
+
   def collect(iteration: int, state: dict):
     module = live()
-    _, rows, scores = online.scored_rollout(sampler, reward_fn, pool, iteration, config)
+    if config.grpo.dynamic_sampling:
+      rows, scores, state, summary = groups_with_signal(sample_round, config, state)
+      logging.info("%s iteration %d: %d sampling rounds, reward %.3f, %d of %d groups trained on carry a "
+                   "learning signal", config.grpo.advantage, iteration, summary["rounds"], summary["sampled_reward"],
+                   min(summary["groups_with_signal"], rl.prompts_per_iteration), rl.prompts_per_iteration)
+    else:
+      rows, scores = sample_round(iteration)
     rows["old_logprobs"] = score(policy_of(module), rows)
     if config.grpo.kl_coef > 0:
       rows["ref_logprobs"] = score(online.reference_policy(module), rows)
     rows["advantages"] = advantages(scores, config).astype(np.float32)
     rows["score"] = scores.astype(np.float32)
-    solved = scores.reshape(-1, rl.samples_per_prompt).std(axis=1) > 0
-    logging.info("%s iteration %d: reward %.3f, %.0f%% of groups with a learning signal", config.grpo.advantage,
-                 iteration, scores.mean(), 100 * solved.mean())
+    if not config.grpo.dynamic_sampling:
+      solved = scores.reshape(-1, rl.samples_per_prompt).std(axis=1) > 0
+      logging.info("%s iteration %d: reward %.3f, %.0f%% of groups with a learning signal", config.grpo.advantage,
+                   iteration, scores.mean(), 100 * solved.mean())
     schedule = rollout.epoch_schedule(num_rows, config.batch_size, epochs=rl.epochs,
                                       seed=config.seed * 1_000_003 + iteration)
     return rollout.Experience(rows, schedule), state

@@ -116,12 +116,16 @@ class Sampler:
 
 
 def scored_rollout(sampler: Sampler, reward: rewards.RewardFn, pool: list[str], iteration: int,
-                   config: ml_collections.ConfigDict) -> tuple[rollout.Samples, dict[str, np.ndarray], np.ndarray]:
-  """Iteration i's samples from the live policy, as trainer rows (tokens/targets/mask [R, T]), and
-  their scores [R]: the reward minus rl.missing_eos_penalty for each sample that never ended
-  (with rl.shuffle_rewards, permuted across the iteration's samples: no signal, same statistics)."""
+                   config: ml_collections.ConfigDict, *, num_prompts: int | None = None,
+                   ) -> tuple[rollout.Samples, dict[str, np.ndarray], np.ndarray]:
+  """Iteration i's samples from the live policy (rl.samples_per_prompt to each of num_prompts,
+  default rl.prompts_per_iteration, prompts: the pool's i-th slice of that size), as trainer rows
+  (tokens/targets/mask [R, T]), and their scores [R]: the reward minus rl.missing_eos_penalty for
+  each sample that never ended (with rl.shuffle_rewards, permuted across the iteration's samples: no
+  signal, same statistics)."""
   rl = config.rl
-  prompts = prompt_batch(pool, iteration, rl.prompts_per_iteration, seed=config.seed)
+  num_prompts = rl.prompts_per_iteration if num_prompts is None else num_prompts
+  prompts = prompt_batch(pool, iteration, num_prompts, seed=config.seed)
   samples = sampler(prompts, iteration)
   rows = rollout.token_rows(samples.prompt_ids, samples.completion_ids, seq_len=config.seq_len)
   repeated = [p for p in prompts for _ in range(rl.samples_per_prompt)]

@@ -227,6 +227,34 @@ def test_prompt_and_padding_change_no_loss_or_gradient(start, tmp_path, method):
     np.testing.assert_allclose(np.asarray(g2), np.asarray(g), rtol=1e-4, atol=1e-6)
 
 
+def test_grpo_with_dynamic_sampling_trains_only_on_groups_whose_rewards_differ(start, tmp_path):
+  """Rounds of 16 prompts x 8 (the shapes of the grpo case above) until 4 groups carry a signal:
+  the iteration's 32 rows are those groups, each row's stored score is what the verifier says of the
+  text its tokens spell, and the run-long round count is saved with the experience."""
+  tokenizer_path, sft_dir, _ = start
+  config = _config("grpo", tokenizer_path, init_from=str(sft_dir), total_steps=1,
+                   **{"task.train_size": 16, "rl.samples_per_prompt": 8, "rl.prompts_per_iteration": 4,
+                      "grpo.dynamic_sampling": True, "grpo.sampling_prompts": 16})
+  run = _train("grpo", config, tmp_path)
+  next(run.train_iter)
+  experience, state = rollout.load_experience(rollout.experience_path(tmp_path, 0))
+  rows = experience.rows
+  assert rows["tokens"].shape == (32, config.seq_len) and state["sampling_rounds"] >= 1
+  scores = rows["score"].reshape(4, 8)
+  assert (scores.std(axis=1) > 0).all(), scores
+  assert (np.abs(rows["advantages"]).reshape(4, 8).max(axis=1) > 0).all()
+  task = tasks.get_task(config.task)
+  by_ids = {tuple(rollout.encode_prompt(run.tokenizer, p.prompt)): p.prompt
+            for p in tasks.split_problems(task, config.task, "train")}
+  prompts, texts = [], []
+  for tokens, targets, mask in zip(rows["tokens"], rows["targets"], rows["mask"]):
+    first = int(np.argmax(mask))  # target `first` is the completion's first token
+    prompt_ids = tokens[: first + 1].tolist()
+    prompts.append(by_ids[tuple(prompt_ids)])
+    texts.append(rollout.completion_text(run.tokenizer, prompt_ids, targets[mask > 0].tolist()))
+  reward = rewards.task_reward(task, "exact", tasks.split_problems(task, config.task, "train"))
+  np.testing.assert_array_equal(rows["score"], np.asarray(reward(prompts, texts), np.float32))
+
 def test_distilling_into_the_teacher_itself_costs_nothing(start, tmp_path):
   tokenizer_path, sft_dir, _ = start
   config = _config("distill", tokenizer_path, init_from=str(sft_dir), total_steps=1,
@@ -303,6 +331,10 @@ def test_bad_online_configs_name_the_key(start, tmp_path):
       ("ppo", {"rl.temperature": 0.0}, "config.rl.temperature=0.0"),
       ("rest", {"rl.shuffle_rewards": True}, "config.rl.shuffle_rewards"),
       ("grpo", {"task.sampled_samples": -1}, "config.task.sampled_samples=-1"),
+      ("grpo", {"rl.samples_per_prompt": 4, "grpo.dynamic_sampling": True, "grpo.sampling_prompts": 4,
+                "grpo.max_sampling_rounds": 2}, "config.grpo.max_sampling_rounds=2"),
+      ("grpo", {"rl.samples_per_prompt": 4, "grpo.dynamic_sampling": True, "grpo.sampling_prompts": -1},
+       "config.grpo.sampling_prompts=-1"),
   ]
   for method, overrides, message in cases:
     config = _config(method, tokenizer_path, init_from=str(sft_dir), **overrides)

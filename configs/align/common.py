@@ -118,6 +118,12 @@ def grpo_config() -> ml_collections.ConfigDict:
   c.clip_high = 0.2  # > clip_low: DAPO's clip-higher
   c.kl_coef = 0.0  # > 0: + kl_coef * k3 KL to the frozen reference, per token
   c.aggregation = "sequence_mean"  # 'sequence_mean', 'token_mean' or 'fixed_length'
+  # DAPO's dynamic sampling: train only on groups whose rewards differ (the others' advantages are
+  # 0), sampling rounds of sampling_prompts prompts (0: rl.prompts_per_iteration) until
+  # rl.prompts_per_iteration such groups are found or max_sampling_rounds are spent.
+  c.dynamic_sampling = False
+  c.sampling_prompts = 0
+  c.max_sampling_rounds = 8
   return c
 
 

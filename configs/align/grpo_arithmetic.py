@@ -14,7 +14,7 @@ README's alignment results: at lr 1e-4, 200 steps of 16 took held-out accuracy f
 Variants: `:steps=N`, `:init=DIR`, `:lr=X`, `:prompts=P`, `:group=G`, `:batch=B` (rows per step;
 prompts x group = one step per rollout), `:accum=A` (micro-batches), `:reward=exact|digits|solution`,
 `:kl=C` (k3 KL to the reference in the loss), `:aggregation=sequence_mean|token_mean|fixed_length`,
-`:clip_high=E` (DAPO's clip-higher).
+`:clip_high=E` (DAPO's clip-higher), `:dynamic=1` with `:sampling_prompts=N` (DAPO's dynamic sampling).
 """
 
 from configs import common
