@@ -36,7 +36,7 @@ def _batch(config: ml_collections.ConfigDict, mesh, rules) -> dict[str, jax.Shap
   rows = (config.batch_size, config.seq_len)
   row_sharding = NamedSharding(mesh, sharding.logical_to_spec(trainer.BATCH_AXES, rows, mesh, rules))
   seq_sharding = NamedSharding(mesh, sharding.logical_to_spec(("activation_batch",), rows[:1], mesh, rules))
-  floats = _ROW_FLOATS + (("ref_logprobs",) if config.grpo.kl_coef > 0 else ())
+  floats = (() if grpo.on_policy(config) else _ROW_FLOATS) + (("ref_logprobs",) if config.grpo.kl_coef > 0 else ())
   batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32, sharding=row_sharding) for k in _ROW_KEYS}
   batch.update({k: jax.ShapeDtypeStruct(rows, jnp.float32, sharding=row_sharding) for k in floats})
   batch.update({k: jax.ShapeDtypeStruct(rows[:1], jnp.float32, sharding=seq_sharding) for k in _SEQUENCE_FLOATS})

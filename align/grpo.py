@@ -9,7 +9,8 @@ The loss is PPO's clipped surrogate with separate low/high epsilons (DAPO's clip
 grpo.kl_coef times the k3 estimate of KL(policy || reference) per token when kl_coef > 0 (the
 reference is then kept frozen beside the policy), aggregated per grpo.aggregation:
 'sequence_mean' (GRPO's), 'token_mean' (DAPO) or 'fixed_length' (Dr. GRPO). rl.epochs > 1 reuses
-each iteration's samples, with the rollout policy's log-probs as the ratio's denominator.
+each iteration's samples, with the rollout policy's log-probs as the ratio's denominator (scored
+apart only when the iteration is more than one optimizer step: `on_policy`).
 
 grpo.dynamic_sampling (DAPO, Yu et al. 2025): a group whose samples all score alike has advantage 0
 on every token, so (without the KL term) it adds nothing to the gradient but its cost and a share
@@ -117,6 +118,14 @@ def groups_with_signal(sample_round, config: ml_collections.ConfigDict, state: d
   return rows, scores, {**state, "sampling_rounds": first + rounds}, summary
 
 
+def on_policy(config: ml_collections.ConfigDict) -> bool:
+  """One optimizer step per rollout (rl.epochs 1, an iteration's rows one batch, its micro-batches
+  all on the parameters that sampled it): the ratio's denominator is then the step's own
+  log-probabilities, held constant, and the rollout needs no scoring forward (TRL does the same)."""
+  rl = config.rl
+  return rl.epochs == 1 and rl.prompts_per_iteration * rl.samples_per_prompt == config.batch_size
+
+
 def advantages(scores: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
   """[R] per-sample advantages of rows grouped G at a time."""
   c, group = config.grpo, config.rl.samples_per_prompt
@@ -155,7 +164,8 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
                    min(summary["groups_with_signal"], rl.prompts_per_iteration), rl.prompts_per_iteration)
     else:
       rows, scores = sample_round(iteration)
-    rows["old_logprobs"] = score(policy_of(module), rows)
+    if not on_policy(config):  # on-policy, the loss takes the ratio's denominator from its own forward
+      rows["old_logprobs"] = score(policy_of(module), rows)
     if config.grpo.kl_coef > 0:
       rows["ref_logprobs"] = score(online.reference_policy(module), rows)
     rows["advantages"] = advantages(scores, config).astype(np.float32)
@@ -181,7 +191,9 @@ def grpo_loss_fn(model, batch, rng, *, temperature: float, clip_low: float, clip
   nll, _ = train_losses.token_cross_entropy(logits, batch["targets"])
   logprobs = -nll
   advantages = jnp.broadcast_to(batch["advantages"][:, None], mask.shape)
-  per_token, metrics = rl_losses.clipped_surrogate(logprobs, batch["old_logprobs"], advantages, mask,
+  # Without old_logprobs the batch is on-policy (`on_policy`): the ratio is 1 with the policy's gradient.
+  old_logprobs = batch["old_logprobs"] if "old_logprobs" in batch else jax.lax.stop_gradient(logprobs)
+  per_token, metrics = rl_losses.clipped_surrogate(logprobs, old_logprobs, advantages, mask,
                                                    clip_low=clip_low, clip_high=clip_high)
   if kl_coef > 0:  # DeepSeekMath eq. 4: the k3 estimate in the loss, not in the reward
     kl = rl_losses.kl_penalty(logprobs, batch["ref_logprobs"], "k3", mask=mask)

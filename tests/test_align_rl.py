@@ -255,6 +255,27 @@ def test_grpo_with_dynamic_sampling_trains_only_on_groups_whose_rewards_differ(s
   reward = rewards.task_reward(task, "exact", tasks.split_problems(task, config.task, "train"))
   np.testing.assert_array_equal(rows["score"], np.asarray(reward(prompts, texts), np.float32))
 
+def test_grpo_on_policy_takes_the_ratio_s_denominator_from_its_own_forward(start, tmp_path):
+  """One optimizer step per rollout (16 rows, batch 16, one epoch): the rollout is not scored apart,
+  and the loss and its gradient are those with the sampling policy's log-probs scored apart (the
+  path checked against TRL)."""
+  tokenizer_path, sft_dir, _ = start
+  config = _config("grpo", tokenizer_path, init_from=str(sft_dir), total_steps=1,
+                   **{"rl.samples_per_prompt": 4, "rl.prompts_per_iteration": 4})
+  run = _train("grpo", config, tmp_path)
+  local = next(run.train_iter)
+  assert "old_logprobs" not in local
+  scored = rollout.token_logprobs(run.policy(), local["tokens"], local["targets"],
+                                  temperature=config.rl.temperature, batch_size=config.batch_size)
+  assert np.abs(local["advantages"]).max() > 0
+  loss, grads = _loss_and_grads(run, {k: jnp.asarray(v) for k, v in local.items()})
+  loss2, grads2 = _loss_and_grads(run, {**{k: jnp.asarray(v) for k, v in local.items()},
+                                        "old_logprobs": jnp.asarray(scored)})
+  np.testing.assert_allclose(float(loss), float(loss2), rtol=1e-5, atol=1e-6)
+  for g, g2 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g2), rtol=1e-4, atol=1e-6)
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads)) > 0
+
 def test_distilling_into_the_teacher_itself_costs_nothing(start, tmp_path):
   tokenizer_path, sft_dir, _ = start
   config = _config("distill", tokenizer_path, init_from=str(sft_dir), total_steps=1,
