@@ -93,6 +93,11 @@ def sampling_prompts(config: ml_collections.ConfigDict) -> int:
   return (c.sampling_prompts or config.rl.prompts_per_iteration) if c.dynamic_sampling else config.rl.prompts_per_iteration
 
 
+def signal_groups(scores: np.ndarray, group: int) -> np.ndarray:
+  """[R / group] bool: which groups of `group` consecutive scores differ (carry a learning signal)."""
+  return scores.reshape(-1, group).std(axis=1) > 0
+
+
 def groups_with_signal(sample_round, config: ml_collections.ConfigDict, state: dict,
                        ) -> tuple[dict[str, np.ndarray], np.ndarray, dict, dict]:
   """DAPO's dynamic sampling: rows [P * G, ...] and scores [P * G] of the first P =
@@ -107,7 +112,7 @@ def groups_with_signal(sample_round, config: ml_collections.ConfigDict, state: d
     rows, scores = sample_round(first + rounds)
     rounds += 1
     all_scores.append(scores)
-    signal = np.repeat(scores.reshape(-1, group).std(axis=1) > 0, group)  # [R] per row, by its group
+    signal = np.repeat(signal_groups(scores, group), group)  # [R] per row, by its group
     signal_rows.append(({k: v[signal] for k, v in rows.items()}, scores[signal]))
     flat_rows.append(({k: v[~signal] for k, v in rows.items()}, scores[~signal]))
     found += int(signal.sum()) // group
@@ -164,16 +169,14 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, split: str, co
                    min(summary["groups_with_signal"], rl.prompts_per_iteration), rl.prompts_per_iteration)
     else:
       rows, scores = sample_round(iteration)
+      logging.info("%s iteration %d: reward %.3f, %.0f%% of groups with a learning signal", config.grpo.advantage,
+                   iteration, scores.mean(), 100 * signal_groups(scores, rl.samples_per_prompt).mean())
     if not on_policy(config):  # on-policy, the loss takes the ratio's denominator from its own forward
       rows["old_logprobs"] = score(policy_of(module), rows)
     if config.grpo.kl_coef > 0:
       rows["ref_logprobs"] = score(online.reference_policy(module), rows)
     rows["advantages"] = advantages(scores, config).astype(np.float32)
     rows["score"] = scores.astype(np.float32)
-    if not config.grpo.dynamic_sampling:
-      solved = scores.reshape(-1, rl.samples_per_prompt).std(axis=1) > 0
-      logging.info("%s iteration %d: reward %.3f, %.0f%% of groups with a learning signal", config.grpo.advantage,
-                   iteration, scores.mean(), 100 * solved.mean())
     schedule = rollout.epoch_schedule(num_rows, config.batch_size, epochs=rl.epochs,
                                       seed=config.seed * 1_000_003 + iteration)
     return rollout.Experience(rows, schedule), state

@@ -244,15 +244,15 @@ def test_grpo_with_dynamic_sampling_trains_only_on_groups_whose_rewards_differ(s
   assert (scores.std(axis=1) > 0).all(), scores
   assert (np.abs(rows["advantages"]).reshape(4, 8).max(axis=1) > 0).all()
   task = tasks.get_task(config.task)
-  by_ids = {tuple(rollout.encode_prompt(run.tokenizer, p.prompt)): p.prompt
-            for p in tasks.split_problems(task, config.task, "train")}
+  problems = tasks.split_problems(task, config.task, "train")
+  by_ids = {tuple(rollout.encode_prompt(run.tokenizer, p.prompt)): p.prompt for p in problems}
   prompts, texts = [], []
   for tokens, targets, mask in zip(rows["tokens"], rows["targets"], rows["mask"]):
     first = int(np.argmax(mask))  # target `first` is the completion's first token
     prompt_ids = tokens[: first + 1].tolist()
     prompts.append(by_ids[tuple(prompt_ids)])
     texts.append(rollout.completion_text(run.tokenizer, prompt_ids, targets[mask > 0].tolist()))
-  reward = rewards.task_reward(task, "exact", tasks.split_problems(task, config.task, "train"))
+  reward = rewards.task_reward(task, "exact", problems)
   np.testing.assert_array_equal(rows["score"], np.asarray(reward(prompts, texts), np.float32))
 
 def test_grpo_on_policy_takes_the_ratio_s_denominator_from_its_own_forward(start, tmp_path):
